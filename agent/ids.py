@@ -1,0 +1,101 @@
+"""Identifiers: ICCID (swapped-nibble BCD, Luhn), EID (packed BCD, ISO 7064
+mod 97-10), IMEI/TAC. protocol.md §8 "Identifiers"."""
+from __future__ import annotations
+
+import re
+
+from .errors import InputError
+
+_DIGITS = re.compile(r"^[0-9]+$")
+
+
+# --- ICCID -----------------------------------------------------------------
+
+def luhn_check_digit(digits: str) -> str:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 0:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return str((10 - total % 10) % 10)
+
+
+def luhn_valid(digits: str) -> bool:
+    return len(digits) >= 2 and luhn_check_digit(digits[:-1]) == digits[-1]
+
+
+def iccid_to_bytes(iccid: str) -> bytes:
+    """ICCID digits -> 10 bytes, nibbles swapped per byte, padded with F.
+
+    Odd and even digit counts both give 10 bytes (lpac once encoded even-length
+    ICCIDs one byte short; landscape.md §3 item 6)."""
+    iccid = iccid.strip()
+    if not _DIGITS.match(iccid) or not 18 <= len(iccid) <= 20:
+        raise InputError(f"ICCID {iccid!r} must be 18 to 20 digits", code="bad_iccid")
+    s = iccid.ljust(20, "F")
+    return bytes(int(s[i + 1] + s[i], 16) for i in range(0, 20, 2))
+
+
+def iccid_from_bytes(b: bytes) -> str:
+    out = []
+    for byte in b:
+        for nib in (byte & 0x0F, byte >> 4):
+            if nib == 0xF:
+                continue
+            out.append("0123456789ABCDE"[nib])
+    return "".join(out)
+
+
+def make_iccid(prefix: str, serial: int, length: int = 19) -> str:
+    """Build an ICCID: prefix + zero-padded serial + Luhn check digit."""
+    body = prefix + str(serial).zfill(length - 1 - len(prefix))
+    return body + luhn_check_digit(body)
+
+
+# --- EID -------------------------------------------------------------------
+
+def eid_check_digits(first30: str) -> str:
+    """ISO 7064 mod 97-10 check digits for the first 30 digits of an EID."""
+    return f"{98 - int(first30 + '00') % 97:02d}"
+
+
+def eid_valid(eid: str) -> bool:
+    return len(eid) == 32 and bool(_DIGITS.match(eid)) and int(eid) % 97 == 1
+
+
+def make_eid(first30: str) -> str:
+    if len(first30) != 30 or not _DIGITS.match(first30):
+        raise ValueError("EID body must be 30 digits")
+    return first30 + eid_check_digits(first30)
+
+
+def eid_to_bytes(eid: str) -> bytes:
+    if len(eid) != 32 or not _DIGITS.match(eid):
+        raise InputError(f"EID {eid!r} must be 32 digits", code="bad_eid")
+    return bytes.fromhex(eid)
+
+
+def eid_from_bytes(b: bytes) -> str:
+    return b.hex().upper()
+
+
+# --- IMEI / TAC --------------------------------------------------------------
+
+def tac_from_imei(imei: str) -> bytes:
+    """DeviceInfo.tac: the first 8 IMEI digits as 4 bytes of packed BCD."""
+    digits = re.sub(r"\D", "", imei)
+    if len(digits) < 14:
+        raise InputError(f"IMEI {imei!r} must have at least 14 digits", code="bad_imei")
+    return bytes.fromhex(digits[:8])
+
+
+def imei_to_bytes(imei: str) -> bytes:
+    """DeviceInfo.imei: 8 bytes, swapped-nibble BCD (TS 24.008 style), F padded."""
+    digits = re.sub(r"\D", "", imei)
+    if len(digits) < 14 or len(digits) > 16:
+        raise InputError(f"IMEI {imei!r} must have 14 to 16 digits", code="bad_imei")
+    s = digits.ljust(16, "F")
+    return bytes(int(s[i + 1] + s[i], 16) for i in range(0, 16, 2))

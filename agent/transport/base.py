@@ -1,0 +1,44 @@
+"""The APDU seam: everything below ES10 implements this small interface
+(DESIGN.md "Keep the seams narrow").
+
+A transport carries raw C-APDUs to the card and returns raw R-APDUs (data +
+SW1 SW2). It also knows how to open a logical channel to an application,
+because the two AT ways differ: AT+CSIM sends MANAGE CHANNEL and SELECT as
+APDUs (done generically in ``apdu.open_channel_raw``), AT+CCHO does both
+inside the modem and hands back an opaque session id.
+
+Implementations: ``transport.at.AtCsimTransport``, ``transport.at.AtCglaTransport``,
+``transport.direct.DirectTransport`` (in-process simulated eUICC).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class ApduTransport(Protocol):
+    #: Short name for traces and JSON ("csim", "cgla", "direct").
+    name: str
+
+    def transmit(self, apdu: bytes, *, timeout: float | None = None) -> bytes:
+        """Send one C-APDU (CLA already carries the channel bits); return R-APDU incl. SW.
+
+        ``timeout`` overrides the per-command deadline (e.g. the long one used
+        while loading a Bound Profile Package). Raises TransportError /
+        TimeoutError_ on failure."""
+        ...
+
+    def open_channel(self, aid: bytes) -> int:
+        """Open a logical channel and SELECT ``aid`` on it.
+
+        Returns the channel number to encode in CLA (0 when the modem patches
+        CLA itself, as AT+CGLA allows per TS 27.007 §8.43). Raises
+        StatusWordError (e.g. 6A88) when the application is not there."""
+        ...
+
+    def close_channel(self, channel: int) -> None:
+        """Close the channel opened by ``open_channel``; must not raise on a dead link."""
+        ...
+
+    def close(self) -> None:
+        """Release the port / resources."""
+        ...
