@@ -1,0 +1,560 @@
+"""ES9+ client (LPA <-> SM-DP+), HTTPS JSON binding (protocol.md §3, SGP.22 §6.5/§6.6).
+
+Every call is ``POST https://<address>/gsma/rsp2/es9plus/<function>`` with a
+JSON body.  Binary fields are standard base64 of complete DER TLVs, forwarded
+byte-exact: what the eUICC or the server signed is never decoded and
+re-encoded (protocol.md §0).  We only check that each returned blob is valid
+base64 holding exactly one well-formed TLV with the expected leading tag, so a
+broken server is reported as such instead of surfacing later as a puzzling
+eUICC error.
+
+Errors:
+
+* ``Failed``/``Expired`` execution status -> :class:`Es9pError` (exit 1) with a
+  stable code per subjectCode/reasonCode (table below, protocol.md §3) and the
+  raw codes and server message in ``details``;
+* non-2xx HTTP -> ServerError ``http_status`` with a body excerpt;
+* garbage (JSON, base64, DER, transaction id) -> ProtocolError (exit 3);
+* network -> TransportError / TimeoutError_ (exit 3), TLS -> tls.TlsError.
+
+Retries: only where repeating cannot change server state twice.  A failure
+*before* the request left us (DNS, refused, connect timeout) is retried for
+every function.  initiateAuthentication (a fresh transaction each time) and
+handleNotification (the server discards duplicates) are also retried after
+failures that may have reached the server.  authenticateClient,
+getBoundProfilePackage and cancelSession are never resent after the request
+may have been delivered (e.g. a read timeout): the SM-DP+ counts download
+attempts (8.8.5/6.4) and consumes confirmation-code tries (8.2.7/6.4).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as _dt
+import json
+import logging
+import re
+import socket
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Callable
+
+import requests
+import urllib3.exceptions as u3
+
+from . import tlv
+from .errors import InputError, ProtocolError, ServerError, TimeoutError_, TransportError, UsageError
+from .tls import TlsError, Trust, load_trust, make_session, map_ssl_error, walk_exception as _walk
+
+log = logging.getLogger(__name__)
+
+ADMIN_PROTOCOL = "gsma/rsp/v2.2.0"
+PATH_PREFIX = "/gsma/rsp2/es9plus/"
+DEFAULT_TIMEOUT = (5.0, 30.0)
+OK_STATUSES = ("Executed-Success", "Executed-WithWarning")
+
+# Functions that may safely be sent again after an ambiguous failure.
+_IDEMPOTENT = {"initiateAuthentication", "handleNotification"}
+
+
+def _user_agent() -> str:
+    try:
+        ver = metadata.version("esim-agent")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        ver = "dev"
+    # "gsma-rsp-lpad" first: it is what SM-DP+ deployments see from LPAs (protocol.md §3).
+    return f"gsma-rsp-lpad esim-agent/{ver}"
+
+
+# --- results ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InitiateAuthResult:
+    transaction_id: str            # hex, exactly as the server sent it
+    server_signed1: bytes          # 30…
+    server_signature1: bytes       # 5F37…
+    euicc_ci_pkid_to_be_used: bytes  # 04 14 <SKI>
+    server_certificate: bytes      # 30… CERT.DPauth
+
+
+@dataclass(frozen=True)
+class AuthClientResult:
+    transaction_id: str
+    profile_metadata: bytes        # BF25…
+    smdp_signed2: bytes            # 30…
+    smdp_signature2: bytes         # 5F37…
+    smdp_certificate: bytes        # 30… CERT.DPpb
+
+
+# --- status codes ----------------------------------------------------------------
+
+class Es9pError(ServerError):
+    """The SM-DP+ answered Failed/Expired (exit 1).  ``details`` keep the raw codes."""
+
+    code = "smdp_refused"
+
+    @property
+    def subject_code(self) -> str | None:
+        return self.details.get("subject_code")
+
+    @property
+    def reason_code(self) -> str | None:
+        return self.details.get("reason_code")
+
+
+# (subjectCode, reasonCode) -> (stable code, what it means and what to do).  protocol.md §3.
+STATUS_CODES: dict[tuple[str, str], tuple[str, str]] = {
+    ("8.1.1", "3.8"): ("eid_mismatch",
+                       "the profile is reserved for another EID; check the EID the backend has for this order"),
+    ("8.2.6", "3.8"): ("matching_id_refused",
+                       "the SM-DP+ does not accept this matching ID (activation code token); check the "
+                       "activation code or ask the operator to issue a new one"),
+    ("8.2.7", "2.2"): ("confirmation_code_required",
+                       "this profile needs a confirmation code; pass it (e.g. --confirmation-code)"),
+    ("8.2.7", "3.8"): ("confirmation_code_wrong", "the confirmation code is wrong"),
+    ("8.2.7", "6.4"): ("confirmation_code_retries_exceeded",
+                       "too many wrong confirmation codes; the order is blocked, ask the operator to reissue it"),
+    ("8.8.5", "4.1"): ("order_expired", "the download order has expired; ask the operator to issue a new one"),
+    ("8.8.5", "6.4"): ("download_retries_exceeded",
+                       "the maximum number of download attempts for this order was reached; ask the operator "
+                       "to reset or reissue it"),
+    ("8.2.5", "4.3"): ("no_eligible_profile",
+                       "the SM-DP+ has no profile eligible for this eUICC/device (capabilities or order)"),
+    ("8.10.1", "3.9"): ("unknown_transaction",
+                        "the SM-DP+ does not know this transaction (expired or already finished); start again"),
+    ("8.8.1", "3.8"): ("invalid_smdp_address",
+                       "the SM-DP+ says the address used is not its own; check the SM-DP+ address"),
+    ("8.11.1", "3.9"): ("unknown_ci_public_key",
+                        "the SM-DP+ knows none of the eUICC's CI public keys (no common certificate issuer)"),
+    ("8.8.2", "3.1"): ("unsupported_ci_pkid",
+                       "the SM-DP+ supports none of the eUICC's CI key identifiers (no common certificate issuer)"),
+    ("8.8.3", "3.1"): ("svn_not_supported", "the SM-DP+ does not support the eUICC's SGP.22 version"),
+    ("8.8.4", "3.7"): ("no_dpauth_certificate",
+                       "the SM-DP+ has no DPauth certificate chaining to a CI the eUICC trusts"),
+    ("8.1", "6.1"): ("euicc_signature_invalid",
+                     "the SM-DP+ rejected the eUICC's signature or server challenge"),
+    ("8.1.2", "6.1"): ("eum_certificate_invalid", "the SM-DP+ rejected the EUM certificate"),
+    ("8.1.2", "6.3"): ("eum_certificate_expired", "the SM-DP+ says the EUM certificate has expired"),
+    ("8.1.3", "6.1"): ("euicc_certificate_invalid", "the SM-DP+ rejected the eUICC certificate"),
+    ("8.1.3", "6.3"): ("euicc_certificate_expired", "the SM-DP+ says the eUICC certificate has expired"),
+    ("8.1", "4.8"): ("insufficient_memory",
+                     "the eUICC has not enough free memory for this profile; delete an unused profile"),
+    ("1.2.1", "2.1"): ("bad_request_format", "the SM-DP+ rejected the request format (content type)"),
+}
+
+
+def _status_error(function: str, status: str, data: dict | None, *, http_status: int | None = None) -> Es9pError:
+    data = data if isinstance(data, dict) else {}
+    subject, reason = str(data.get("subjectCode") or ""), str(data.get("reasonCode") or "")
+    server_msg = data.get("message")
+    code, meaning = STATUS_CODES.get((subject, reason), (None, None))
+    if code is None:
+        code = "smdp_expired" if status == "Expired" else "smdp_refused"
+        meaning = ("the SM-DP+ reports the function execution expired" if status == "Expired"
+                   else "the SM-DP+ refused the request")
+    codes = f"subject {subject or '?'} reason {reason or '?'}"
+    msg = f"{function}: {meaning} ({codes}"
+    msg += f": {server_msg})" if server_msg else ")"
+    details = {"function": function, "status": status, "subject_code": subject or None,
+               "reason_code": reason or None, "subject_identifier": data.get("subjectIdentifier"),
+               "server_message": server_msg}
+    if http_status is not None:
+        details["http_status"] = http_status
+    return Es9pError(msg, code=code, details={k: v for k, v in details.items() if v is not None})
+
+
+# --- helpers -------------------------------------------------------------------------
+
+_TXID_RE = re.compile(r"\A(?:[0-9A-Fa-f]{2}){1,16}\Z")  # 1..16 bytes (protocol.md §4)
+_ADDR_RE = re.compile(r"\A(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(\d{1,5}))?\Z")
+
+
+def _excerpt(data: bytes, n: int = 200) -> str:
+    text = data[:n].decode("utf-8", "replace")
+    text = "".join(ch if ch.isprintable() else " " for ch in text).strip()
+    return text + ("…" if len(data) > n else "")
+
+
+def _check_der(raw: bytes, depth: int = 0) -> None:
+    """Every constructed TLV inside must parse too (catches truncation deep inside)."""
+    if depth > 32:
+        raise ProtocolError("TLV nesting deeper than 32", code="malformed_tlv")
+    for t in tlv.parse_all(raw):
+        if t.constructed:
+            _check_der(t.value, depth + 1)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _b64decode(s: str) -> bytes:
+    # Tolerate line breaks some Java servers insert; otherwise strict standard base64.
+    return base64.b64decode(re.sub(r"[\r\n\t ]", "", s), validate=True)
+
+
+def ci_pkids_for_verification(euicc_info1: bytes) -> list[bytes]:
+    """SKIs in euiccCiPKIdListForVerification (BF20 / A9 / 04…), protocol.md §2."""
+    top = tlv.parse_single(euicc_info1)
+    lst = tlv.find(tlv.children(top), 0xA9)
+    if lst is None:
+        return []
+    return [t.value for t in tlv.children(lst) if t.tag == 0x04]
+
+
+def _fes(obj) -> dict | None:
+    """header.functionExecutionStatus, or None if the answer has no such (well-typed) object."""
+    header = obj.get("header") if isinstance(obj, dict) else None
+    fes = header.get("functionExecutionStatus") if isinstance(header, dict) else None
+    return fes if isinstance(fes, dict) else None
+
+
+def _check_input(name: str, blob: bytes, tags: tuple[int, ...]) -> None:
+    """What we send must itself be one TLV with the right tag (a bug upstream otherwise)."""
+    try:
+        t = tlv.parse_single(bytes(blob))
+    except ProtocolError as e:
+        raise InputError(f"{name} is not a single well-formed TLV: {e.message}", code="bad_es9p_input") from None
+    if t.tag not in tags:
+        raise InputError(f"{name} starts with tag {t.tag:X}, expected "
+                         + " or ".join(f"{x:X}" for x in tags), code="bad_es9p_input")
+
+
+def _check_txid(txid: str, where: str) -> str:
+    if not isinstance(txid, str) or not _TXID_RE.match(txid):
+        raise ProtocolError(f"{where}: transactionId {txid!r} is not a 1-16 byte hex string",
+                            code="bad_transaction_id")
+    return txid
+
+
+# --- the client ------------------------------------------------------------------------
+
+class Es9pClient:
+    """One SM-DP+ (one address).  Reuse the instance for a whole download: keep-alive
+    keeps a single TLS connection across the four calls."""
+
+    def __init__(self, address: str, *, session: requests.Session | None = None, ca=None,
+                 config_ca=None, insecure_http: bool = False, timeout=DEFAULT_TIMEOUT,
+                 trust: Trust | None = None, retries: int = 2, backoff: float = 0.5,
+                 narrow_trust: bool = True, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], _dt.datetime] | None = None, user_agent: str | None = None):
+        self.address = self._parse_address(address, insecure_http)
+        self.host = self.address.rsplit(":", 1)[0] if self._has_port(self.address) else self.address
+        self.host = self.host.strip("[]")
+        self.insecure_http = insecure_http
+        self.timeout = timeout if isinstance(timeout, tuple) else (float(timeout), float(timeout))
+        self.retries = max(0, int(retries))
+        self.backoff = backoff
+        self.narrow_trust = narrow_trust
+        self._sleep = sleep
+        self.user_agent = user_agent or _user_agent()
+        self.warnings: list[str] = []
+        scheme = "http" if insecure_http else "https"
+        self.base_url = f"{scheme}://{self.address}"
+        if insecure_http:
+            self.trust = None
+            self.warnings.append(f"plain HTTP to {self.address}: no TLS (test servers only)")
+        else:
+            self.trust = trust or load_trust(ca, config_ca=config_ca, clock=clock)
+            if clock is not None:
+                self.trust.clock = clock
+        self._own_session = session is None
+        self.session = session or requests.Session()
+        self._mount()
+
+    # -- setup --
+    @staticmethod
+    def _has_port(addr: str) -> bool:
+        return bool(re.search(r":\d+\Z", addr)) and (not addr.startswith("[") or "]:" in addr)
+
+    @staticmethod
+    def _parse_address(address: str, insecure_http: bool) -> str:
+        a = (address or "").strip()
+        low = a.lower()
+        if low.startswith("https://"):
+            a = a[8:]
+        elif low.startswith("http://"):
+            if not insecure_http:
+                raise UsageError(f"SM-DP+ address {address!r} uses plain http://; ES9+ requires TLS "
+                                 "(plain HTTP only with --insecure-http, for test servers)", code="bad_address")
+            a = a[7:]
+        a = a.rstrip("/")
+        if not a or not _ADDR_RE.match(a):
+            raise UsageError(f"SM-DP+ address {address!r} is not a host name or host:port", code="bad_address")
+        return a
+
+    def _mount(self) -> None:
+        if self.trust is not None:
+            prefix = self.base_url + "/"
+            old = self.session.adapters.get(prefix)
+            make_session(self.trust, session=self.session, prefix=prefix)
+            if old is not None:
+                old.close()  # its pooled connection was verified against the previous CI set
+
+    def narrow_to(self, ci_pkids) -> None:
+        """Trust only the CIs the eUICC lists for verification (falls back with a warning)."""
+        if self.trust is None:
+            return
+        narrowed = self.trust.for_euicc(ci_pkids)
+        if narrowed is not self.trust:
+            self.trust = narrowed
+            self._mount()
+
+    def close(self) -> None:
+        if self._own_session:
+            self.session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def all_warnings(self) -> list[str]:
+        return self.warnings + (list(self.trust.warnings) if self.trust else [])
+
+    # -- transport --
+    def _headers(self) -> dict:
+        return {"Content-Type": "application/json", "Accept": "application/json",
+                "X-Admin-Protocol": ADMIN_PROTOCOL, "User-Agent": self.user_agent}
+
+    @staticmethod
+    def _before_send(exc: BaseException) -> bool:
+        """True if the failure certainly happened before the request reached the server."""
+        if isinstance(exc, requests.exceptions.ConnectTimeout):
+            return True
+        chain = list(_walk(exc))
+        if any(isinstance(e, (u3.ReadTimeoutError, u3.ProtocolError)) for e in chain):
+            return False
+        return any(isinstance(e, (u3.NewConnectionError, u3.NameResolutionError, socket.gaierror,
+                                  ConnectionRefusedError)) for e in chain)
+
+    def _map_exception(self, exc: BaseException, function: str) -> Exception:
+        where = f"SM-DP+ {self.address}"
+        chain = list(_walk(exc))
+        details = {"function": function, "address": self.address, "error": str(exc)[:300]}
+        if isinstance(exc, requests.exceptions.SSLError) or any(isinstance(e, TlsError) for e in chain):
+            return map_ssl_error(exc, self.host, self.trust.source if self.trust else "the CI bundle")
+        if isinstance(exc, requests.exceptions.ConnectTimeout):
+            return TimeoutError_(f"could not connect to {where} within {self.timeout[0]:g} s ({function}); "
+                                 "check the network connection", code="connect_timeout", details=details)
+        if isinstance(exc, requests.exceptions.ReadTimeout) or any(
+                isinstance(e, u3.ReadTimeoutError) for e in chain):
+            hint = ("" if function in _IDEMPOTENT else
+                    "; it was not resent because the server may already have acted on it")
+            return TimeoutError_(f"{where} did not answer {function} within {self.timeout[1]:g} s{hint}",
+                                 code="read_timeout", details=details)
+        if any(isinstance(e, (u3.NameResolutionError, socket.gaierror)) for e in chain):
+            return TransportError(f"cannot resolve {self.host} (DNS) for {function}; check the SM-DP+ address "
+                                  "and the DNS configuration", code="dns_failure", details=details)
+        if any(isinstance(e, ConnectionRefusedError) for e in chain):
+            return TransportError(f"{where} refused the connection ({function}); check the address and port",
+                                  code="connection_refused", details=details)
+        if any(isinstance(e, u3.NewConnectionError) for e in chain):
+            return TransportError(f"cannot connect to {where} ({function}): {exc}", code="connection_failed",
+                                  details=details)
+        if isinstance(exc, requests.exceptions.ConnectionError):
+            return TransportError(f"the connection to {where} dropped during {function}", code="connection_lost",
+                                  details=details)
+        if isinstance(exc, requests.exceptions.InvalidURL):
+            return UsageError(f"invalid SM-DP+ address {self.address!r}: {exc}", code="bad_address")
+        return TransportError(f"HTTP request {function} to {where} failed: {exc}", code="http_failed",
+                              details=details)
+
+    def _post(self, function: str, body: dict) -> tuple[int, bytes]:
+        url = self.base_url + PATH_PREFIX + function
+        data = json.dumps(body, separators=(",", ":")).encode()
+        if self.trust is not None:
+            self.trust.check_clock()
+        attempt = 0
+        while True:
+            t0 = time.monotonic()
+            try:
+                resp = self.session.post(url, data=data, headers=self._headers(), timeout=self.timeout,
+                                         allow_redirects=False)
+                content = resp.content
+            except TlsError:
+                raise
+            except requests.exceptions.RequestException as e:
+                retry_ok = self._before_send(e) or (function in _IDEMPOTENT and not
+                                                     isinstance(e, requests.exceptions.SSLError))
+                err = self._map_exception(e, function)
+                if isinstance(err, TlsError) or not retry_ok or attempt >= self.retries:
+                    if attempt:
+                        err.details["attempts"] = attempt + 1
+                    raise err from None
+                delay = self.backoff * (2 ** attempt)
+                log.info("%s to %s failed (%s); retrying in %.1f s", function, self.address, err.code, delay)
+                attempt += 1
+                self._sleep(delay)
+                continue
+            log.debug("%s -> HTTP %s, %d bytes, %.2f s", function, resp.status_code, len(content),
+                      time.monotonic() - t0)
+            return resp.status_code, content
+
+    def _parse(self, function: str, status: int, content: bytes, *, allow_empty: bool = False) -> dict:
+        """Check HTTP status + functionExecutionStatus; return the JSON object ({} if empty and allowed)."""
+        obj = None
+        if content.strip():
+            try:
+                obj = json.loads(content.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                obj = None
+                if 200 <= status < 300:
+                    raise ProtocolError(f"SM-DP+ sent malformed JSON in its answer to {function}: "
+                                        f"{_excerpt(content)!r}", code="malformed_json",
+                                        details={"function": function, "http_status": status}) from None
+        if not 200 <= status < 300:
+            fes = _fes(obj)
+            if fes is not None and fes.get("status") in ("Failed", "Expired"):
+                raise _status_error(function, fes["status"], fes.get("statusCodeData"), http_status=status)
+            hint = {404: " (wrong SM-DP+ address or path?)", 401: "", 403: ""}.get(
+                status, " (server-side problem; try again later)" if status >= 500 else "")
+            raise ServerError(f"SM-DP+ {self.address} answered HTTP {status} to {function}{hint}: "
+                              f"{_excerpt(content) or '(empty body)'}", code="http_status",
+                              details={"function": function, "http_status": status,
+                                       "body_excerpt": _excerpt(content)})
+        if obj is None:
+            if allow_empty:
+                return {}
+            raise ProtocolError(f"SM-DP+ sent an empty answer to {function} (HTTP {status})",
+                                code="malformed_json", details={"function": function, "http_status": status})
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"SM-DP+ sent malformed JSON in its answer to {function}: not an object",
+                                code="malformed_json", details={"function": function})
+        fes = _fes(obj)
+        if fes is None or not isinstance(fes.get("status"), str):
+            if allow_empty:
+                return obj
+            raise ProtocolError(f"SM-DP+ answer to {function} lacks header.functionExecutionStatus",
+                                code="malformed_json", details={"function": function})
+        st = fes["status"]
+        if st not in OK_STATUSES:
+            if st in ("Failed", "Expired"):
+                raise _status_error(function, st, fes.get("statusCodeData"))
+            raise ProtocolError(f"SM-DP+ answer to {function} has unknown status {st!r}", code="malformed_json",
+                                details={"function": function, "status": st})
+        if st == "Executed-WithWarning":
+            scd = fes.get("statusCodeData") or {}
+            self.warnings.append(f"{function}: SM-DP+ warning subject {scd.get('subjectCode')} "
+                                 f"reason {scd.get('reasonCode')} {scd.get('message') or ''}".rstrip())
+        return obj
+
+    def _blob(self, function: str, obj: dict, field: str, tag: int) -> bytes:
+        v = obj.get(field)
+        d = {"function": function, "field": field}
+        if not isinstance(v, str) or not v:
+            raise ProtocolError(f"SM-DP+ answer to {function} lacks field {field}", code="missing_field", details=d)
+        try:
+            raw = _b64decode(v)
+        except (binascii.Error, ValueError):
+            raise ProtocolError(f"SM-DP+ returned malformed base64/DER in field {field}: not valid base64",
+                                code="malformed_base64", details=d) from None
+        try:
+            t = tlv.parse_single(raw)
+            _check_der(raw)
+        except ProtocolError as e:
+            raise ProtocolError(f"SM-DP+ returned malformed base64/DER in field {field}: {e.message}",
+                                code="malformed_der", details=d) from None
+        if t.tag != tag:
+            raise ProtocolError(f"SM-DP+ returned malformed base64/DER in field {field}: starts with tag "
+                                f"{t.tag:X}, expected {tag:X}", code="unexpected_tag",
+                                details={**d, "tag": f"{t.tag:X}"})
+        return raw
+
+    def _echo(self, function: str, obj: dict, txid: str) -> None:
+        got = obj.get("transactionId")
+        if got is None:  # tolerated: not every server echoes it (the eUICC binds the session anyway)
+            return
+        if not isinstance(got, str) or got.upper() != txid.upper():
+            raise ProtocolError(f"SM-DP+ answered {function} for transaction {got!r}, but we sent {txid!r}",
+                                code="transaction_id_mismatch", details={"function": function})
+
+    # -- ES9+ functions --
+    def initiate_authentication(self, euicc_challenge: bytes, euicc_info1: bytes,
+                                smdp_address: str) -> InitiateAuthResult:
+        f = "initiateAuthentication"
+        if len(euicc_challenge) != 16:
+            raise InputError(f"euiccChallenge must be 16 bytes, got {len(euicc_challenge)}", code="bad_es9p_input")
+        _check_input("euiccInfo1", euicc_info1, (0xBF20,))
+        if self.narrow_trust and self.trust is not None:
+            try:
+                pkids = ci_pkids_for_verification(euicc_info1)
+            except ProtocolError:
+                pkids = []
+            self.narrow_to(pkids)
+        status, content = self._post(f, {"euiccChallenge": b64(euicc_challenge), "euiccInfo1": b64(euicc_info1),
+                                         "smdpAddress": smdp_address})
+        obj = self._parse(f, status, content)
+        txid = _check_txid(obj.get("transactionId"), f"SM-DP+ answer to {f}")
+        res = InitiateAuthResult(
+            transaction_id=txid,
+            server_signed1=self._blob(f, obj, "serverSigned1", 0x30),
+            server_signature1=self._blob(f, obj, "serverSignature1", 0x5F37),
+            euicc_ci_pkid_to_be_used=self._blob(f, obj, "euiccCiPKIdToBeUsed", 0x04),
+            server_certificate=self._blob(f, obj, "serverCertificate", 0x30),
+        )
+        # serverSigned1 carries the same transactionId in [0]; a mismatch means the server is broken
+        # and the eUICC's answer would be bound to a transaction the server does not expect.
+        inner = tlv.find(tlv.children(tlv.parse_single(res.server_signed1)), 0x80)
+        if inner is not None and inner.value != bytes.fromhex(txid):
+            raise ProtocolError(f"SM-DP+ {f}: transactionId {txid} differs from the one in serverSigned1 "
+                                f"({inner.value.hex().upper()})", code="transaction_id_mismatch",
+                                details={"function": f})
+        return res
+
+    def authenticate_client(self, transaction_id: str, authenticate_server_response: bytes) -> AuthClientResult:
+        f = "authenticateClient"
+        _check_txid(transaction_id, f)
+        _check_input("authenticateServerResponse", authenticate_server_response, (0xBF38,))
+        status, content = self._post(f, {"transactionId": transaction_id,
+                                         "authenticateServerResponse": b64(authenticate_server_response)})
+        obj = self._parse(f, status, content)
+        self._echo(f, obj, transaction_id)
+        return AuthClientResult(
+            transaction_id=transaction_id,
+            profile_metadata=self._blob(f, obj, "profileMetadata", 0xBF25),
+            smdp_signed2=self._blob(f, obj, "smdpSigned2", 0x30),
+            smdp_signature2=self._blob(f, obj, "smdpSignature2", 0x5F37),
+            smdp_certificate=self._blob(f, obj, "smdpCertificate", 0x30),
+        )
+
+    def get_bound_profile_package(self, transaction_id: str, prepare_download_response: bytes) -> bytes:
+        f = "getBoundProfilePackage"
+        _check_txid(transaction_id, f)
+        _check_input("prepareDownloadResponse", prepare_download_response, (0xBF21,))
+        status, content = self._post(f, {"transactionId": transaction_id,
+                                         "prepareDownloadResponse": b64(prepare_download_response)})
+        obj = self._parse(f, status, content)
+        self._echo(f, obj, transaction_id)
+        return self._blob(f, obj, "boundProfilePackage", 0xBF36)
+
+    def handle_notification(self, pending_notification: bytes) -> None:
+        """Deliver one PendingNotification (BF37 PIR or 30 OtherSignedNotification).
+
+        Returns only when the server accepted it (HTTP 204, or 2xx without a Failed status):
+        only then may the caller remove it from the eUICC (protocol.md §6).
+        """
+        f = "handleNotification"
+        _check_input("pendingNotification", pending_notification, (0xBF37, 0x30))
+        status, content = self._post(f, {"pendingNotification": b64(pending_notification)})
+        if status == 204:
+            return
+        try:
+            self._parse(f, status, content, allow_empty=True)
+        except ProtocolError:
+            if 200 <= status < 300:  # a 2xx with an odd body is still an acceptance
+                return
+            raise
+
+    def cancel_session(self, transaction_id: str, cancel_session_response: bytes) -> None:
+        f = "cancelSession"
+        _check_txid(transaction_id, f)
+        _check_input("cancelSessionResponse", cancel_session_response, (0xBF41,))
+        status, content = self._post(f, {"transactionId": transaction_id,
+                                         "cancelSessionResponse": b64(cancel_session_response)})
+        if status == 204:
+            return
+        self._parse(f, status, content)

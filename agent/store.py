@@ -1,0 +1,483 @@
+"""Durable local state in SQLite: the notification outbox and a small key/value table.
+
+Why an outbox (landscape.md §3 item 7, §5 item 2; protocol.md §6): an eUICC
+notification removed from the card before the SM-DP+ acknowledged it is lost
+for good, and the SM-DP+ then keeps a wrong view of the profile.  The rule the
+flows follow, which this module makes crash-safe:
+
+1. ``record()`` every notification the card holds (its exact DER) and commit,
+   *before* anything is sent;
+2. ``handleNotification``; only on acceptance ``mark_sent()`` (commit);
+3. RemoveNotificationFromList on the card, then ``mark_removed()``.
+
+A crash anywhere leaves a state ``reconcile()`` resolves on the next run
+against the card's current list of sequence numbers:
+
+* crash before 2 -> still ``pending`` -> sent again (at-least-once delivery;
+  SM-DP+s tolerate a duplicate, they cannot recover a missing one);
+* crash between 2 and 3 -> ``sent`` and still on the card -> removed from the
+  card now, *not* resent;
+* crash between 3 and the bookkeeping -> ``sent`` and gone from the card ->
+  marked ``removed``.
+
+If another tool removed a notification we had not delivered yet, we still
+hold its DER: the entry stays ``pending`` with ``removed_externally`` set and
+is delivered from the outbox (nothing left to remove on the card).
+
+Status meaning: ``pending`` = not yet acknowledged by the server; ``sent`` =
+acknowledged, still on the card; ``removed`` = acknowledged and off the card.
+So ``removed`` always implies delivered.
+
+Storage: one SQLite file in the state directory (config.state_dir()), WAL
+journal so the CLI and the daemon can use it at the same time, busy_timeout so
+they wait for each other instead of failing, synchronous=FULL so a committed
+row survives power loss, BEGIN IMMEDIATE for every write so two writers never
+deadlock on a lock upgrade.  File mode 0600 (notifications carry EID/ICCID).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import sqlite3
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .errors import AgentError
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "esim-agent.db"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 30.0
+STATUSES = ("pending", "sent", "removed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS notifications (
+    eid                TEXT    NOT NULL,
+    seq_number         INTEGER NOT NULL,
+    operation          TEXT    NOT NULL,
+    address            TEXT    NOT NULL,
+    iccid              TEXT,
+    der                BLOB    NOT NULL,
+    status             TEXT    NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'removed')),
+    removed_externally INTEGER NOT NULL DEFAULT 0,
+    attempts           INTEGER NOT NULL DEFAULT 0,
+    last_error         TEXT,
+    next_attempt_at    TEXT,
+    created_at         TEXT    NOT NULL,
+    sent_at            TEXT,
+    removed_at         TEXT,
+    UNIQUE (eid, seq_number)
+);
+CREATE INDEX IF NOT EXISTS notifications_status ON notifications (status, eid);
+-- A card that reuses a sequence number with different content (e.g. a reset simulator, a replaced
+-- eUICC with the same EID): the old row is kept here, never silently overwritten.
+CREATE TABLE IF NOT EXISTS notifications_superseded (
+    eid            TEXT    NOT NULL,
+    seq_number     INTEGER NOT NULL,
+    operation      TEXT    NOT NULL,
+    address        TEXT    NOT NULL,
+    iccid          TEXT,
+    der            BLOB    NOT NULL,
+    status         TEXT    NOT NULL,
+    attempts       INTEGER NOT NULL,
+    last_error     TEXT,
+    created_at     TEXT    NOT NULL,
+    sent_at        TEXT,
+    removed_at     TEXT,
+    superseded_at  TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kv (
+    namespace  TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (namespace, key)
+);
+"""
+
+
+class StoreError(AgentError):
+    """The local state database cannot be used (exit 1)."""
+
+    code = "store_error"
+
+
+def _utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def default_path() -> Path:
+    """<state dir>/esim-agent.db; the state dir follows config.state_dir()
+    ($ESIM_AGENT_STATE_DIR, config state_dir, /var/lib/esim-agent if writable, else
+    $XDG_STATE_HOME or ~/.local/state /esim-agent)."""
+    from . import config
+    return config.state_dir() / DB_NAME
+
+
+def _resolve(path: str | os.PathLike | None) -> Path:
+    if path is None:
+        return default_path()
+    p = Path(path)
+    if p.is_dir():
+        return p / DB_NAME
+    return p
+
+
+def connect(path: str | os.PathLike | None = None, *, busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
+    """Open (creating if needed) the state database with our durability settings."""
+    p = _resolve(path)
+    try:
+        if not p.parent.exists():
+            p.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+        if not p.exists():
+            os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o600))
+        conn = sqlite3.connect(str(p), timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":  # e.g. a filesystem without shared memory: still correct, less concurrent
+            log.warning("state database %s: WAL unavailable (journal_mode=%s)", p, mode)
+        conn.execute("PRAGMA synchronous = FULL")
+        _migrate(conn)
+    except (OSError, sqlite3.Error) as e:
+        raise StoreError(f"cannot open the state database {p}: {e}. Check the directory permissions or set "
+                         "ESIM_AGENT_STATE_DIR / state_dir in the config.", code="store_unavailable",
+                         details={"path": str(p)}) from None
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    ver = conn.execute("PRAGMA user_version").fetchone()[0]
+    if ver > SCHEMA_VERSION:
+        raise StoreError(f"the state database was written by a newer esim-agent (schema {ver} > "
+                         f"{SCHEMA_VERSION}); upgrade esim-agent", code="store_too_new")
+    if ver < SCHEMA_VERSION:
+        # Not executescript(): it would commit on its own.  Another process may be migrating at the
+        # same moment; BEGIN IMMEDIATE serialises us and the statements are idempotent.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
+                conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+class _Db:
+    def __init__(self, path: str | os.PathLike | None = None, *, clock: Callable[[], _dt.datetime] | None = None,
+                 busy_timeout: float = BUSY_TIMEOUT_S):
+        self.path = _resolve(path)
+        self._conn = connect(self.path, busy_timeout=busy_timeout)
+        self._conn.row_factory = sqlite3.Row
+        self._clock = clock or _utcnow
+        self._lock = threading.RLock()
+
+    def _now(self) -> str:
+        return self._clock().astimezone(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+    @contextmanager
+    def _tx(self):
+        """One write transaction, taken with BEGIN IMMEDIATE (the write lock up front)."""
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                raise StoreError(f"the state database {self.path} is busy or unwritable: {e}",
+                                 code="store_busy") from None
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._conn.execute("ROLLBACK")
+                raise StoreError(f"cannot commit to the state database {self.path}: {e}",
+                                 code="store_unavailable") from None
+
+    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --- outbox ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Notification:
+    eid: str
+    seq_number: int
+    operation: str
+    address: str
+    iccid: str | None
+    der: bytes
+    status: str
+    removed_externally: bool
+    attempts: int
+    last_error: str | None
+    next_attempt_at: str | None
+    created_at: str
+    sent_at: str | None
+    removed_at: str | None
+
+    @property
+    def delivered(self) -> bool:
+        return self.status in ("sent", "removed")
+
+    @property
+    def needs_card_removal(self) -> bool:
+        """Delivered and (as far as we know) still on the card."""
+        return self.status == "sent"
+
+    def to_json(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "der"}
+        d["der_len"] = len(self.der)
+        return d
+
+    @classmethod
+    def _from_row(cls, r: sqlite3.Row) -> "Notification":
+        return cls(r["eid"], r["seq_number"], r["operation"], r["address"], r["iccid"], bytes(r["der"]),
+                   r["status"], bool(r["removed_externally"]), r["attempts"], r["last_error"],
+                   r["next_attempt_at"], r["created_at"], r["sent_at"], r["removed_at"])
+
+
+@dataclass
+class ReconcileResult:
+    """What to do after comparing the outbox with the card's notification list."""
+
+    remove_from_card: list[int] = field(default_factory=list)  # delivered, still on the card: remove, don't resend
+    send: list[Notification] = field(default_factory=list)     # pending, on the card: deliver, then remove
+    deliver_only: list[Notification] = field(default_factory=list)  # pending, gone from the card: deliver only
+    unknown_on_card: list[int] = field(default_factory=list)   # on the card, not recorded: fetch DER, record()
+    confirmed_removed: list[int] = field(default_factory=list)  # were 'sent', now gone: marked removed
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not (self.remove_from_card or self.send or self.deliver_only or self.unknown_on_card)
+
+    def to_json(self) -> dict:
+        return {"remove_from_card": self.remove_from_card,
+                "send": [n.seq_number for n in self.send],
+                "deliver_only": [n.seq_number for n in self.deliver_only],
+                "unknown_on_card": self.unknown_on_card,
+                "confirmed_removed": self.confirmed_removed}
+
+
+_COLS = ("eid, seq_number, operation, address, iccid, der, status, removed_externally, attempts, last_error, "
+         "next_attempt_at, created_at, sent_at, removed_at")
+
+
+class Outbox(_Db):
+    """The notification outbox (see module docstring for the protocol)."""
+
+    def _row(self, eid: str, seq: int) -> sqlite3.Row | None:
+        rows = self._conn.execute(f"SELECT {_COLS} FROM notifications WHERE eid = ? AND seq_number = ?",
+                                  (eid, int(seq))).fetchall()
+        return rows[0] if rows else None
+
+    def _require(self, eid: str, seq: int) -> sqlite3.Row:
+        r = self._row(eid, seq)
+        if r is None:
+            raise StoreError(f"notification {seq} of eUICC {eid} is not in the outbox", code="unknown_notification",
+                             details={"eid": eid, "seq_number": seq})
+        return r
+
+    def record(self, eid: str, seq: int, operation: str, address: str, iccid: str | None,
+               der: bytes) -> Notification:
+        """Persist a notification (committed on return).  Idempotent for identical DER.
+
+        The same sequence number with different DER means the card reused it; the old row
+        is moved to notifications_superseded and the new one recorded as pending.
+        """
+        if not eid or not isinstance(eid, str):
+            raise StoreError("record(): eid must be a non-empty string", code="bad_store_input")
+        if not isinstance(seq, int) or seq < 0:
+            raise StoreError(f"record(): bad sequence number {seq!r}", code="bad_store_input")
+        der = bytes(der)
+        if not der:
+            raise StoreError("record(): empty notification DER", code="bad_store_input")
+        with self._tx() as c:
+            old = self._row(eid, seq)
+            if old is not None:
+                if bytes(old["der"]) == der:
+                    return Notification._from_row(old)
+                log.warning("eUICC %s reused notification sequence number %d with different content; "
+                            "keeping the old entry (%s) in notifications_superseded", eid, seq, old["status"])
+                c.execute("INSERT INTO notifications_superseded (eid, seq_number, operation, address, iccid, der, "
+                          "status, attempts, last_error, created_at, sent_at, removed_at, superseded_at) "
+                          "SELECT eid, seq_number, operation, address, iccid, der, status, attempts, last_error, "
+                          "created_at, sent_at, removed_at, ? FROM notifications WHERE eid = ? AND seq_number = ?",
+                          (self._now(), eid, seq))
+                c.execute("DELETE FROM notifications WHERE eid = ? AND seq_number = ?", (eid, seq))
+            c.execute("INSERT INTO notifications (eid, seq_number, operation, address, iccid, der, status, "
+                      "created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
+                      (eid, seq, str(operation), str(address), iccid, der, self._now()))
+            return Notification._from_row(self._row(eid, seq))
+
+    def mark_sent(self, eid: str, seq: int) -> Notification:
+        """The server acknowledged it.  If the card no longer holds it, it is finished ('removed')."""
+        with self._tx() as c:
+            r = self._require(eid, seq)
+            if r["status"] == "pending":
+                now = self._now()
+                if r["removed_externally"]:
+                    c.execute("UPDATE notifications SET status = 'removed', sent_at = ?, removed_at = ?, "
+                              "attempts = attempts + 1, last_error = NULL, next_attempt_at = NULL "
+                              "WHERE eid = ? AND seq_number = ?", (now, now, eid, seq))
+                else:
+                    c.execute("UPDATE notifications SET status = 'sent', sent_at = ?, attempts = attempts + 1, "
+                              "last_error = NULL, next_attempt_at = NULL WHERE eid = ? AND seq_number = ?",
+                              (now, eid, seq))
+            return Notification._from_row(self._row(eid, seq))
+
+    def mark_removed(self, eid: str, seq: int) -> Notification | None:
+        """The card no longer holds it.  An undelivered entry stays pending (still deliverable)."""
+        with self._tx() as c:
+            r = self._row(eid, seq)
+            if r is None:
+                return None
+            if r["status"] == "sent":
+                c.execute("UPDATE notifications SET status = 'removed', removed_at = ? "
+                          "WHERE eid = ? AND seq_number = ?", (self._now(), eid, seq))
+            elif r["status"] == "pending" and not r["removed_externally"]:
+                log.warning("notification %d of %s left the card before delivery; keeping it for delivery",
+                            seq, eid)
+                c.execute("UPDATE notifications SET removed_externally = 1, removed_at = ? "
+                          "WHERE eid = ? AND seq_number = ?", (self._now(), eid, seq))
+            return Notification._from_row(self._row(eid, seq))
+
+    def mark_failed(self, eid: str, seq: int, error: str, *, retry_at: _dt.datetime | None = None) -> Notification:
+        """A delivery attempt failed; the entry stays pending.  ``retry_at`` is advisory (see ``due``)."""
+        with self._tx() as c:
+            self._require(eid, seq)
+            nxt = retry_at.astimezone(_dt.timezone.utc).isoformat(timespec="milliseconds") if retry_at else None
+            c.execute("UPDATE notifications SET attempts = attempts + 1, last_error = ?, next_attempt_at = ? "
+                      "WHERE eid = ? AND seq_number = ? AND status = 'pending'",
+                      (str(error)[:2000], nxt, eid, seq))
+            return Notification._from_row(self._row(eid, seq))
+
+    def get(self, eid: str, seq: int) -> Notification | None:
+        with self._lock:
+            r = self._row(eid, seq)
+        return Notification._from_row(r) if r else None
+
+    def pending(self, eid: str | None = None) -> list[Notification]:
+        """Undelivered notifications (including ones already gone from the card), oldest first."""
+        if eid is None:
+            rows = self._query(f"SELECT {_COLS} FROM notifications WHERE status = 'pending' "
+                               "ORDER BY eid, seq_number")
+        else:
+            rows = self._query(f"SELECT {_COLS} FROM notifications WHERE status = 'pending' AND eid = ? "
+                               "ORDER BY seq_number", (eid,))
+        return [Notification._from_row(r) for r in rows]
+
+    def due(self, eid: str | None = None, now: _dt.datetime | None = None) -> list[Notification]:
+        """pending() minus entries whose next_attempt_at is still in the future."""
+        ts = (now or self._clock()).astimezone(_dt.timezone.utc).isoformat(timespec="milliseconds")
+        return [n for n in self.pending(eid) if not n.next_attempt_at or n.next_attempt_at <= ts]
+
+    def list(self, eid: str | None = None, status: str | None = None) -> list[Notification]:
+        sql, args = f"SELECT {_COLS} FROM notifications WHERE 1=1", []
+        if eid is not None:
+            sql += " AND eid = ?"
+            args.append(eid)
+        if status is not None:
+            if status not in STATUSES:
+                raise StoreError(f"unknown status {status!r}", code="bad_store_input")
+            sql += " AND status = ?"
+            args.append(status)
+        return [Notification._from_row(r) for r in self._query(sql + " ORDER BY eid, seq_number", tuple(args))]
+
+    def superseded(self, eid: str | None = None) -> list[dict]:
+        sql = "SELECT * FROM notifications_superseded" + (" WHERE eid = ?" if eid else "") + " ORDER BY rowid"
+        return [dict(r) for r in self._query(sql, (eid,) if eid else ())]
+
+    def matches(self, eid: str, seq: int, der: bytes) -> bool:
+        """True if the outbox holds exactly this DER under (eid, seq): check before removing from a card
+        whose sequence numbers might have been reused."""
+        n = self.get(eid, seq)
+        return n is not None and n.der == bytes(der)
+
+    def reconcile(self, eid: str, card_seqs: Iterable[int]) -> ReconcileResult:
+        """Compare with the card's current notification sequence numbers and fix the bookkeeping.
+
+        Applied here (one transaction): 'sent' entries gone from the card become 'removed';
+        pending entries gone from the card get removed_externally (still deliverable);
+        pending entries the card holds again lose that flag.
+        """
+        on_card = {int(s) for s in card_seqs}
+        res = ReconcileResult()
+        with self._tx() as c:
+            rows = c.execute(f"SELECT {_COLS} FROM notifications WHERE eid = ? ORDER BY seq_number",
+                             (eid,)).fetchall()
+            known = set()
+            now = self._now()
+            for r in rows:
+                seq = r["seq_number"]
+                known.add(seq)
+                here = seq in on_card
+                st = r["status"]
+                if st == "pending":
+                    if here:
+                        if r["removed_externally"]:
+                            c.execute("UPDATE notifications SET removed_externally = 0, removed_at = NULL "
+                                      "WHERE eid = ? AND seq_number = ?", (eid, seq))
+                        res.send.append(Notification._from_row(self._row(eid, seq)))
+                    else:
+                        if not r["removed_externally"]:
+                            c.execute("UPDATE notifications SET removed_externally = 1, removed_at = ? "
+                                      "WHERE eid = ? AND seq_number = ?", (now, eid, seq))
+                        res.deliver_only.append(Notification._from_row(self._row(eid, seq)))
+                elif st == "sent":
+                    if here:
+                        res.remove_from_card.append(seq)
+                    else:
+                        c.execute("UPDATE notifications SET status = 'removed', removed_at = ? "
+                                  "WHERE eid = ? AND seq_number = ?", (now, eid, seq))
+                        res.confirmed_removed.append(seq)
+                elif here:  # 'removed' (delivered) yet on the card: our removal did not take; remove again
+                    res.remove_from_card.append(seq)
+            res.unknown_on_card = sorted(on_card - known)
+        return res
+
+
+# --- key/value -------------------------------------------------------------------------
+
+class KeyValue(_Db):
+    """Small JSON key/value table (namespace, key) -> value, for jobs and bookkeeping."""
+
+    def get(self, namespace: str, key: str, default: Any = None) -> Any:
+        rows = self._query("SELECT value FROM kv WHERE namespace = ? AND key = ?", (namespace, key))
+        return json.loads(rows[0]["value"]) if rows else default
+
+    def set(self, namespace: str, key: str, value: Any) -> None:
+        data = json.dumps(value, separators=(",", ":"), sort_keys=True)
+        with self._tx() as c:
+            c.execute("INSERT INTO kv (namespace, key, value, updated_at) VALUES (?, ?, ?, ?) "
+                      "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, "
+                      "updated_at = excluded.updated_at", (namespace, key, data, self._now()))
+
+    def delete(self, namespace: str, key: str) -> bool:
+        with self._tx() as c:
+            return c.execute("DELETE FROM kv WHERE namespace = ? AND key = ?", (namespace, key)).rowcount > 0
+
+    def items(self, namespace: str) -> dict[str, Any]:
+        return {r["key"]: json.loads(r["value"])
+                for r in self._query("SELECT key, value FROM kv WHERE namespace = ? ORDER BY key", (namespace,))}

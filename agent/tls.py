@@ -1,0 +1,405 @@
+"""TLS trust policy for ES9+ (and the other RSP HTTPS interfaces).
+
+TLS is always verified (DESIGN "never trust by default"; lpac's disabled
+verification is a known complaint, landscape.md §3 item 14).  What we trust:
+
+* the CI certificates from ``--ca FILE`` or the configured ``ca_bundle``
+  (PEM or DER, one or more certificates, or a directory of such files), else
+  ``/etc/esim-agent/ci-bundle.pem`` if present.  Nothing configured is an
+  error (``no_trusted_ci``), never a silent fallback to the system web PKI;
+* narrowed, when the eUICC's ``euiccCiPKIdListForVerification`` is known, to
+  the CIs whose SubjectKeyIdentifier the eUICC lists (the CI PKID is the SKI,
+  protocol.md §4 "CI PKID").  If none of them is in the bundle we keep the
+  whole bundle and record a warning rather than fail, so a card with an
+  unusual CI list still works against a correctly configured bundle.
+
+The server certificate (CERT.DP.TLS, protocol.md §3 "TLS") must chain to a
+trusted CI, name the host, and be within validity; OpenSSL checks all three
+through an SSLContext that holds only our CIs (never the system store) with
+TLS >= 1.2 and SNI.  After the handshake, before any request byte is sent, we
+look at the role policy OID: a certificate that carries a GSMA RSP role other
+than the expected one (e.g. an SM-DS TLS or a DPauth certificate) is refused
+(``tls_wrong_role``); one carrying no RSP role at all is accepted with a
+warning, because operator/test CIs do not always stamp the policy while the
+chain to a trusted CI is already the security anchor.  ``strict_role=True``
+refuses that case too.
+
+A clearly unset clock (year < 2024, or before every trusted CI's notBefore)
+is refused up front (``clock_unset``): with such a clock every validity check
+is meaningless and OpenSSL's errors would mislead.
+
+requests does not expose the peer certificate, so the role check lives in a
+small urllib3 connection subclass installed by ``TrustAdapter``; one
+``requests.Session`` built by ``make_session`` keeps one TLS connection alive
+across the four ES9+ calls of a download.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import os
+import ssl
+import tempfile
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import requests
+from cryptography import x509
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from . import crypto
+from .errors import TransportError
+
+log = logging.getLogger(__name__)
+
+DP_TLS_ROLE_OID = crypto.ROLE_OIDS["dp-tls"]      # 2.23.146.1.2.1.3
+DS_TLS_ROLE_OID = crypto.ROLE_OIDS["ds-tls"]      # 2.23.146.1.2.1.6
+ROLE_OID_PREFIX = crypto.ROLE_OID_PREFIX
+
+# Looked at, in order, when neither --ca nor the config names a bundle.
+DEFAULT_CA_PATHS: tuple[str, ...] = ("/etc/esim-agent/ci-bundle.pem", "/etc/esim-agent/ci")
+MIN_PLAUSIBLE_YEAR = 2024
+_CERT_SUFFIXES = (".pem", ".crt", ".cer", ".der")
+
+INSTALL_HINT = (
+    "Install the GSMA CI root certificate(s) as PEM at /etc/esim-agent/ci-bundle.pem "
+    "(or set ca_bundle in /etc/esim-agent/agent.toml), or pass --ca FILE (PEM or DER). "
+    "For the local test SM-DP+ use the ci.pem written by `esim-agent sim pki DIR`.")
+
+
+class TlsError(TransportError):
+    """The TLS connection to a server could not be established safely (exit 3)."""
+
+    code = "tls_error"
+
+
+class TrustError(TlsError):
+    """Local trust configuration is unusable (no CI, bad CA file, unset clock).
+
+    Exit 2: retrying will not help, the configuration or clock must be fixed.
+    """
+
+    code = "no_trusted_ci"
+    exit_code = 2
+
+
+def _utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _describe(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string() or "(empty subject)"
+
+
+# --- loading CA material -----------------------------------------------------
+
+def _certs_from_bytes(data: bytes, origin: str) -> list[x509.Certificate]:
+    """PEM (any number of certificates) or DER (one or several concatenated)."""
+    try:
+        if b"-----BEGIN" in data:
+            certs = x509.load_pem_x509_certificates(data)
+        else:
+            from .tlv import parse_all  # DER certificates are plain TLVs: split, then load each
+            certs = [x509.load_der_x509_certificate(t.raw) for t in parse_all(data)]
+    except Exception as e:  # ValueError from cryptography, ProtocolError from tlv
+        raise TrustError(f"cannot read CA certificates from {origin}: {getattr(e, 'message', e)}. "
+                         "Expected PEM or DER X.509 certificates.", code="bad_ca_file") from None
+    return certs
+
+
+def load_ca_certs(path: str | os.PathLike) -> list[x509.Certificate]:
+    """All certificates in a file (PEM/DER) or in the *.pem/*.crt/*.cer/*.der files of a directory."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _CERT_SUFFIXES)
+    else:
+        files = [p]
+    certs: list[x509.Certificate] = []
+    for f in files:
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise TrustError(f"cannot read CA file {f}: {e.strerror or e}", code="bad_ca_file") from None
+        certs.extend(_certs_from_bytes(data, str(f)))
+    if not certs:
+        raise TrustError(f"no certificates found in {p}. {INSTALL_HINT}", code="bad_ca_file")
+    return certs
+
+
+def filter_by_ski(certs: Iterable[x509.Certificate], skis: Iterable[bytes]) -> list[x509.Certificate]:
+    """The certificates whose SubjectKeyIdentifier (= CI PKID) is in ``skis``, in bundle order."""
+    wanted = {bytes(k) for k in skis}
+    return [c for c in certs if crypto.ski(c) in wanted]
+
+
+# --- the trust object ----------------------------------------------------------
+
+@dataclass(eq=False)
+class Trust:
+    """A verified-TLS policy: the trusted CI certificates plus role/clock rules."""
+
+    certs: tuple[x509.Certificate, ...]
+    source: str
+    expected_roles: tuple[str, ...] = (DP_TLS_ROLE_OID,)
+    strict_role: bool = False
+    clock: Callable[[], _dt.datetime] = _utcnow
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.certs = tuple(self.certs)
+        if not self.certs:
+            raise TrustError(f"no trusted CI certificates in {self.source}. {INSTALL_HINT}")
+        self._lock = threading.Lock()
+        self._bundle: str | None = None
+        self._ctx: ssl.SSLContext | None = None
+        self._peer_checked: dict[bytes, list[str]] = {}
+
+    # -- identity --
+    def skis(self) -> list[bytes]:
+        return [s for s in (crypto.ski(c) for c in self.certs) if s]
+
+    def pem(self) -> bytes:
+        return b"".join(crypto.cert_pem(c) for c in self.certs)
+
+    def warn(self, msg: str) -> None:
+        if msg not in self.warnings:
+            self.warnings.append(msg)
+            log.warning("%s", msg)
+
+    # -- eUICC preference --
+    def for_euicc(self, ci_pkids: Iterable[bytes]) -> "Trust":
+        """The CIs the eUICC lists in euiccCiPKIdListForVerification.
+
+        Falls back to the whole bundle (recording a warning) if none matches.
+        """
+        wanted = {bytes(k) for k in ci_pkids}
+        if not wanted:
+            return self
+        chosen = tuple(filter_by_ski(self.certs, wanted))
+        if not chosen:
+            self.warn("none of the eUICC's CI PKIDs (" + ", ".join(sorted(k.hex().upper() for k in wanted))
+                      + f") matches a certificate in {self.source}; using the whole bundle")
+            return self
+        if len(chosen) == len(self.certs):
+            return self
+        return Trust(chosen, f"{self.source} (CIs listed by the eUICC)", self.expected_roles,
+                     self.strict_role, self.clock, list(self.warnings))
+
+    # -- clock --
+    def check_clock(self, now: _dt.datetime | None = None) -> None:
+        now = now or self.clock()
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=_dt.timezone.utc)
+        earliest = min(c.not_valid_before_utc for c in self.certs)
+        if now.year < MIN_PLAUSIBLE_YEAR or now < earliest:
+            why = (f"before {MIN_PLAUSIBLE_YEAR}" if now.year < MIN_PLAUSIBLE_YEAR
+                   else f"before the trusted CI certificates became valid ({earliest:%Y-%m-%d})")
+            raise TrustError(
+                f"the system clock reads {now:%Y-%m-%d %H:%M} UTC, which is {why}; certificate validity "
+                "cannot be checked. Set the clock (NTP, RTC or `date -s`) and retry.",
+                code="clock_unset", details={"now": now.isoformat(), "earliest_ci": earliest.isoformat()})
+
+    # -- OpenSSL material --
+    def bundle_path(self) -> str:
+        """A private PEM file holding exactly our CIs (requests' ``verify=``)."""
+        with self._lock:
+            if self._bundle is None or not os.path.exists(self._bundle):
+                fd, path = tempfile.mkstemp(prefix="esim-agent-ci-", suffix=".pem")  # 0600
+                with os.fdopen(fd, "wb") as f:
+                    f.write(self.pem())
+                self._bundle = path
+                weakref.finalize(self, _unlink, path)
+            return self._bundle
+
+    def ssl_context(self) -> ssl.SSLContext:
+        with self._lock:
+            if self._ctx is None:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verify + hostname check on; no system CAs
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+                ctx.load_verify_locations(cadata=self.pem().decode("ascii"))
+                self._ctx = ctx
+            return self._ctx
+
+    # -- after the handshake --
+    def check_peer(self, der: bytes | None, host: str) -> None:
+        """Role-OID policy on the server certificate (chain/host/validity are OpenSSL's)."""
+        if not der:
+            raise TlsError(f"{host} presented no TLS certificate", code="tls_untrusted")
+        key = hashlib.sha256(der).digest()
+        if key in self._peer_checked:
+            return
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            oids = crypto.role_oids(cert)
+        except Exception as e:
+            raise TlsError(f"cannot parse the TLS certificate of {host}: {e}", code="tls_untrusted") from None
+        rsp_roles = [o for o in oids if o.startswith(ROLE_OID_PREFIX)]
+        if rsp_roles and not set(rsp_roles) & set(self.expected_roles):
+            names = ", ".join(f"{o} ({crypto.ROLE_NAMES.get(o, '?')})" for o in rsp_roles)
+            raise TlsError(
+                f"the TLS certificate of {host} is issued for another GSMA RSP role ({names}), not "
+                f"{', '.join(self.expected_roles)}; this server is not the kind of RSP server we asked for. "
+                "Check the server address.",
+                code="tls_wrong_role", details={"host": host, "roles": rsp_roles})
+        if not rsp_roles:
+            msg = (f"the TLS certificate of {host} carries no GSMA RSP role policy OID "
+                   f"(expected {', '.join(self.expected_roles)})")
+            if self.strict_role:
+                raise TlsError(msg + "; refused (strict role checking).", code="tls_wrong_role",
+                               details={"host": host})
+            self.warn(msg + "; accepted because it chains to a trusted CI")
+        self._peer_checked[key] = rsp_roles
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def load_trust(ca: str | os.PathLike | None = None, *, config_ca: str | os.PathLike | None = None,
+               expected_roles: tuple[str, ...] = (DP_TLS_ROLE_OID,), strict_role: bool = False,
+               clock: Callable[[], _dt.datetime] | None = None) -> Trust:
+    """Build the trust policy from ``--ca``, else the config's ``ca_bundle``, else the default path."""
+    for src in (ca, config_ca):
+        if src:
+            if not Path(src).exists():
+                raise TrustError(f"CA file {src} does not exist. {INSTALL_HINT}", code="bad_ca_file")
+            return Trust(tuple(load_ca_certs(src)), str(src), expected_roles, strict_role, clock or _utcnow)
+    for default in DEFAULT_CA_PATHS:
+        if Path(default).exists():
+            return Trust(tuple(load_ca_certs(default)), default, expected_roles, strict_role, clock or _utcnow)
+    raise TrustError("no trusted CI certificates are configured, so the server's TLS certificate cannot be "
+                     "verified (verification is never switched off). " + INSTALL_HINT, code="no_trusted_ci")
+
+
+# --- requests / urllib3 plumbing ----------------------------------------------
+
+class _RspHTTPSConnection(HTTPSConnection):
+    """HTTPSConnection that applies Trust.check_peer right after the handshake."""
+
+    rsp_trust: Trust | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        if self.rsp_trust is not None:
+            host = self._tunnel_host or self.host
+            try:
+                self.rsp_trust.check_peer(self.sock.getpeercert(binary_form=True), host)
+            except BaseException:
+                self.close()
+                raise
+
+
+def _pool_classes(trust: Trust) -> dict:
+    conn_cls = type("RspHTTPSConnection", (_RspHTTPSConnection,), {"rsp_trust": trust})
+    pool_cls = type("RspHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": conn_cls})
+    return {"http": HTTPConnectionPool, "https": pool_cls}
+
+
+class TrustAdapter(HTTPAdapter):
+    """requests adapter: our CIs only, TLS >= 1.2, SNI, role check; ``verify`` cannot be turned off."""
+
+    def __init__(self, trust: Trust, **kw):
+        self.trust = trust
+        super().__init__(**kw)
+
+    def init_poolmanager(self, *args, **kw):
+        kw["ssl_context"] = self.trust.ssl_context()
+        super().init_poolmanager(*args, **kw)
+        self.poolmanager.pool_classes_by_scheme = _pool_classes(self.trust)
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        if not proxy.lower().startswith("socks"):
+            proxy_kwargs.setdefault("ssl_context", self.trust.ssl_context())
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = _pool_classes(self.trust)
+        return manager
+
+    def send(self, request, **kw):
+        # Whatever the caller passed (verify=False, REQUESTS_CA_BUNDLE…), verify against our CIs only.
+        kw["verify"] = self.trust.bundle_path()
+        return super().send(request, **kw)
+
+    def __getstate__(self):  # pragma: no cover - requests pickles adapters only on request
+        raise TypeError("TrustAdapter cannot be pickled")
+
+
+def make_session(trust: Trust | None, *, session: requests.Session | None = None,
+                 prefix: str = "https://") -> requests.Session:
+    """A Session whose ``prefix`` URLs go through a TrustAdapter (keep-alive reused).
+
+    ``trust=None`` returns a plain session (only for insecure_http test use).
+    """
+    s = session or requests.Session()
+    if trust is not None:
+        s.mount(prefix, TrustAdapter(trust))
+    return s
+
+
+# --- error mapping -----------------------------------------------------------
+
+def walk_exception(exc: BaseException):
+    """Yield exc and everything it wraps (args, reason, __cause__, __context__)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        for nxt in (getattr(e, "reason", None), e.__cause__, e.__context__, *getattr(e, "args", ())):
+            if isinstance(nxt, BaseException):
+                todo.append(nxt)
+
+
+# OpenSSL X509_V_ERR_* codes (x509_vfy.h).
+_UNTRUSTED = {2, 18, 19, 20, 21, 27, 28}
+_EXPIRED, _NOT_YET_VALID = 10, 9
+_HOSTNAME, _IP, _EMAIL = 62, 64, 63
+
+
+def map_ssl_error(exc: BaseException, host: str, ca_source: str = "the trusted CI bundle") -> TlsError:
+    """Turn an ssl/urllib3/requests TLS failure into a TlsError saying what to fix."""
+    for e in walk_exception(exc):
+        if isinstance(e, TlsError):
+            return e
+    verr = next((e for e in walk_exception(exc) if isinstance(e, ssl.SSLCertVerificationError)), None)
+    details = {"host": host}
+    if verr is not None:
+        code_n = getattr(verr, "verify_code", None)
+        text = getattr(verr, "verify_message", None) or str(verr)
+        details.update(openssl_code=code_n, openssl_message=text)
+        if code_n == _EXPIRED:
+            return TlsError(f"the TLS certificate of {host} has expired ({text}). The server must renew it; "
+                            "if the certificate looks current, check the system clock.",
+                            code="tls_expired", details=details)
+        if code_n == _NOT_YET_VALID:
+            return TlsError(f"the TLS certificate of {host} is not yet valid ({text}). Check the system clock.",
+                            code="tls_not_yet_valid", details=details)
+        if code_n in (_HOSTNAME, _IP, _EMAIL) or "hostname" in text.lower() or "doesn't match" in text:
+            return TlsError(f"the TLS certificate of {host} is not issued for that name ({text}). "
+                            "Check the SM-DP+ address (it must be the name in the certificate).",
+                            code="tls_hostname_mismatch", details=details)
+        if code_n in _UNTRUSTED or code_n is None:
+            return TlsError(f"the TLS certificate of {host} does not chain to a trusted CI in {ca_source} "
+                            f"({text}). {INSTALL_HINT}", code="tls_untrusted", details=details)
+        return TlsError(f"the TLS certificate of {host} was rejected ({text}). {INSTALL_HINT}",
+                        code="tls_untrusted", details=details)
+    ssl_err = next((e for e in walk_exception(exc) if isinstance(e, ssl.SSLError)), None)
+    text = str(ssl_err or exc)
+    details["openssl_message"] = text
+    if "WRONG_VERSION_NUMBER" in text.upper() or "wrong version number" in text:
+        return TlsError(f"{host} does not speak TLS on this port ({text}). Check the address/port; plain HTTP "
+                        "is only for test servers (--insecure-http).", code="tls_handshake_failed",
+                        details=details)
+    return TlsError(f"TLS handshake with {host} failed ({text}). The server may not support TLS 1.2+ "
+                    "with our settings, or the connection was interrupted.", code="tls_handshake_failed",
+                    details=details)
