@@ -1,0 +1,568 @@
+"""esim-agent command line: the field technician's tool.
+
+Output: readable tables, or with ``--json`` exactly one JSON document on
+stdout: ``{"ok": true, "data": {...}}`` or ``{"ok": false, "error": {"code", "message"}}``.
+Exit codes: 0 done, 1 the card or a server refused, 2 bad usage or input,
+3 modem/transport failure or time-out.
+
+Imports are lazy on purpose: ``chip info`` against ``--sim`` must start in
+well under 0.3 s, so nothing heavy (serial, requests, cryptography) is
+imported unless the command needs it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+from .errors import AgentError, UsageError
+
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing and exiting,
+    so ``--json`` callers still get one JSON document."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+# --------------------------------------------------------------------------- output
+
+class Output:
+    def __init__(self, as_json: bool):
+        self.json = as_json
+
+    def ok(self, data: dict, text: str | Callable[[], str] | None = None) -> None:
+        if self.json:
+            print(json.dumps({"ok": True, "data": data}, indent=None, default=_json_default))
+        elif text is not None:
+            print(text() if callable(text) else text)
+
+    def error(self, err: AgentError) -> None:
+        if self.json:
+            print(json.dumps({"ok": False, "error": err.to_json()}, default=_json_default))
+        else:
+            print(f"error: {err.message}", file=sys.stderr)
+
+    def info(self, msg: str) -> None:
+        """Progress for people; never on stdout with --json."""
+        if not self.json:
+            print(msg, file=sys.stderr)
+
+
+def _json_default(o: Any):
+    if isinstance(o, bytes):
+        return o.hex().upper()
+    if hasattr(o, "to_json"):
+        return o.to_json()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> str:
+    cells = [[("" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*headers), fmt.format(*["-" * w for w in widths])]
+    lines += [fmt.format(*r) for r in cells]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- card access
+
+@contextlib.contextmanager
+def open_transport(args):
+    """The APDU transport selected by --device / --sim."""
+    if args.sim and args.device:
+        raise UsageError("use either --device (a modem's AT port) or --sim (simulated eUICC), not both")
+    trace = _tracer(args) if args.trace else None
+    if args.sim:
+        from .sim.euicc import SimEuicc
+        from .transport.direct import DirectTransport
+        card = SimEuicc.open(args.sim)
+        t = DirectTransport(card, trace=trace)
+    else:
+        device = args.device or args.config.device
+        if not device:
+            raise UsageError("no modem given: pass --device /dev/ttyUSBx (the modem's AT port) "
+                             "or --sim STATEFILE for the simulated eUICC", code="no_device")
+        from .transport.open import open_transport as _open
+        t = _open(device, transport=args.transport or args.config.transport,
+                  timeout=args.timeout or args.config.timeout,
+                  long_timeout=args.long_timeout or args.config.long_timeout,
+                  quirks=dict(args.config.quirks) or None, trace=trace, baud=args.baud or args.config.baud)
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+@contextlib.contextmanager
+def open_es10(args):
+    """Transport → ISD-R session → ES10 client; the channel is always closed."""
+    from .apdu import ISDR_AID, Isdr
+    from .es10 import Es10
+    aids = [bytes.fromhex(a) for a in (args.aid or args.config.aids)] or [ISDR_AID]
+    with open_transport(args) as t:
+        isdr = Isdr(t, aids=aids, segment_size=args.segment_size or args.config.segment_size,
+                    timeout=args.timeout)
+        with isdr:
+            es10 = Es10(isdr, long_timeout=args.long_timeout or args.config.long_timeout)
+            es10.transport = t  # type: ignore[attr-defined] - the download flow reads the modem's IMEI
+            yield es10
+
+
+def _tracer(args):
+    def trace(direction: str, data) -> None:
+        if isinstance(data, (bytes, bytearray)):
+            data = bytes(data).hex().upper()
+        print(f"[trace] {direction} {data}", file=sys.stderr)
+    return trace
+
+
+# --------------------------------------------------------------------------- commands: chip
+
+def cmd_chip_info(args, out: Output) -> int:
+    with open_es10(args) as es10:
+        eid = es10.get_eid()
+        info2 = es10.get_euicc_info2()
+        addrs = es10.get_configured_addresses()
+    data = {
+        "eid": eid,
+        "euicc_info2": info2.to_json(),
+        "configured_addresses": {"default_dp_address": addrs.default_dp_address,
+                                 "root_ds_address": addrs.root_ds_address},
+    }
+
+    def text() -> str:
+        rows = [["EID", eid],
+                ["Default SM-DP+", addrs.default_dp_address or "(none)"],
+                ["Root SM-DS", addrs.root_ds_address or "(none)"],
+                ["SVN", info2.svn], ["Profile version", info2.profile_version],
+                ["Firmware", info2.firmware_version], ["Free NVM (bytes)", info2.free_nvm],
+                ["Category", info2.euicc_category],
+                ["CI keys (verify)", ", ".join(info2.ci_pkids_for_verification)],
+                ["CI keys (sign)", ", ".join(info2.ci_pkids_for_signing)]]
+        return "\n".join(f"{k + ':':<18} {'' if v is None else v}" for k, v in rows)
+    out.ok(data, text)
+    return 0
+
+
+def cmd_chip_set_default_dp(args, out: Output) -> int:
+    from .ac import validate_address
+    addr = validate_address(args.address) if args.address else ""
+    with open_es10(args) as es10:
+        es10.set_default_dp_address(addr)
+    out.ok({"default_dp_address": addr or None}, f"default SM-DP+ address set to {addr or '(none)'}")
+    return 0
+
+
+def cmd_chip_reset(args, out: Output) -> int:
+    if not args.yes:
+        raise UsageError("eUICC memory reset deletes all operational and test profiles; "
+                         "repeat with --yes to confirm", code="confirmation_required")
+    with open_es10(args) as es10:
+        es10.memory_reset()
+    out.ok({"reset": True}, "eUICC memory reset done")
+    return 0
+
+
+# --------------------------------------------------------------------------- commands: profile
+
+def _profile_rows(profiles) -> str:
+    if not profiles:
+        return "no profiles installed"
+    return table([[p.iccid, p.state, p.nickname or "", p.service_provider_name, p.profile_name, p.profile_class,
+                   p.isdp_aid] for p in profiles],
+                 ["ICCID", "STATE", "NICKNAME", "PROVIDER", "NAME", "CLASS", "ISD-P AID"])
+
+
+def cmd_profile_list(args, out: Output) -> int:
+    with open_es10(args) as es10:
+        profiles = es10.get_profiles_info()
+    out.ok({"profiles": [p.to_json() for p in profiles]}, lambda: _profile_rows(profiles))
+    return 0
+
+
+def _after_change(args, out: Output, es10, data: dict, eid: str | None = None) -> None:
+    """Send the notifications an operation caused (issue #3 item 5). The operation
+    itself has succeeded: delivery failures are reported, kept in the outbox and
+    left on the card for `notification process`, never raised."""
+    if getattr(args, "no_notifications", False) or not args.config.process_notifications:
+        return
+    try:
+        data["notifications"] = [d.to_json() for d in _process_notifications(args, es10, None, eid=eid)]
+    except AgentError as e:
+        data["notifications_error"] = e.to_json()
+        out.info(f"warning: notifications not processed: {e.message}")
+        return
+    failed = [d for d in data["notifications"] if d["status"] == "failed"]
+    by_cause: dict[str, list[int]] = {}
+    for d in failed:
+        by_cause.setdefault(d["error"]["message"], []).append(d["seq_number"])
+    for msg, seqs in by_cause.items():
+        out.info(f"warning: notification(s) {', '.join(map(str, seqs))} not sent: {msg}\n"
+                 "  They stay pending on the eUICC and in the outbox; send them later with "
+                 "`esim-agent notification process`.")
+
+
+def _process_notifications(args, es10, seqs, *, eid: str | None = None):
+    from .flows.notifications import ClientPool, process
+    from .store import Outbox
+    eid = eid or es10.get_eid()
+    pool = ClientPool(ca=getattr(args, "ca", None), config_ca=args.config.ca_bundle,
+                      insecure_http=getattr(args, "insecure_http", False))
+    try:
+        with Outbox() as outbox:
+            return process(es10, outbox, pool, eid=eid, seqs=seqs)
+    finally:
+        pool.close()
+
+
+def cmd_profile_enable(args, out: Output) -> int:
+    with open_es10(args) as es10:
+        es10.enable_profile(args.id, refresh=not args.no_refresh and args.config.refresh)
+        data = {"enabled": args.id}
+        _after_change(args, out, es10, data)
+    out.ok(data, f"profile {args.id} enabled")
+    return 0
+
+
+def cmd_profile_disable(args, out: Output) -> int:
+    with open_es10(args) as es10:
+        es10.disable_profile(args.id, refresh=not args.no_refresh and args.config.refresh)
+        data = {"disabled": args.id}
+        _after_change(args, out, es10, data)
+    out.ok(data, f"profile {args.id} disabled")
+    return 0
+
+
+def _confirm(prompt: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    try:
+        return input(f"{prompt} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def cmd_profile_delete(args, out: Output) -> int:
+    from .es10 import profile_identifier
+    profile_identifier(args.id)  # validate before touching the card
+    if not args.yes:
+        if out.json or not _confirm(f"Delete profile {args.id}? This cannot be undone."):
+            raise UsageError(f"not deleting {args.id}: confirm with --yes", code="confirmation_required")
+    with open_es10(args) as es10:
+        es10.delete_profile(args.id)
+        data = {"deleted": args.id}
+        _after_change(args, out, es10, data)
+    out.ok(data, f"profile {args.id} deleted")
+    return 0
+
+
+def cmd_profile_nickname(args, out: Output) -> int:
+    with open_es10(args) as es10:
+        es10.set_nickname(args.iccid, args.name)
+    out.ok({"iccid": args.iccid, "nickname": args.name}, f"nickname of {args.iccid} set to {args.name!r}")
+    return 0
+
+
+# --------------------------------------------------------------------------- commands: notification
+
+def cmd_notification_list(args, out: Output) -> int:
+    with open_es10(args) as es10:
+        notes = es10.list_notifications()
+    rows = [[n.seq_number, n.operation, n.address, n.iccid] for n in notes]
+    out.ok({"notifications": [n.to_json() for n in notes]},
+           lambda: table(rows, ["SEQ", "OPERATION", "ADDRESS", "ICCID"]) if rows else "no pending notifications")
+    return 0
+
+
+def cmd_notification_remove(args, out: Output) -> int:
+    if not args.all and not args.seq:
+        raise UsageError("give the sequence number(s) to remove, or --all")
+    removed, missing = [], []
+    with open_es10(args) as es10:
+        seqs = [n.seq_number for n in es10.list_notifications()] if args.all else args.seq
+        for s in seqs:
+            (removed if es10.remove_notification(s) else missing).append(s)
+    if missing and not removed:
+        from .es10 import Es10Error
+        raise Es10Error("RemoveNotificationFromList", "nothingToDelete", 1,
+                        f"no notification with sequence number {', '.join(map(str, missing))}")
+    out.ok({"removed": removed, "not_found": missing},
+           f"removed {len(removed)} notification(s)" + (f"; not found: {missing}" if missing else ""))
+    return 0
+
+
+def cmd_notification_process(args, out: Output) -> int:
+    seqs = None if args.all or not args.seq else args.seq
+    with open_es10(args) as es10:
+        results = _process_notifications(args, es10, seqs)
+    failed = [r for r in results if r.status == "failed"]
+    rows = [[r.seq_number, r.operation, r.address, r.status,
+             (r.error or {}).get("message", "")] for r in results]
+    if failed and len(failed) == len(results):
+        first = failed[0].error or {}
+        raise AgentError(f"no notification delivered: {first.get('message', 'see details')}",
+                         code=first.get("code", "notification_failed"),
+                         details={"notifications": [r.to_json() for r in results]})
+    out.ok({"notifications": [r.to_json() for r in results]},
+           lambda: table(rows, ["SEQ", "OPERATION", "ADDRESS", "STATUS", "ERROR"]) if rows
+           else "no pending notifications")
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------- commands: download
+
+def _progress_printer(out: Output):
+    if out.json or not sys.stderr.isatty():
+        return None
+
+    def show(step: str, done: int, total: int) -> None:
+        extra = f" {done}/{total} bytes" if total else ""
+        sys.stderr.write(f"\r\x1b[K{step}{extra}")
+        if step == "installed":
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return show
+
+
+def cmd_profile_download(args, out: Output) -> int:
+    from .ac import read_activation_code, validate_address
+    from .flows.download import DownloadError, DownloadOptions, Downloader
+    ac = None
+    if args.ac is not None or args.ac_file:
+        if args.smdp:
+            raise UsageError("give either an activation code or --smdp, not both")
+        ac = read_activation_code(args.ac, args.ac_file, sys.stdin)
+    if args.matching_id is not None and not args.smdp:
+        raise UsageError("--matching-id goes with --smdp (an activation code already carries one)")
+    interactive = sys.stdin.isatty() and not out.json
+    if not args.yes and not interactive:
+        raise UsageError("downloading needs your consent to the profile: pass --yes (no terminal to ask on)",
+                         code="consent_required")
+    if ac and ac.cc_required and not args.confirmation_code and not interactive:
+        raise UsageError("this activation code says a confirmation code is required: pass --confirmation-code",
+                         code="confirmation_code_required")
+
+    def consent(meta) -> bool:
+        if args.yes:
+            return True
+        print(f"Profile: {meta.profile_name or '?'} from {meta.service_provider_name or '?'} "
+              f"(ICCID {meta.iccid}, class {meta.profile_class})", file=sys.stderr)
+        return _confirm("Download and install it?")
+
+    def ask_cc() -> str | None:
+        if not interactive:
+            return None
+        import getpass
+        return getpass.getpass("Confirmation code: ").strip() or None
+
+    from .flows.notifications import ClientPool
+    with open_es10(args) as es10:
+        if ac:
+            address, mid = ac.address, ac.matching_id
+        elif args.smdp:
+            address, mid = validate_address(args.smdp), args.matching_id or ""
+        else:
+            addrs = es10.get_configured_addresses()
+            if not addrs.default_dp_address:
+                raise UsageError("no activation code given and the eUICC has no default SM-DP+ address; pass "
+                                 "an activation code, --smdp, or set one with `chip set-default-dp`",
+                                 code="no_default_smdp")
+            address, mid = addrs.default_dp_address, ""   # default SM-DP+: empty matching ID (SGP.22 §3.1.2)
+        imei = args.imei or _modem_imei(es10)
+        eid = es10.get_eid()
+        pool = ClientPool(ca=args.ca, config_ca=args.config.ca_bundle, insecure_http=args.insecure_http)
+        try:
+            es9 = pool(address)
+            info1 = es10.get_euicc_info1()
+            es9.narrow_to([bytes.fromhex(k) for k in info1.ci_pkids_for_verification])
+            opts = DownloadOptions(address=address, matching_id=mid, confirmation_code=args.confirmation_code,
+                                   imei=imei, consent=consent, ask_confirmation_code=ask_cc,
+                                   progress=_progress_printer(out),
+                                   long_timeout=args.long_timeout or args.config.long_timeout)
+            out.info(f"downloading from {address}" + (f" (matching ID {mid})" if mid else " (default SM-DP+)"))
+            try:
+                res = Downloader(es10, es9, opts).run()
+            except DownloadError as e:
+                # A refused package leaves a signed error result for the SM-DP+: send it too.
+                if e.details.get("notification_seq") is not None:
+                    e.details["notifications"] = [d.to_json() for d in _safe_process(args, es10, eid)]
+                raise
+            data = {"profile": (res.profile.to_json() if res.profile else {"iccid": res.iccid,
+                                                                           "isdp_aid": res.isdp_aid}),
+                    "smdp_address": address, "transaction_id": res.transaction_id,
+                    "bytes_loaded": res.apdu_bytes_loaded}
+            _after_change(args, out, es10, data, eid=eid)
+        finally:
+            pool.close()
+    sent = [n for n in data.get("notifications", []) if n["status"] == "delivered"]
+    out.ok(data, f"installed profile {res.iccid} ({res.metadata.profile_name or 'no name'}, "
+                 f"{res.metadata.service_provider_name or 'no provider'}); "
+                 f"{len(sent)} notification(s) sent")
+    return 0
+
+
+def _safe_process(args, es10, eid):
+    if getattr(args, "no_notifications", False):
+        return []
+    try:
+        return _process_notifications(args, es10, None, eid=eid)
+    except AgentError:
+        return []
+
+
+def _modem_imei(es10) -> str | None:
+    info = getattr(getattr(es10, "transport", None), "modem_info", None)
+    if info is None:
+        return None
+    try:
+        return info().imei
+    except AgentError:
+        return None
+
+
+# --------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="esim-agent", description="Device-side eSIM agent (SGP.22 LPA / SGP.32 IPAd).")
+    g = p.add_argument_group("card access")
+    g.add_argument("--device", metavar="PATH", help="the modem's AT port, e.g. /dev/ttyUSB2")
+    g.add_argument("--sim", metavar="STATEFILE", help="use a simulated eUICC in-process (no modem)")
+    g.add_argument("--transport", choices=["auto", "csim", "cgla"], help="how APDUs travel over AT (default auto)")
+    g.add_argument("--aid", action="append", metavar="HEX", help="ISD-R AID to try (repeatable, in order)")
+    g.add_argument("--timeout", type=float, metavar="S", help="deadline per AT command / APDU (default 10)")
+    g.add_argument("--long-timeout", type=float, metavar="S",
+                   help="deadline for profile loading, enable, delete (default 300)")
+    g.add_argument("--baud", type=int, help="serial line speed for UART ports (default 115200)")
+    g.add_argument("--segment-size", type=int, metavar="N", help="STORE DATA block size, 1..255 (default 120)")
+    g.add_argument("--config", metavar="FILE", dest="config_path", help="TOML config (default /etc/esim-agent/agent.toml)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    o.add_argument("-v", "--verbose", action="count", default=0)
+    o.add_argument("--trace", action="store_true", help="print every AT line and APDU to stderr")
+
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    chip = sub.add_parser("chip", help="the eUICC itself").add_subparsers(dest="sub", metavar="ACTION", parser_class=_Parser)
+    chip.required = True
+    chip.add_parser("info", help="EID, EUICCInfo2, configured addresses").set_defaults(func=cmd_chip_info)
+    c = chip.add_parser("set-default-dp", help="set the default SM-DP+ address ('' clears it)")
+    c.add_argument("address")
+    c.set_defaults(func=cmd_chip_set_default_dp)
+    c = chip.add_parser("reset", help="eUICC memory reset (deletes profiles)")
+    c.add_argument("--yes", action="store_true")
+    c.set_defaults(func=cmd_chip_reset)
+
+    prof = sub.add_parser("profile", help="installed profiles").add_subparsers(dest="sub", metavar="ACTION", parser_class=_Parser)
+    prof.required = True
+    prof.add_parser("list", help="list installed profiles").set_defaults(func=cmd_profile_list)
+    for name, func, helptext in (("enable", cmd_profile_enable, "enable a profile (disables the current one)"),
+                                 ("disable", cmd_profile_disable, "disable a profile")):
+        c = prof.add_parser(name, help=helptext)
+        c.add_argument("id", metavar="ICCID|AID")
+        c.add_argument("--no-refresh", action="store_true", help="refreshFlag=0: the modem resets the SIM itself")
+        c.add_argument("--no-notifications", action="store_true", help="leave the notifications pending")
+        _server_args(c)
+        c.set_defaults(func=func)
+    c = prof.add_parser("delete", help="delete a disabled profile")
+    c.add_argument("id", metavar="ICCID|AID")
+    c.add_argument("--yes", action="store_true", help="do not ask")
+    c.add_argument("--no-notifications", action="store_true", help="leave the notifications pending")
+    _server_args(c)
+    c.set_defaults(func=cmd_profile_delete)
+    c = prof.add_parser("nickname", help="set a profile's nickname")
+    c.add_argument("iccid")
+    c.add_argument("name")
+    c.set_defaults(func=cmd_profile_nickname)
+    _add_download_parser(prof)
+
+    notif = sub.add_parser("notification", help="pending notifications").add_subparsers(dest="sub", metavar="ACTION", parser_class=_Parser)
+    notif.required = True
+    notif.add_parser("list", help="list pending notifications").set_defaults(func=cmd_notification_list)
+    c = notif.add_parser("remove", help="remove notifications from the eUICC without sending them")
+    c.add_argument("seq", nargs="*", type=int)
+    c.add_argument("--all", action="store_true")
+    c.set_defaults(func=cmd_notification_remove)
+    _add_notification_process_parser(notif)
+
+    _add_sim_parsers(sub)
+    _add_bench_parsers(sub)
+    _add_demo_parser(sub)
+    return p
+
+
+def _server_args(p) -> None:
+    p.add_argument("--ca", metavar="FILE", help="trusted CI certificate(s) for the servers' TLS (PEM or DER)")
+    p.add_argument("--insecure-http", action="store_true", help="plain HTTP, for test servers only")
+
+
+def _add_download_parser(prof) -> None:
+    c = prof.add_parser("download", help="download and install a profile (activation code or default SM-DP+)")
+    c.add_argument("ac", nargs="?", metavar="AC", help="activation code LPA:1$ADDRESS$MATCHING_ID (quote it!)")
+    c.add_argument("--ac-file", metavar="FILE", help="read the activation code from FILE ('-' = stdin)")
+    c.add_argument("--smdp", metavar="ADDRESS", help="SM-DP+ address (instead of an activation code)")
+    c.add_argument("--matching-id", metavar="ID", help="matching ID to use with --smdp")
+    c.add_argument("--confirmation-code", metavar="CC", help="confirmation code, when the operator requires one")
+    c.add_argument("--imei", help="IMEI to report (default: read from the modem with AT+CGSN)")
+    c.add_argument("--yes", action="store_true", help="accept the profile without asking")
+    c.add_argument("--no-notifications", action="store_true", help="leave the install notification pending")
+    _server_args(c)
+    c.set_defaults(func=cmd_profile_download)
+
+
+def _add_notification_process_parser(notif) -> None:
+    c = notif.add_parser("process", help="send pending notifications, then remove them from the eUICC")
+    c.add_argument("seq", nargs="*", type=int)
+    c.add_argument("--all", action="store_true", help="all pending notifications (the default)")
+    _server_args(c)
+    c.set_defaults(func=cmd_notification_process)
+
+
+def _add_sim_parsers(sub) -> None:
+    from .sim import cli as sim_cli
+    sim_cli.add_parsers(sub)
+
+
+def _add_bench_parsers(sub) -> None:
+    from . import bench
+    bench.add_parsers(sub)
+
+
+def _add_demo_parser(sub) -> None:
+    from . import demo
+    demo.add_parser(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in argv
+    out = Output(as_json)
+    try:
+        args = build_parser().parse_args(argv)
+        out = Output(args.json)
+        logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
+        from . import config
+        args.config = config.load(args.config_path)
+        rc = args.func(args, out)
+        return rc or 0
+    except AgentError as e:
+        out.error(e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        out.error(AgentError("interrupted; the logical channel was closed", code="interrupted"))
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,471 @@
+"""ES10a/b/c client (SGP.22 §5.7): typed calls returning dataclasses.
+
+Each function encodes its request with the ASN.1 codec, sends it as one ES10
+command through an ``Isdr`` session (STORE DATA), decodes the response and
+turns error results into ``Es10Error`` carrying the spec's outcome name
+(``iccidOrAidNotFound``, ``disallowedByPolicy``, ``catBusy`` …).
+
+Signed blobs (notifications, authenticate/prepare responses) are returned as
+the exact bytes the eUICC sent: they are forwarded, never re-encoded
+(protocol.md §0).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from . import codec, tlv
+from .errors import CardError, InputError, ProtocolError
+from .ids import iccid_from_bytes, iccid_to_bytes
+
+
+class Es10Channel(Protocol):
+    def es10(self, payload: bytes, *, timeout: float | None = None, what: str = ...) -> bytes: ...
+
+
+class Es10Error(CardError):
+    """The eUICC answered an ES10 function with an error result."""
+
+    def __init__(self, function: str, outcome: str, value: int, hint: str = ""):
+        msg = f"{function}: the eUICC answered {outcome} ({value})"
+        if hint:
+            msg += f"; {hint}"
+        super().__init__(msg, code=_snake(outcome), details={"function": function, "result": value})
+        self.function = function
+        self.outcome = outcome
+        self.value = value
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+# --- result code tables (SGP.22 §5.7.x ASN.1 named numbers) -----------------
+
+ENABLE_RESULTS = {0: "ok", 1: "iccidOrAidNotFound", 2: "profileNotInDisabledState", 3: "disallowedByPolicy",
+                  4: "wrongProfileReenabling", 5: "catBusy", 127: "undefinedError"}
+DISABLE_RESULTS = {0: "ok", 1: "iccidOrAidNotFound", 2: "profileNotInEnabledState", 3: "disallowedByPolicy",
+                   5: "catBusy", 127: "undefinedError"}
+DELETE_RESULTS = {0: "ok", 1: "iccidOrAidNotFound", 2: "profileNotInDisabledState", 3: "disallowedByPolicy",
+                  127: "undefinedError"}
+NICKNAME_RESULTS = {0: "ok", 1: "iccidNotFound", 127: "undefinedError"}
+RESET_RESULTS = {0: "ok", 1: "nothingToDelete", 5: "catBusy", 127: "undefinedError"}
+NOTIF_SENT_RESULTS = {0: "ok", 1: "nothingToDelete", 127: "undefinedError"}
+SET_DP_RESULTS = {0: "ok", 127: "undefinedError"}
+PROFILE_INFO_ERRORS = {1: "incorrectInputValues", 127: "undefinedError"}
+CANCEL_SESSION_ERRORS = {5: "invalidTransactionId", 127: "undefinedError"}
+AUTH_SERVER_ERRORS = {1: "invalidCertificate", 2: "invalidSignature", 3: "unsupportedCurve",
+                      4: "noSessionContext", 5: "invalidOid", 6: "euiccChallengeMismatch",
+                      7: "ciPKUnknown", 127: "undefinedError"}
+PREPARE_DOWNLOAD_ERRORS = {1: "invalidCertificate", 2: "invalidSignature", 3: "unsupportedCurve",
+                           4: "noSessionContext", 5: "invalidTransactionId", 127: "undefinedError"}
+
+_HINTS = {
+    "iccidOrAidNotFound": "check the ICCID/AID with `profile list`",
+    "profileNotInDisabledState": "the profile is enabled; disable it (or enable another one) first",
+    "profileNotInEnabledState": "the profile is already disabled",
+    "disallowedByPolicy": "the profile's policy rules (PPR) forbid this operation",
+    "catBusy": "the card's toolkit is busy; retry after the modem has re-read the SIM",
+    "wrongProfileReenabling": "the profile is already enabled",
+    "iccidNotFound": "check the ICCID with `profile list`",
+}
+
+
+def _check(function: str, table: dict[int, str], value: int) -> None:
+    if value != 0:
+        name = table.get(value, f"unknownResult{value}")
+        raise Es10Error(function, name, value, _HINTS.get(name, ""))
+
+
+# --- bit strings --------------------------------------------------------------
+
+PMO_BITS = {"install": 0, "enable": 1, "disable": 2, "delete": 3}
+PMO_NAMES = {v: k for k, v in PMO_BITS.items()}
+PPR_NAMES = {0: "pprUpdateControl", 1: "ppr1", 2: "ppr2", 3: "ppr3"}
+PROFILE_CLASSES = {0: "test", 1: "provisioning", 2: "operational"}
+PROFILE_STATES = {0: "disabled", 1: "enabled"}
+
+
+def bits_set(value: tuple[bytes, int] | None) -> list[int]:
+    if not value:
+        return []
+    data, nbits = value
+    return [i for i in range(nbits) if data[i // 8] & (0x80 >> (i % 8))]
+
+
+def make_bits(indices) -> tuple[bytes, int]:
+    """DER named-bit BIT STRING value: trailing zero bits dropped (X.690 §11.2.2)."""
+    indices = sorted(set(indices))
+    if not indices:
+        return b"", 0
+    nbits = indices[-1] + 1
+    buf = bytearray((nbits + 7) // 8)
+    for i in indices:
+        buf[i // 8] |= 0x80 >> (i % 8)
+    return bytes(buf), nbits
+
+
+def pmo_bits(operation: str) -> tuple[bytes, int]:
+    return make_bits([PMO_BITS[operation]])
+
+
+def pmo_name(value) -> str:
+    ops = [PMO_NAMES.get(i, f"bit{i}") for i in bits_set(value)]
+    return ops[0] if len(ops) == 1 else ",".join(ops) or "none"
+
+
+def version_str(v: bytes | None) -> str | None:
+    return ".".join(str(b) for b in v) if v is not None else None
+
+
+# --- dataclasses ----------------------------------------------------------------
+
+@dataclass
+class EuiccInfo1:
+    svn: str
+    ci_pkids_for_verification: list[str]
+    ci_pkids_for_signing: list[str]
+    raw: bytes = field(repr=False, default=b"")
+
+    def to_json(self) -> dict:
+        return {"svn": self.svn, "ci_pkids_for_verification": self.ci_pkids_for_verification,
+                "ci_pkids_for_signing": self.ci_pkids_for_signing}
+
+
+@dataclass
+class EuiccInfo2:
+    profile_version: str | None
+    svn: str | None
+    firmware_version: str | None
+    installed_applications: int | None
+    free_nvm: int | None
+    free_vm: int | None
+    uicc_capability: list[int]
+    ts102241_version: str | None
+    gp_version: str | None
+    rsp_capability: list[int]
+    ci_pkids_for_verification: list[str]
+    ci_pkids_for_signing: list[str]
+    euicc_category: str | None
+    forbidden_profile_policy_rules: list[str]
+    pp_version: str | None
+    sas_accreditation_number: str | None
+    raw: bytes = field(repr=False, default=b"")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("raw")
+        return d
+
+
+@dataclass
+class ConfiguredAddresses:
+    default_dp_address: str | None
+    root_ds_address: str | None
+
+
+@dataclass
+class ProfileInfo:
+    iccid: str | None
+    isdp_aid: str | None
+    state: str | None
+    nickname: str | None
+    service_provider_name: str | None
+    profile_name: str | None
+    profile_class: str | None
+    icon_type: str | None = None
+    policy_rules: list[str] = field(default_factory=list)
+    owner: dict | None = None
+    notification_configuration: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class NotificationInfo:
+    seq_number: int
+    operation: str
+    address: str
+    iccid: str | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PendingNotification(NotificationInfo):
+    """A notification as the eUICC signed it; ``der`` is forwarded byte-exact."""
+
+    der: bytes = field(repr=False, default=b"")
+
+    def to_json(self) -> dict:
+        d = NotificationInfo.to_json(self)
+        d.pop("der", None)
+        return d
+
+
+@dataclass
+class RatRule:
+    ppr_ids: list[str]
+    allowed_operators: list[dict]
+    consent_required: bool
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# --- helpers -------------------------------------------------------------------
+
+def profile_identifier(ident: str) -> tuple[str, bytes]:
+    """Turn a CLI argument into ('iccid', bytes) or ('isdpAid', bytes).
+
+    ISD-P AIDs are 16 bytes of hex (32 chars, typically A0000005591010FFFFFFFF89…);
+    ICCIDs are 18–20 digits."""
+    s = ident.strip().replace(" ", "")
+    if re.fullmatch(r"[0-9A-Fa-f]{10,32}", s) and len(s) % 2 == 0 and not s.isdigit():
+        return "isdpAid", bytes.fromhex(s)
+    if len(s) == 32 and s.upper().startswith("A0"):
+        return "isdpAid", bytes.fromhex(s)
+    if s.isdigit() and 18 <= len(s) <= 20:
+        return "iccid", iccid_to_bytes(s)
+    raise InputError(f"{ident!r} is neither an ICCID (18–20 digits) nor an ISD-P AID (32 hex digits)",
+                     code="bad_profile_id")
+
+
+def _opt_str(v) -> str | None:
+    return v if v is not None else None
+
+
+def notification_from_metadata(md: dict) -> NotificationInfo:
+    return NotificationInfo(
+        seq_number=md["seqNumber"],
+        operation=pmo_name(md.get("profileManagementOperation")),
+        address=md.get("notificationAddress", ""),
+        iccid=iccid_from_bytes(md["iccid"]) if md.get("iccid") is not None else None,
+    )
+
+
+def pending_from_der(der: bytes) -> PendingNotification:
+    """Parse one PendingNotification (BF37 PIR or 30 OtherSignedNotification)."""
+    t = tlv.parse_single(der)
+    if t.tag == 0xBF37:
+        pir = codec.decode("ProfileInstallationResult", der)
+        md = pir["profileInstallationResultData"]["notificationMetadata"]
+    elif t.tag == 0x30:
+        osn = codec.decode("OtherSignedNotification", der)
+        md = osn["tbsOtherNotification"]
+    else:
+        raise ProtocolError(f"unexpected notification tag {t.tag:X} (want BF37 or 30)", code="malformed_asn1")
+    n = notification_from_metadata(md)
+    return PendingNotification(n.seq_number, n.operation, n.address, n.iccid, der=der)
+
+
+def profile_from_asn1(p: dict) -> ProfileInfo:
+    owner = p.get("profileOwner")
+    return ProfileInfo(
+        iccid=iccid_from_bytes(p["iccid"]) if p.get("iccid") is not None else None,
+        isdp_aid=p["isdpAid"].hex().upper() if p.get("isdpAid") is not None else None,
+        state=PROFILE_STATES.get(p["profileState"], str(p["profileState"])) if "profileState" in p else None,
+        nickname=_opt_str(p.get("profileNickname")),
+        service_provider_name=_opt_str(p.get("serviceProviderName")),
+        profile_name=_opt_str(p.get("profileName")),
+        profile_class=PROFILE_CLASSES.get(p["profileClass"], str(p["profileClass"])) if "profileClass" in p else None,
+        icon_type={0: "jpg", 1: "png"}.get(p["iconType"]) if "iconType" in p else None,
+        policy_rules=[PPR_NAMES.get(i, f"bit{i}") for i in bits_set(p.get("profilePolicyRules"))],
+        owner={"mcc_mnc": owner["mccMnc"].hex().upper(),
+               **({"gid1": owner["gid1"].hex().upper()} if owner.get("gid1") else {}),
+               **({"gid2": owner["gid2"].hex().upper()} if owner.get("gid2") else {})} if owner else None,
+        notification_configuration=[{"operation": pmo_name(e["profileManagementOperation"]),
+                                     "address": e["notificationAddress"]}
+                                    for e in p.get("notificationConfigurationInfo", [])],
+    )
+
+
+def euicc_info2_from_asn1(v: dict, raw: bytes) -> EuiccInfo2:
+    ext = v.get("extCardResource") or b""
+    res = {}
+    try:
+        for t in tlv.parse_all(ext):
+            res[t.tag] = int.from_bytes(t.value, "big")
+    except ProtocolError:
+        pass
+    cat = v.get("euiccCategory")
+    return EuiccInfo2(
+        profile_version=version_str(v.get("profileVersion")),
+        svn=version_str(v.get("svn")),
+        firmware_version=version_str(v.get("euiccFirmwareVer")),
+        installed_applications=res.get(0x81),
+        free_nvm=res.get(0x82),
+        free_vm=res.get(0x83),
+        uicc_capability=bits_set(v.get("uiccCapability")),
+        ts102241_version=version_str(v.get("ts102241Version")),
+        gp_version=version_str(v.get("globalplatformVersion")),
+        rsp_capability=bits_set(v.get("rspCapability")),
+        ci_pkids_for_verification=[k.hex().upper() for k in v.get("euiccCiPKIdListForVerification", [])],
+        ci_pkids_for_signing=[k.hex().upper() for k in v.get("euiccCiPKIdListForSigning", [])],
+        euicc_category={0: "other", 1: "basicEuicc", 2: "mediumEuicc", 3: "contactlessEuicc"}.get(cat, cat)
+        if cat is not None else None,
+        forbidden_profile_policy_rules=[PPR_NAMES.get(i, f"bit{i}") for i in bits_set(v.get("forbiddenProfilePolicyRules"))],
+        pp_version=version_str(v.get("ppVersion")),
+        sas_accreditation_number=v.get("sasAcreditationNumber"),
+        raw=raw,
+    )
+
+
+# --- the client ------------------------------------------------------------------
+
+class Es10:
+    """ES10a/b/c functions over an open ISD-R session (``apdu.Isdr``)."""
+
+    def __init__(self, channel: Es10Channel, *, long_timeout: float | None = None):
+        self.ch = channel
+        self.long_timeout = long_timeout
+
+    def call_raw(self, request: bytes, *, what: str, timeout: float | None = None) -> bytes:
+        return self.ch.es10(request, timeout=timeout, what=what)
+
+    def _call(self, req_type: str, value: Any, resp_type: str, *, timeout: float | None = None) -> Any:
+        resp = self.call_raw(codec.encode(req_type, value), what=req_type, timeout=timeout)
+        if not resp:
+            raise ProtocolError(f"{req_type}: the eUICC returned no data (expected {resp_type})",
+                                code="empty_response")
+        return codec.decode(resp_type, resp)
+
+    # ES10c GetEID (SGP.22 §5.7.20)
+    def get_eid(self) -> str:
+        v = self._call("GetEuiccDataRequest", {"tagList": b"\x5A"}, "GetEuiccDataResponse")
+        return v["eidValue"].hex().upper()
+
+    # ES10b GetEUICCInfo1 (§5.7.8)
+    def get_euicc_info1(self) -> EuiccInfo1:
+        raw = self.call_raw(codec.encode("GetEuiccInfo1Request", {}), what="GetEuiccInfo1Request")
+        v = codec.decode("EUICCInfo1", raw)
+        return EuiccInfo1(version_str(v["svn"]),
+                          [k.hex().upper() for k in v["euiccCiPKIdListForVerification"]],
+                          [k.hex().upper() for k in v["euiccCiPKIdListForSigning"]], raw=raw)
+
+    # ES10b GetEUICCInfo2 (§5.7.8)
+    def get_euicc_info2(self) -> EuiccInfo2:
+        raw = self.call_raw(codec.encode("GetEuiccInfo2Request", {}), what="GetEuiccInfo2Request")
+        return euicc_info2_from_asn1(codec.decode("EUICCInfo2", raw), raw)
+
+    # ES10a GetEuiccConfiguredAddresses (§5.7.3)
+    def get_configured_addresses(self) -> ConfiguredAddresses:
+        v = self._call("EuiccConfiguredAddressesRequest", {}, "EuiccConfiguredAddressesResponse")
+        return ConfiguredAddresses(v.get("defaultDpAddress") or None, v.get("rootDsAddress") or None)
+
+    # ES10a SetDefaultDpAddress (§5.7.4)
+    def set_default_dp_address(self, address: str) -> None:
+        v = self._call("SetDefaultDpAddressRequest", {"defaultDpAddress": address}, "SetDefaultDpAddressResponse")
+        _check("SetDefaultDpAddress", SET_DP_RESULTS, v["setDefaultDpAddressResult"])
+
+    # ES10c GetProfilesInfo (§5.7.15)
+    def get_profiles_info(self, *, iccid: str | None = None, isdp_aid: bytes | None = None,
+                          profile_class: int | None = None, tags: bytes | None = None) -> list[ProfileInfo]:
+        req: dict = {}
+        if iccid is not None:
+            req["searchCriteria"] = ("iccid", iccid_to_bytes(iccid))
+        elif isdp_aid is not None:
+            req["searchCriteria"] = ("isdpAid", isdp_aid)
+        elif profile_class is not None:
+            req["searchCriteria"] = ("profileClass", profile_class)
+        if tags is not None:
+            req["tagList"] = tags
+        kind, v = self._call("ProfileInfoListRequest", req, "ProfileInfoListResponse")
+        if kind == "profileInfoListError":
+            raise Es10Error("GetProfilesInfo", PROFILE_INFO_ERRORS.get(v, f"error{v}"), v)
+        return [profile_from_asn1(p) for p in v]
+
+    # ES10c EnableProfile / DisableProfile / DeleteProfile (§5.7.16–18)
+    def enable_profile(self, ident: str, *, refresh: bool = True) -> None:
+        v = self._call("EnableProfileRequest", {"profileIdentifier": profile_identifier(ident), "refreshFlag": refresh},
+                       "EnableProfileResponse", timeout=self.long_timeout)
+        _check("EnableProfile", ENABLE_RESULTS, v["enableResult"])
+
+    def disable_profile(self, ident: str, *, refresh: bool = True) -> None:
+        v = self._call("DisableProfileRequest", {"profileIdentifier": profile_identifier(ident), "refreshFlag": refresh},
+                       "DisableProfileResponse", timeout=self.long_timeout)
+        _check("DisableProfile", DISABLE_RESULTS, v["disableResult"])
+
+    def delete_profile(self, ident: str) -> None:
+        v = self._call("DeleteProfileRequest", profile_identifier(ident), "DeleteProfileResponse",
+                       timeout=self.long_timeout)
+        _check("DeleteProfile", DELETE_RESULTS, v["deleteResult"])
+
+    # ES10c SetNickname (§5.7.21)
+    def set_nickname(self, iccid: str, nickname: str) -> None:
+        if len(nickname.encode()) > 64:
+            raise InputError("a profile nickname is at most 64 bytes (SGP.22 §5.7.21)", code="bad_nickname")
+        v = self._call("SetNicknameRequest", {"iccid": iccid_to_bytes(iccid), "profileNickname": nickname},
+                       "SetNicknameResponse")
+        _check("SetNickname", NICKNAME_RESULTS, v["setNicknameResult"])
+
+    # ES10b ListNotification (§5.7.9)
+    def list_notifications(self, operation: str | None = None) -> list[NotificationInfo]:
+        req = {"profileManagementOperation": pmo_bits(operation)} if operation else {}
+        kind, v = self._call("ListNotificationRequest", req, "ListNotificationResponse")
+        if kind != "notificationMetadataList":
+            raise Es10Error("ListNotification", "undefinedError", v)
+        return [notification_from_metadata(md) for md in v]
+
+    # ES10b RetrieveNotificationsList (§5.7.10): keep each element's exact bytes
+    def retrieve_notifications(self, *, seq: int | None = None, operation: str | None = None) -> list[PendingNotification]:
+        req: dict = {}
+        if seq is not None:
+            req["searchCriteria"] = ("seqNumber", seq)
+        elif operation is not None:
+            req["searchCriteria"] = ("profileManagementOperation", pmo_bits(operation))
+        resp = self.call_raw(codec.encode("RetrieveNotificationsListRequest", req),
+                             what="RetrieveNotificationsListRequest")
+        kind, v = codec.decode("RetrieveNotificationsListResponse", resp)  # validates the whole structure
+        if kind != "notificationList":
+            if seq is not None and v == 1:   # nothing matches the sequence number
+                return []
+            raise Es10Error("RetrieveNotificationsList", {1: "noResultAvailable"}.get(v, "undefinedError"), v)
+        outer = tlv.parse_single(resp)
+        inner = tlv.parse_single(outer.value)          # A0 notificationList
+        return [pending_from_der(t.raw) for t in tlv.children(inner)]
+
+    # ES10b RemoveNotificationFromList (§5.7.11). Returns False for nothingToDelete.
+    def remove_notification(self, seq: int) -> bool:
+        v = self._call("NotificationSentRequest", {"seqNumber": seq}, "NotificationSentResponse")
+        status = v["deleteNotificationStatus"]
+        if status == 1:
+            return False
+        _check("RemoveNotificationFromList", NOTIF_SENT_RESULTS, status)
+        return True
+
+    # ES10c eUICCMemoryReset (§5.7.19)
+    def memory_reset(self, *, operational: bool = True, test: bool = True, default_dp: bool = True) -> None:
+        bits = [i for i, on in ((0, operational), (1, test), (2, default_dp)) if on]
+        v = self._call("EuiccMemoryResetRequest", {"resetOptions": make_bits(bits)}, "EuiccMemoryResetResponse",
+                       timeout=self.long_timeout)
+        _check("eUICCMemoryReset", RESET_RESULTS, v["resetResult"])
+
+    # ES10b GetRAT (§5.7.5)
+    def get_rat(self) -> list[RatRule]:
+        v = self._call("GetRatRequest", {}, "GetRatResponse")
+        out = []
+        for r in v.get("rat", []):
+            ops = [{"mcc_mnc": o["mccMnc"].hex().upper(),
+                    **({"gid1": o["gid1"].hex().upper()} if o.get("gid1") is not None else {}),
+                    **({"gid2": o["gid2"].hex().upper()} if o.get("gid2") is not None else {})}
+                   for o in r.get("allowedOperators", [])]
+            out.append(RatRule([PPR_NAMES.get(i, f"bit{i}") for i in bits_set(r.get("pprIds"))], ops,
+                               0 in bits_set(r.get("pprFlags"))))
+        return out
+
+    # ES10b GetEUICCChallenge (§5.7.7)
+    def get_euicc_challenge(self) -> bytes:
+        return self._call("GetEuiccChallengeRequest", {}, "GetEuiccChallengeResponse")["euiccChallenge"]
+
+    # ES10b CancelSession (§5.7.14): returns the raw BF41 response for ES9+ cancelSession
+    def cancel_session(self, transaction_id: bytes, reason: int) -> bytes:
+        raw = self.call_raw(codec.encode("CancelSessionRequest", {"transactionId": transaction_id, "reason": reason}),
+                            what="CancelSessionRequest")
+        kind, v = codec.decode("CancelSessionResponse", raw)
+        if kind != "cancelSessionResponseOk":
+            raise Es10Error("CancelSession", CANCEL_SESSION_ERRORS.get(v, "undefinedError"), v)
+        return raw

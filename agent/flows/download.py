@@ -1,0 +1,333 @@
+"""Profile download, LPA side (SGP.22 §3.1.3, protocol.md §4).
+
+GetEUICCInfo1 + GetEUICCChallenge → ES9+ initiateAuthentication →
+ES10b AuthenticateServer → ES9+ authenticateClient → consent (+ confirmation
+code) → ES10b PrepareDownload → ES9+ getBoundProfilePackage →
+ES10b LoadBoundProfilePackage (segmented per SGP.22 §2.5.5) → result.
+
+Every blob the eUICC or the server signed is relayed byte for byte: requests
+to the eUICC are assembled by concatenating the exact TLVs received, never by
+decoding and re-encoding (protocol.md §0).
+
+After authentication, any failure or Ctrl-C cancels the session on both
+sides (ES10b CancelSession, then ES9+ cancelSession with the eUICC's signed
+answer) and the error names the failed step.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .. import codec, tlv
+from ..errors import AgentError, CardError, InputError, ProtocolError, TimeoutError_
+from ..es10 import (AUTH_SERVER_ERRORS, PREPARE_DOWNLOAD_ERRORS, PROFILE_CLASSES, Es10, Es10Error,
+                    ProfileInfo, _snake)
+from ..ids import iccid_from_bytes, imei_to_bytes, tac_from_imei
+
+log = logging.getLogger(__name__)
+
+# SGP.22 CancelSessionReason
+REASON_END_USER_REJECTION = 0
+REASON_POSTPONED = 1
+REASON_TIMEOUT = 2
+REASON_PPR_NOT_ALLOWED = 3
+REASON_METADATA_MISMATCH = 4
+REASON_LOAD_BPP_EXECUTION_ERROR = 5
+REASON_UNDEFINED = 127
+
+# ProfileInstallationResult error tables (protocol.md §1)
+BPP_COMMANDS = {0: "initialiseSecureChannel", 1: "configureISDP", 2: "storeMetadata", 3: "storeMetadata2",
+                4: "replaceSessionKeys", 5: "loadProfileElements"}
+BPP_ERRORS = {1: "incorrectInputValues", 2: "invalidSignature", 3: "invalidTransactionId",
+              4: "unsupportedCrtValues", 5: "unsupportedRemoteOperationType", 6: "unsupportedProfileClass",
+              7: "scp03tStructureError", 8: "scp03tSecurityError", 9: "iccidAlreadyExists",
+              10: "insufficientMemory", 11: "interruption", 12: "peProcessingError", 13: "iccidMismatch",
+              14: "testProfileInvalidNaaKey", 15: "pprNotAllowed", 127: "unknownError"}
+
+
+class DownloadError(AgentError):
+    """A download step failed; ``step`` names it."""
+
+    def __init__(self, step: str, cause: AgentError | str, *, code: str | None = None, exit_code: int | None = None):
+        msg = cause.message if isinstance(cause, AgentError) else str(cause)
+        super().__init__(f"download failed at {step}: {msg}",
+                         code=code or (cause.code if isinstance(cause, AgentError) else "download_failed"),
+                         details={"step": step, **(cause.details if isinstance(cause, AgentError) else {})})
+        self.step = step
+        self.exit_code = exit_code if exit_code is not None else (
+            cause.exit_code if isinstance(cause, AgentError) else 1)
+
+    def with_cancel(self, reason: int) -> "DownloadError":
+        """Mark that the session must be cancelled with this CancelSessionReason."""
+        self.details["cancel_reason"] = reason
+        return self
+
+
+@dataclass
+class ProfileMetadata:
+    iccid: str
+    service_provider_name: str | None
+    profile_name: str | None
+    profile_class: str | None
+    icon_type: str | None = None
+    raw: bytes = field(repr=False, default=b"")
+
+    def to_json(self) -> dict:
+        return {"iccid": self.iccid, "service_provider_name": self.service_provider_name,
+                "profile_name": self.profile_name, "profile_class": self.profile_class}
+
+
+@dataclass
+class DownloadResult:
+    transaction_id: str
+    iccid: str
+    isdp_aid: str | None
+    profile: ProfileInfo | None
+    metadata: ProfileMetadata
+    apdu_bytes_loaded: int
+    notification_seq: int | None
+
+
+@dataclass
+class DownloadOptions:
+    address: str
+    matching_id: str | None = None
+    confirmation_code: str | None = None
+    imei: str | None = None
+    # Called with the metadata; return False to decline (→ endUserRejection).
+    consent: Callable[[ProfileMetadata], bool] | None = None
+    # Called when the server requires a confirmation code and none was given.
+    ask_confirmation_code: Callable[[], str | None] | None = None
+    progress: Callable[[str, int, int], None] | None = None
+    long_timeout: float | None = None
+
+
+def hash_confirmation_code(code: str, transaction_id: bytes) -> bytes:
+    """SGP.22 §3.1.3: SHA-256(SHA-256(CC) ‖ TransactionID)."""
+    return hashlib.sha256(hashlib.sha256(code.encode("utf-8")).digest() + transaction_id).digest()
+
+
+def device_info(imei: str | None) -> dict:
+    """DeviceInfo for ctxParams1 (SGP.22 §4.2): TAC (+ IMEI) and capabilities.
+
+    Capabilities state what a cellular IoT gateway supports: LTE/E-UTRAN and
+    GSM/UTRAN releases and the eUICC/RSP release we implement (v2.2)."""
+    rel = lambda major: bytes([major, 0, 0])  # noqa: E731 - VersionType: major, minor, revision
+    caps = {"gsmSupportedRelease": rel(15), "utranSupportedRelease": rel(15), "eutranSupportedRelease": rel(15),
+            "rspCrlSupportedVersion": bytes([2, 2, 0])}
+    info: dict = {"tac": tac_from_imei(imei) if imei else bytes(4), "deviceCapabilities": caps}
+    if imei:
+        info["imei"] = imei_to_bytes(imei)
+    return info
+
+
+def ctx_params1(matching_id: str | None, imei: str | None) -> bytes:
+    v: dict = {"deviceInfo": device_info(imei)}
+    if matching_id is not None:
+        v["matchingId"] = matching_id
+    return codec.encode("CtxParams1", ("ctxParamsForCommonAuthentication", v))
+
+
+def parse_metadata(raw: bytes) -> ProfileMetadata:
+    md = codec.decode("StoreMetadataRequest", raw)
+    return ProfileMetadata(
+        iccid=iccid_from_bytes(md["iccid"]),
+        service_provider_name=md.get("serviceProviderName"),
+        profile_name=md.get("profileName"),
+        profile_class=PROFILE_CLASSES.get(md.get("profileClass", 2)),
+        icon_type={0: "jpg", 1: "png"}.get(md.get("iconType")) if "iconType" in md else None,
+        raw=raw,
+    )
+
+
+def _first_child(raw: bytes, tag: int) -> tlv.Tlv | None:
+    outer = tlv.parse_single(raw)
+    return tlv.find(tlv.children(outer), tag)
+
+
+class Downloader:
+    """One download session. I/O goes through ``es10`` (the card) and ``es9`` (the server)."""
+
+    def __init__(self, es10: Es10, es9, opts: DownloadOptions):
+        self.es10 = es10
+        self.es9 = es9
+        self.opts = opts
+        self.txid: str | None = None     # hex, as the server sent it
+        self.step = "start"
+
+    def _progress(self, step: str, done: int = 0, total: int = 0) -> None:
+        self.step = step
+        if self.opts.progress:
+            self.opts.progress(step, done, total)
+
+    # --- cancellation (SGP.22 §3.1.3 / §5.6.5) -------------------------------
+    def cancel(self, reason: int) -> None:
+        """Best-effort: CancelSession on the eUICC, then ES9+ cancelSession."""
+        if not self.txid:
+            return
+        try:
+            resp = self.es10.cancel_session(bytes.fromhex(self.txid), reason)
+        except Exception as e:  # the card may be unreachable; the server times the session out
+            log.warning("ES10b CancelSession failed: %s", e)
+            return
+        try:
+            self.es9.cancel_session(self.txid, resp)
+        except Exception as e:
+            log.warning("ES9+ cancelSession failed: %s", e)
+
+    # --- the flow ------------------------------------------------------------
+    def run(self) -> DownloadResult:
+        o = self.opts
+        self._progress("reading eUICC info")
+        info1 = self.es10.get_euicc_info1()
+        challenge = self.es10.get_euicc_challenge()
+
+        self._progress("initiateAuthentication")
+        ia = self.es9.initiate_authentication(challenge, info1.raw, o.address)
+        self.txid = ia.transaction_id
+        self._check_server_signed1(ia.server_signed1, challenge, o.address)
+        try:
+            return self._after_initiate(ia)
+        except KeyboardInterrupt:
+            self.cancel(REASON_POSTPONED)
+            raise
+        except DownloadError as e:
+            if e.details.get("cancel_reason") is not None:
+                self.cancel(e.details.pop("cancel_reason"))
+            raise
+        except TimeoutError_ as e:
+            self.cancel(REASON_TIMEOUT)
+            raise DownloadError(self.step, e) from e
+        except AgentError as e:
+            self.cancel(REASON_LOAD_BPP_EXECUTION_ERROR if self.step.startswith("loading") else REASON_UNDEFINED)
+            raise DownloadError(self.step, e) from e
+
+    def _check_server_signed1(self, raw: bytes, challenge: bytes, address: str) -> None:
+        """LPA checks on serverSigned1 (SGP.22 §3.1.3.1): our challenge echoed and
+        the server names the address we contacted."""
+        ss1 = codec.decode("ServerSigned1", raw)
+        if ss1["euiccChallenge"] != challenge:
+            raise DownloadError("initiateAuthentication",
+                                ProtocolError("the SM-DP+ did not echo the eUICC challenge", code="challenge_mismatch"))
+        if ss1["serverAddress"].lower() != address.lower():
+            raise DownloadError("initiateAuthentication",
+                                ProtocolError(f"the SM-DP+ calls itself {ss1['serverAddress']!r}, "
+                                              f"but we contacted {address!r}", code="smdp_address_mismatch"))
+
+    def _after_initiate(self, ia) -> DownloadResult:
+        o = self.opts
+        # ES10b AuthenticateServer: BF38 { serverSigned1, serverSignature1, euiccCiPKIdToBeUsed,
+        # serverCertificate, ctxParams1 } — the first four exactly as the server sent them.
+        self._progress("AuthenticateServer")
+        req = tlv.encode(0xBF38, ia.server_signed1 + ia.server_signature1 + ia.euicc_ci_pkid_to_be_used
+                         + ia.server_certificate + ctx_params1(o.matching_id, o.imei))
+        asr = self.es10.call_raw(req, what="AuthenticateServer", timeout=o.long_timeout)
+        kind, val = codec.decode("AuthenticateServerResponse", asr)
+
+        self._progress("authenticateClient")
+        if kind != "authenticateResponseOk":
+            code = val.get("authenticateErrorCode") if isinstance(val, dict) else val
+            name = AUTH_SERVER_ERRORS.get(code, f"error{code}")
+            # Tell the server (it ends the session on an error response), then report.
+            try:
+                self.es9.authenticate_client(self.txid, asr)
+            except AgentError:
+                pass
+            raise DownloadError("AuthenticateServer", Es10Error("AuthenticateServer", name, code,
+                                                                _auth_hint(name)))
+        ac = self.es9.authenticate_client(self.txid, asr)
+
+        meta = parse_metadata(ac.profile_metadata)
+        self._progress("consent")
+        if o.consent is not None and not o.consent(meta):
+            raise DownloadError("consent", CardError("declined by the user", code="user_rejected"),
+                                code="user_rejected").with_cancel(REASON_END_USER_REJECTION)
+
+        ss2 = codec.decode("SmdpSigned2", ac.smdp_signed2)
+        hash_cc = b""
+        if ss2["ccRequiredFlag"]:
+            cc = o.confirmation_code
+            if cc is None and o.ask_confirmation_code:
+                cc = o.ask_confirmation_code()
+            if not cc:
+                raise DownloadError("PrepareDownload",
+                                    InputError("this profile needs a confirmation code: pass --confirmation-code "
+                                               "(the operator gives it with the activation code)",
+                                               code="confirmation_code_required"),
+                                    code="confirmation_code_required").with_cancel(REASON_POSTPONED)
+            hash_cc = tlv.encode(0x04, hash_confirmation_code(cc, bytes.fromhex(self.txid)))
+
+        # ES10b PrepareDownload: BF21 { smdpSigned2, smdpSignature2, hashCc?, smdpCertificate }
+        self._progress("PrepareDownload")
+        pdr = self.es10.call_raw(tlv.encode(0xBF21, ac.smdp_signed2 + ac.smdp_signature2 + hash_cc
+                                            + ac.smdp_certificate), what="PrepareDownload", timeout=o.long_timeout)
+        kind, val = codec.decode("PrepareDownloadResponse", pdr)
+        if kind != "downloadResponseOk":
+            code = val.get("downloadErrorCode") if isinstance(val, dict) else val
+            name = PREPARE_DOWNLOAD_ERRORS.get(code, f"error{code}")
+            try:
+                self.es9.get_bound_profile_package(self.txid, pdr)
+            except AgentError:
+                pass
+            raise DownloadError("PrepareDownload", Es10Error("PrepareDownload", name, code))
+
+        self._progress("getBoundProfilePackage")
+        bpp = self.es9.get_bound_profile_package(self.txid, pdr)
+        return self._load(bpp, meta)
+
+    def _load(self, bpp: bytes, meta: ProfileMetadata) -> DownloadResult:
+        from ..es8p import split_bpp
+        o = self.opts
+        commands = split_bpp(bpp)
+        total = sum(len(c) for c in commands)
+        done = 0
+        pir_raw = b""
+        self._progress("loading profile", 0, total)
+        for cmd in commands:
+            resp = self.es10.call_raw(cmd, what="LoadBoundProfilePackage", timeout=o.long_timeout)
+            done += len(cmd)
+            self._progress("loading profile", done, total)
+            if resp:
+                # SGP.22 §2.5.5: a ProfileInstallationResult may come early (on error); stop there.
+                pir_raw = resp
+                break
+        if not pir_raw:
+            raise DownloadError("loading profile", ProtocolError(
+                "the eUICC returned no ProfileInstallationResult after the last segment", code="no_install_result"))
+        pir = codec.decode("ProfileInstallationResult", pir_raw)
+        data = pir["profileInstallationResultData"]
+        seq = data["notificationMetadata"]["seqNumber"]
+        kind, res = data["finalResult"]
+        if kind != "successResult":
+            cmd = BPP_COMMANDS.get(res["bppCommandId"], str(res["bppCommandId"]))
+            reason = BPP_ERRORS.get(res["errorReason"], str(res["errorReason"]))
+            # The eUICC ended the session itself; its signed result is a pending
+            # notification that tells the SM-DP+ (processed by the caller).
+            err = CardError(f"the eUICC refused the profile package at {cmd}: {reason}",
+                            code=f"install_{_snake(reason)}", details={"bpp_command": cmd, "error_reason": reason,
+                                                                      "notification_seq": seq})
+            self.txid = None  # nothing left to cancel
+            raise DownloadError("loading profile", err)
+        aid = res.get("aid")
+        self._progress("installed", total, total)
+        profile = None
+        try:
+            found = self.es10.get_profiles_info(iccid=meta.iccid)
+            profile = found[0] if found else None
+        except AgentError as e:
+            log.warning("profile installed but listing it failed: %s", e)
+        return DownloadResult(self.txid or "", meta.iccid, aid.hex().upper() if aid else None, profile, meta,
+                              total, seq)
+
+
+def _auth_hint(name: str) -> str:
+    return {
+        "ciPKUnknown": "the SM-DP+ certificate comes from a CI this eUICC does not trust",
+        "invalidCertificate": "the SM-DP+ authentication certificate does not verify against the eUICC's CIs",
+        "invalidSignature": "the SM-DP+ signature is wrong",
+        "euiccChallengeMismatch": "the session got mixed up; retry",
+        "noSessionContext": "the eUICC has no session (was it reset?); retry",
+    }.get(name, "")
+

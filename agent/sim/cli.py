@@ -1,0 +1,85 @@
+"""`esim-agent sim ...`: the simulated-card test bed (modem on a pty, test
+PKI, local SM-DP+). Parsers only here; the heavy modules load on use."""
+from __future__ import annotations
+
+from ..errors import UsageError
+
+
+def add_parsers(sub) -> None:
+    sim = sub.add_parser("sim", help="simulated modem / eUICC / SM-DP+ test bed")
+    ss = sim.add_subparsers(dest="sub", metavar="ACTION", parser_class=type(sim))
+    ss.required = True
+
+    m = ss.add_parser("modem", help="serve a simulated modem + eUICC on a pseudo-terminal until killed")
+    m.add_argument("--state", required=True, metavar="FILE", help="the simulated eUICC's state file (created if missing)")
+    m.add_argument("--link", metavar="PATH", help="symlink the pty at PATH")
+    m.add_argument("--preload", type=int, default=0, metavar="N", help="install N test profiles on a new card")
+    m.add_argument("--baud", type=int, metavar="N", help="emulate a UART at N baud")
+    m.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                   help="inject a fault (repeatable): echo, urc, lowercase, no-prefix, no-test-forms, error@N, "
+                        "cme=CODE@N, silent@N, delay=SECONDS, garbage, max-apdu=BYTES")
+    _identity_args(m)
+    m.set_defaults(func=cmd_sim_modem)
+
+    k = ss.add_parser("pki", help="write a test PKI (CI, EUM, DPauth, DPpb, DP TLS) to DIR")
+    k.add_argument("dir")
+    k.add_argument("--tls-name", action="append", metavar="NAME",
+                   help="host name for the DP TLS certificate (repeatable; default localhost)")
+    k.set_defaults(func=cmd_sim_pki)
+
+    s = ss.add_parser("smdpp", help="serve a local SM-DP+ (ES9+ over HTTPS) with a Super SIM-style reservation API")
+    s.add_argument("--pki", required=True, metavar="DIR", help="test PKI written by `sim pki`")
+    s.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: any free port)")
+    s.add_argument("--address", metavar="NAME:PORT", help="the SM-DP+ address devices use (default localhost:PORT)")
+    s.add_argument("--auth", metavar="SID:TOKEN", help="HTTP Basic credentials for the reservation API")
+    s.add_argument("--state", metavar="FILE", help="persist reservations to FILE")
+    s.set_defaults(func=cmd_sim_smdpp)
+
+
+def _identity_args(p) -> None:
+    p.add_argument("--pki", metavar="DIR", help="take the eUICC identity from a test PKI (issued by its EUM)")
+    p.add_argument("--euicc-cert", metavar="FILE", help="eUICC certificate (DER or PEM)")
+    p.add_argument("--euicc-key", metavar="FILE", help="eUICC private key (DER or PEM)")
+    p.add_argument("--eum-cert", action="append", default=[], metavar="FILE", help="EUM certificate (repeatable)")
+    p.add_argument("--ci-cert", action="append", default=[], metavar="FILE", help="CI certificate (repeatable)")
+
+
+def euicc_kwargs(args) -> dict:
+    if bool(args.euicc_cert) != bool(args.euicc_key):
+        raise UsageError("--euicc-cert and --euicc-key go together")
+    if args.euicc_cert and args.pki:
+        raise UsageError("use either --pki or --euicc-cert/--euicc-key, not both")
+    return {"pki_dir": args.pki, "euicc_cert": args.euicc_cert, "euicc_key": args.euicc_key,
+            "eum_certs": tuple(args.eum_cert), "ci_certs": tuple(args.ci_cert)}
+
+
+def cmd_sim_modem(args, out) -> int:
+    from .modem import serve_modem
+    kw = euicc_kwargs(args)
+    pki_dir = kw.pop("pki_dir")
+    serve_modem(args.state, link=args.link, preload=args.preload, baud=args.baud, faults=args.fault,
+                pki_dir=pki_dir, euicc_kwargs=kw)
+    return 0
+
+
+def cmd_sim_pki(args, out) -> int:
+    from .pki import make_pki
+    pki = make_pki(args.dir, tls_names=tuple(args.tls_name or ("localhost",)))
+    out.ok({"dir": args.dir, "ci": f"{args.dir}/ci.pem", "smdp_oid": pki.smdp_oid},
+           f"test PKI written to {args.dir}; trust anchor: {args.dir}/ci.pem (pass it as --ca)")
+    return 0
+
+
+def cmd_sim_smdpp(args, out) -> int:
+    from .smdpp import serve_smdpp
+    auth = None
+    if args.auth:
+        if ":" not in args.auth:
+            raise UsageError("--auth wants SID:TOKEN")
+        auth = tuple(args.auth.split(":", 1))
+
+    def ready(server) -> None:
+        print(f"local SM-DP+ listening on https://127.0.0.1:{server.port} (address {server.address})", flush=True)
+    serve_smdpp(args.pki, port=args.port, address=args.address, auth=auth, state_path=args.state, ready=ready)
+    return 0
+

@@ -1,0 +1,304 @@
+"""Persistent state of the simulated eUICC: one JSON file (DESIGN.md "Simulator
+state ... lives in one file, so a simulated card survives restarts like a real one").
+
+Holds the EID, the card's identity (eUICC key and certificate, EUM and CI
+certificates, all PEM), the installed profiles, the pending notifications (each
+with the exact signed DER the eUICC produced, protocol.md §6), the counters,
+the configured addresses (SGP.22 ES10a), the free-NVM budget and the stored
+one-time ECKA key pair kept for a BPP retry (protocol.md §4 PrepareDownload).
+
+The file is written atomically after every change (temporary file in the same
+directory, fsync, rename).  Loading parses JSON only: keys and certificates
+stay PEM text until a signature is needed (``Identity``), so opening a card
+for a read-only command is cheap.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
+
+from ..errors import AgentError
+
+STATE_VERSION = 1
+
+#: GSMA root SM-DS (protocol.md §3 ES11); every eUICC is configured with it.
+DEFAULT_ROOT_DS = "lpa.ds.gsma.com"
+#: Free non-volatile memory of a new card, in bytes (reported in EUICCInfo2 extCardResource).
+DEFAULT_FREE_NVM = 512 * 1024
+#: ISD-P AIDs are vendor-assigned; we follow the common A0000005591010FFFFFFFF89 0000 nn 00 pattern.
+ISDP_AID_PREFIX = "A0000005591010FFFFFFFF890000"
+FIRST_ISDP_INDEX = 0x10
+
+PROFILE_ENABLED = "enabled"
+PROFILE_DISABLED = "disabled"
+
+
+class StateError(AgentError):
+    """The simulated eUICC's state file cannot be used."""
+
+    code = "sim_state_error"
+    exit_code = 2
+
+
+@dataclass
+class Profile:
+    """One installed profile (SGP.22 ProfileInfo, protocol.md §8)."""
+
+    iccid: str
+    isdp_aid: str                         # hex, 16 bytes
+    state: str = PROFILE_DISABLED         # "enabled" | "disabled"
+    profile_class: int = 2                # 0 test, 1 provisioning, 2 operational
+    service_provider_name: str = ""
+    profile_name: str = ""
+    nickname: str | None = None
+    icon_type: int | None = None          # 0 jpg, 1 png
+    icon: str | None = None               # hex
+    ppr: list[int] = field(default_factory=list)          # profilePolicyRules bit numbers
+    # notificationConfigurationInfo: [{"ops": [bit numbers], "address": fqdn}]
+    nci: list[dict] = field(default_factory=list)
+    owner: dict | None = None             # {"mcc_mnc": hex, "gid1": hex?, "gid2": hex?}
+    dp_oid: str | None = None             # dpProprietaryData.dpOid
+    smdp_oid: str | None = None           # SM-DP+ that installed it (None: preloaded)
+    smdp_address: str | None = None
+    imsi: str | None = None
+    size: int = 0                         # NVM bytes it occupies
+
+    @property
+    def enabled(self) -> bool:
+        return self.state == PROFILE_ENABLED
+
+    def notify_addresses(self, op_bit: int) -> list[str]:
+        """Addresses whose NCI entry lists the operation bit (protocol.md §6)."""
+        return [e["address"] for e in self.nci if op_bit in e.get("ops", [])]
+
+
+@dataclass
+class Notification:
+    """A pending notification: its metadata, for ListNotification, and the exact
+    signed PendingNotification DER (BF37 or 30) for RetrieveNotificationsList."""
+
+    seq: int
+    operation: str            # install | enable | disable | delete
+    address: str
+    iccid: str | None
+    der: str                  # hex
+
+    @property
+    def der_bytes(self) -> bytes:
+        return bytes.fromhex(self.der)
+
+
+@dataclass
+class Identity:
+    """The card's certificates and key as PEM text, parsed on first use."""
+
+    euicc_cert_pem: str
+    euicc_key_pem: str
+    eum_certs_pem: list[str]
+    ci_certs_pem: list[str]
+    ci_pkids_signing: list[str]          # hex SKIs: CIs above our own chain (EUICCInfo1/2)
+    ci_pkids_verification: list[str]     # hex SKIs of the CIs we can verify servers with
+
+    @cached_property
+    def euicc_key(self):
+        from .. import crypto
+        return crypto.load_key(self.euicc_key_pem)
+
+    @cached_property
+    def euicc_cert(self):
+        from .. import crypto
+        return crypto.load_cert(self.euicc_cert_pem)
+
+    @cached_property
+    def euicc_cert_der(self) -> bytes:
+        from .. import crypto
+        return crypto.cert_der(self.euicc_cert)
+
+    @cached_property
+    def eum_certs(self) -> list:
+        from .. import crypto
+        return [crypto.load_cert(p) for p in self.eum_certs_pem]
+
+    @cached_property
+    def ci_certs(self) -> list:
+        from .. import crypto
+        return [crypto.load_cert(p) for p in self.ci_certs_pem]
+
+    def eum_cert_der(self) -> bytes:
+        """CERT.EUM: the EUM that issued our eUICC certificate (first one otherwise)."""
+        from .. import crypto
+        cert = self.euicc_cert
+        for eum in self.eum_certs:
+            if cert.issuer == eum.subject:
+                return crypto.cert_der(eum)
+        if not self.eum_certs:
+            raise StateError("the simulated eUICC has no EUM certificate", code="sim_no_eum")
+        return crypto.cert_der(self.eum_certs[0])
+
+    def ci_cert(self, pkid: bytes):
+        """The CI certificate whose SKI is ``pkid``, or None."""
+        from .. import crypto
+        for ci in self.ci_certs:
+            if crypto.ski(ci) == pkid:
+                return ci
+        return None
+
+    def to_json(self) -> dict:
+        return {"euicc_cert": self.euicc_cert_pem, "euicc_key": self.euicc_key_pem,
+                "eum_certs": list(self.eum_certs_pem), "ci_certs": list(self.ci_certs_pem),
+                "ci_pkids_signing": list(self.ci_pkids_signing),
+                "ci_pkids_verification": list(self.ci_pkids_verification)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Identity":
+        return cls(d["euicc_cert"], d["euicc_key"], list(d.get("eum_certs", [])), list(d.get("ci_certs", [])),
+                   list(d.get("ci_pkids_signing", [])), list(d.get("ci_pkids_verification", [])))
+
+
+@dataclass
+class CardState:
+    """Everything the simulated eUICC remembers across power cycles."""
+
+    eid: str
+    identity: Identity
+    profiles: list[Profile] = field(default_factory=list)
+    notifications: list[Notification] = field(default_factory=list)
+    next_seq: int = 1
+    next_isdp: int = FIRST_ISDP_INDEX
+    default_dp_address: str | None = None
+    root_ds_address: str = DEFAULT_ROOT_DS
+    free_nvm: int = DEFAULT_FREE_NVM
+    # One-time ECKA key pair kept for a retry/rebind: {"otsk": PEM, "otpk": hex}
+    ot_key: dict | None = None
+    path: str | None = field(default=None, repr=False, compare=False)
+
+    # --- queries ------------------------------------------------------------
+    def find_iccid(self, iccid: str) -> Profile | None:
+        return next((p for p in self.profiles if p.iccid == iccid), None)
+
+    def find_aid(self, aid_hex: str) -> Profile | None:
+        aid_hex = aid_hex.upper()
+        return next((p for p in self.profiles if p.isdp_aid.upper() == aid_hex), None)
+
+    def enabled_profile(self) -> Profile | None:
+        return next((p for p in self.profiles if p.enabled), None)
+
+    # --- allocators -----------------------------------------------------------
+    def take_seq(self) -> int:
+        """eUICC-wide, strictly increasing notification sequence number (protocol.md §6)."""
+        n = self.next_seq
+        self.next_seq += 1
+        return n
+
+    def take_isdp_aid(self) -> str:
+        while True:
+            n = self.next_isdp
+            self.next_isdp += 1
+            # the index byte wraps after FF into the preceding byte of the AID
+            aid = f"{ISDP_AID_PREFIX[:-4]}{n:06X}00"
+            if len(aid) != 32:
+                raise StateError("no ISD-P AIDs left on the simulated eUICC", code="sim_full")
+            if self.find_aid(aid) is None:
+                return aid
+
+    # --- persistence ----------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "eid": self.eid,
+            "identity": self.identity.to_json(),
+            "profiles": [asdict(p) for p in self.profiles],
+            "notifications": [asdict(n) for n in self.notifications],
+            "next_seq": self.next_seq,
+            "next_isdp": self.next_isdp,
+            "default_dp_address": self.default_dp_address,
+            "root_ds_address": self.root_ds_address,
+            "free_nvm": self.free_nvm,
+            "ot_key": self.ot_key,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, path: str | None = None) -> "CardState":
+        if not isinstance(d, dict):
+            raise ValueError("top level is not a JSON object")
+        if d.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported state version {d.get('version')!r} (this build reads {STATE_VERSION})")
+        eid = d["eid"]
+        if not (isinstance(eid, str) and len(eid) == 32 and eid.isdigit()):
+            raise ValueError(f"EID {eid!r} is not 32 digits")
+        st = cls(
+            eid=eid,
+            identity=Identity.from_json(d["identity"]),
+            profiles=[Profile(**_known(Profile, p)) for p in d.get("profiles", [])],
+            notifications=[Notification(**_known(Notification, n)) for n in d.get("notifications", [])],
+            next_seq=int(d.get("next_seq", 1)),
+            next_isdp=int(d.get("next_isdp", FIRST_ISDP_INDEX)),
+            default_dp_address=d.get("default_dp_address"),
+            root_ds_address=d.get("root_ds_address", DEFAULT_ROOT_DS),
+            free_nvm=int(d.get("free_nvm", DEFAULT_FREE_NVM)),
+            ot_key=d.get("ot_key"),
+            path=path,
+        )
+        if sum(1 for p in st.profiles if p.enabled) > 1:
+            raise ValueError("more than one profile is enabled")
+        for n in st.notifications:
+            bytes.fromhex(n.der)
+        return st
+
+    def save(self) -> None:
+        """Write the whole state atomically: tmp file + fsync + rename (+ directory fsync)."""
+        if not self.path:
+            return
+        text = json.dumps(self.to_json(), indent=1)
+        d = os.path.dirname(os.path.abspath(self.path))
+        tmp = os.path.join(d, f".{os.path.basename(self.path)}.tmp{os.getpid()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, text.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+            try:
+                dfd = os.open(d, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except OSError:
+                pass  # some filesystems refuse a directory fsync; the rename is done anyway
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StateError(f"cannot write the simulated eUICC state {self.path}: {e.strerror or e}",
+                             code="sim_state_write") from None
+
+
+def _known(cls, d: dict) -> dict:
+    """Only the fields this build knows (a newer build may have added some)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a {cls.__name__.lower()} entry is not a JSON object")
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+def load_state(path) -> CardState:
+    """Read a state file; a missing, unreadable or corrupt file raises StateError."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise StateError(f"cannot read the simulated eUICC state {path}: {e.strerror or e}",
+                         code="sim_state_unreadable") from None
+    try:
+        return CardState.from_json(json.loads(raw.decode("utf-8")), path=path)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise StateError(f"the simulated eUICC state {path} is corrupt ({what}); "
+                         "restore it or delete it to create a new card", code="sim_state_corrupt") from None
