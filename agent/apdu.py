@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Sequence
 
-from .errors import StatusWordError, TransportError
+from .errors import ProtocolError, StatusWordError, TransportError
 from .transport.base import ApduTransport
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,8 @@ def is_success(sw: int) -> bool:
 
 def split_rapdu(rapdu: bytes) -> tuple[bytes, int]:
     if len(rapdu) < 2:
-        raise TransportError(f"R-APDU too short ({rapdu.hex().upper() or 'empty'}): need at least SW1 SW2",
-                             code="protocol_error")
+        raise ProtocolError(f"R-APDU too short ({rapdu.hex().upper() or 'empty'}): need at least SW1 SW2",
+                            code="short_rapdu")
     return rapdu[:-2], int.from_bytes(rapdu[-2:], "big")
 
 
@@ -185,8 +185,11 @@ class Isdr:
         quirks = getattr(transport, "quirks", None) or {}
         max_apdu = quirks.get("max_apdu") if isinstance(quirks, dict) else getattr(quirks, "max_apdu", None)
         if max_apdu:
-            # header (5) + Lc data must fit the modem's limit
-            segment_size = max(1, min(segment_size, int(max_apdu) - 5))
+            # header (5) + Lc data (+ Le if a 6Cxx re-issue adds one) must fit the modem's limit
+            segment_size = max(1, min(segment_size, int(max_apdu) - 6))
+        max_gr = quirks.get("max_get_response") if isinstance(quirks, dict) else getattr(quirks, "max_get_response", None)
+        if max_gr:
+            get_response_cap = int(max_gr)
         self.transport = transport
         self.aids = list(aids)
         self.segment_size = segment_size

@@ -83,6 +83,7 @@ def cmd_demo(args, out) -> int:
         api = requests.Session()
         api.auth = (sid, token)
         api.verify = ca
+        api.trust_env = False   # REQUESTS_CA_BUNDLE would override verify=ca
         base = f"https://localhost:{server.port}/v1/ESimProfiles"
 
         def reserve(**form) -> dict:

@@ -224,12 +224,12 @@ def profile_identifier(ident: str) -> tuple[str, bytes]:
     ISD-P AIDs are 16 bytes of hex (32 chars, typically A0000005591010FFFFFFFF89…);
     ICCIDs are 18–20 digits."""
     s = ident.strip().replace(" ", "")
-    if re.fullmatch(r"[0-9A-Fa-f]{10,32}", s) and len(s) % 2 == 0 and not s.isdigit():
+    digits = s[:-1] if len(s) in (19, 20) and s[-1] in "Ff" else s   # modems print F-padded ICCIDs
+    if digits.isdigit() and 18 <= len(digits) <= 20:
+        return "iccid", iccid_to_bytes(digits)
+    if re.fullmatch(r"[ADad][0-9A-Fa-f]{9,31}", s) and len(s) % 2 == 0:
+        # ISO 7816-5 AID: 5..16 bytes, RID category A (international) or D (national)
         return "isdpAid", bytes.fromhex(s)
-    if len(s) == 32 and s.upper().startswith("A0"):
-        return "isdpAid", bytes.fromhex(s)
-    if s.isdigit() and 18 <= len(s) <= 20:
-        return "iccid", iccid_to_bytes(s)
     raise InputError(f"{ident!r} is neither an ICCID (18–20 digits) nor an ISD-P AID (32 hex digits)",
                      code="bad_profile_id")
 
@@ -421,7 +421,7 @@ class Es10:
                              what="RetrieveNotificationsListRequest")
         kind, v = codec.decode("RetrieveNotificationsListResponse", resp)  # validates the whole structure
         if kind != "notificationList":
-            if seq is not None and v == 1:   # nothing matches the sequence number
+            if v == 1:   # noResultAvailable: nothing (matching) pending
                 return []
             raise Es10Error("RetrieveNotificationsList", {1: "noResultAvailable"}.get(v, "undefinedError"), v)
         outer = tlv.parse_single(resp)
