@@ -185,7 +185,7 @@ class Isdr:
         quirks = getattr(transport, "quirks", None) or {}
         max_apdu = quirks.get("max_apdu") if isinstance(quirks, dict) else getattr(quirks, "max_apdu", None)
         if max_apdu:
-            # header (5) + Lc data (+ Le if a 6Cxx re-issue adds one) must fit the modem's limit
+            # header (5) + Lc data + Le must fit the modem's limit
             segment_size = max(1, min(segment_size, int(max_apdu) - 6))
         max_gr = quirks.get("max_get_response") if isinstance(quirks, dict) else getattr(quirks, "max_get_response", None)
         if max_gr:
@@ -259,7 +259,10 @@ class Isdr:
             raise ValueError(f"{what} needs {len(blocks)} STORE DATA blocks; P2 allows 256 — raise the segment size")
         for n, block in enumerate(blocks):
             last = n == len(blocks) - 1
-            apdu = build(cla, INS_STORE_DATA, 0x91 if last else 0x11, n, block)
+            # Le=00 on the last block: the response is expected there. Omitting it makes
+            # T=0 paths answer 61xx and cost a GET RESPONSE, and some modem/card paths then
+            # return no data at all (landscape.md §3 item 11).
+            apdu = build(cla, INS_STORE_DATA, 0x91 if last else 0x11, n, block, le=0 if last else None)
             data, sw = self.exchange(apdu, timeout=timeout, what=what)
             if not is_success(sw):
                 raise sw_error(sw, f"{what} (STORE DATA block {n + 1}/{len(blocks)})")

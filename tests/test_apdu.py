@@ -428,10 +428,10 @@ def test_store_data_respects_max_apdu():
     script = [OK] * 5 + [sw(0x9000, H("BF2E00"))]
     s, t = session(*script, channel=1, quirks={"max_apdu": 64})
     assert s.store_data(payload) == H("BF2E00")
-    assert len(t.sent) == 6                         # 5 x 58 + 10 (room for a 6Cxx Le byte)
-    assert all(len(a) <= 63 for a in t.sent)
+    assert len(t.sent) == 6                         # 5 x 58 + 10 (room for the Le byte)
+    assert all(len(a) <= 64 for a in t.sent)
     assert [a[4] for a in t.sent] == [58] * 5 + [10]
-    assert b"".join(a[5:] for a in t.sent) == payload
+    assert b"".join(a[5:5 + a[4]] for a in t.sent) == payload
     assert [a[3] for a in t.sent] == [0, 1, 2, 3, 4, 5]
 
 
@@ -449,7 +449,7 @@ def test_store_data_segmentation_exact_bytes(channel, cla):
     assert t.sent == [
         c + H("E2110078") + PAYLOAD300[:120],
         c + H("E2110178") + PAYLOAD300[120:240],
-        c + H("E291023C") + PAYLOAD300[240:],
+        c + H("E291023C") + PAYLOAD300[240:] + H("00"),   # Le=00: the response comes on the last block
     ]
 
 
@@ -461,7 +461,8 @@ def test_store_data_block_boundaries(n, lcs):
     assert [a[4] for a in t.sent] == lcs
     assert [a[2] for a in t.sent] == [0x11] * (len(lcs) - 1) + [0x91]
     assert [a[3] for a in t.sent] == list(range(len(lcs)))
-    assert all(len(a) == 5 + a[4] for a in t.sent)   # case 3: no Le
+    assert all(len(a) == 5 + a[4] for a in t.sent[:-1])   # intermediate blocks: case 3, no Le
+    assert len(t.sent[-1]) == 5 + t.sent[-1][4] + 1 and t.sent[-1][-1] == 0   # last block: Le=00
 
 
 def test_store_data_block_number_restarts_per_command():
@@ -599,7 +600,7 @@ def test_6cxx_reissues_with_le():
     cmd = H("81E2910003BF2E00")
     s, t = session(sw(0x6C12), sw(0x9000, bytes(18)), channel=1)
     assert s.store_data(H("BF2E00")) == bytes(18)
-    assert t.sent == [cmd, cmd + H("12")]
+    assert t.sent == [cmd + H("00"), cmd + H("12")]
 
 
 def test_6cxx_then_61xx():

@@ -7,7 +7,7 @@ because the two AT ways differ: AT+CSIM sends MANAGE CHANNEL and SELECT as
 APDUs (done generically in ``apdu.open_channel_raw``), AT+CCHO does both
 inside the modem and hands back an opaque session id.
 
-Implementations: ``transport.at.AtCsimTransport``, ``transport.at.AtCglaTransport``,
+Implementations: ``transport.csim.CsimTransport``, ``transport.cgla.CglaTransport``,
 ``transport.direct.DirectTransport`` (in-process simulated eUICC).
 """
 from __future__ import annotations

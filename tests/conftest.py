@@ -1,0 +1,151 @@
+"""Shared pytest fixtures. Add yours below with a clear name and a docstring.
+
+AT / modem fixtures (H2): ``fake_euicc``, ``sim_modem``, ``hang_guard``.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+import pytest
+
+ISDR_AID = bytes.fromhex("A0000005591010FFFFFFFF8900000100")
+
+
+class FakeEuicc:
+    """A tiny ISO 7816-4 card for transport tests (no ES10, no crypto).
+
+    MANAGE CHANNEL open → lowest free channel + 9000, close → 9000; SELECT of
+    the ISD-R AID → 9000, other AIDs → 6A88; any other command on a channel
+    with the ISD-R selected → CLA as the card saw it + the command data + 9000
+    (so tests can check both the channel encoding and the payload).
+    """
+
+    def __init__(self, *, isdr: bool = True, iccid: str | None = "8944476500001224158",
+                 eid: str = "89049032123451234512345678901235"):
+        self.has_isdr = isdr
+        self.iccid = iccid
+        self.eid = eid
+        self.channels: dict[int, str | None] = {0: None}
+        self.log: list[bytes] = []
+        self.resets = 0
+
+    @staticmethod
+    def _sw(sw: int) -> bytes:
+        return sw.to_bytes(2, "big")
+
+    def apdu(self, c: bytes) -> bytes:
+        c = bytes(c)
+        self.log.append(c)
+        if len(c) < 4:
+            return self._sw(0x6700)
+        cla, ins, p1, p2 = c[:4]
+        ch = 4 + (cla & 0x0F) if cla & 0x40 else cla & 0x03
+        if ch not in self.channels:
+            return self._sw(0x6881)
+        data = c[5:5 + c[4]] if len(c) > 5 else b""
+        if ins == 0x70:
+            if p1 == 0x00:
+                free = [n for n in range(1, 20) if n not in self.channels]
+                if not free:
+                    return self._sw(0x6A81)
+                self.channels[free[0]] = None
+                return bytes([free[0]]) + self._sw(0x9000)
+            target = p2 or ch
+            if target == 0 or target not in self.channels:
+                return self._sw(0x6881)
+            del self.channels[target]
+            return self._sw(0x9000)
+        if ins == 0xA4:
+            if self.has_isdr and data == ISDR_AID:
+                self.channels[ch] = "isdr"
+                return self._sw(0x9000)
+            return self._sw(0x6A88)
+        if ch != 0 and self.channels[ch] != "isdr":
+            return self._sw(0x6985)
+        return bytes([cla]) + data + self._sw(0x9000)
+
+    def reset(self) -> None:
+        self.channels = {0: None}
+        self.resets += 1
+
+    def enabled_iccid(self) -> str | None:
+        return self.iccid
+
+
+@pytest.fixture
+def fake_euicc() -> FakeEuicc:
+    """A FakeEuicc (ISD-R present, one enabled ICCID)."""
+    return FakeEuicc()
+
+
+@pytest.fixture
+def sim_modem(tmp_path):
+    """Factory: ``sim_modem(*faults, card=None, baud=None, link=None)`` serves
+    agent.sim.modem on a real pty in a thread and returns the ModemServer
+    (``.path``, ``.link``, ``.card``, ``.logic``). ``card`` defaults to a
+    FakeEuicc; pass ``card="real"`` for a SimEuicc with 2 preloaded profiles.
+    Every server is stopped at teardown."""
+    from agent.sim.modem import serve_modem
+
+    started = []
+
+    def start(*faults, card=None, baud=None, link=None):
+        n = len(started)
+        link = link or str(tmp_path / f"modem{n}.tty")
+        if card is None:
+            card = FakeEuicc()
+        elif card == "real":
+            card = None
+        box: dict = {}
+        ready = threading.Event()
+
+        def on_ready(server):
+            box["server"] = server
+            ready.set()
+
+        def run():
+            try:
+                serve_modem(tmp_path / f"card{n}.json", link=link, preload=2, baud=baud, faults=faults,
+                            ready=on_ready, card=card)
+            except BaseException as e:  # surface start-up errors to the test
+                box["error"] = e
+                ready.set()
+
+        th = threading.Thread(target=run, name=f"sim-modem-{n}", daemon=True)
+        th.start()
+        if not ready.wait(30):
+            raise RuntimeError("simulated modem did not start within 30 s")
+        if "error" in box:
+            raise box["error"]
+        started.append((box["server"], th))
+        return box["server"]
+
+    yield start
+    for server, th in started:
+        server.stop()
+        th.join(5)
+
+
+class _Hang(Exception):
+    pass
+
+
+@pytest.fixture
+def hang_guard():
+    """Fail a test that runs longer than 15 s instead of hanging the suite
+    (pytest-timeout is not installed). Main thread only (SIGALRM)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise _Hang("test exceeded 15 s (hang guard)")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, 15.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
