@@ -1,0 +1,479 @@
+"""DER encode/decode of the SGP.22 messages (our transcription in asn1/*.asn).
+
+``encode(type_name, value) -> bytes`` and ``decode(type_name, data) -> value``
+use asn1tools' Python value conventions: OCTET STRING = bytes, BIT STRING =
+(bytes, number_of_bits), CHOICE = (alternative_name, value), OBJECT IDENTIFIER =
+dotted str, NULL = None, SEQUENCE = dict keyed by component name.
+
+Start-up cost matters (every CLI command decodes something), so the compiled
+specification is pickled once into the user's cache directory, keyed by the
+sha256 of the .asn sources and the asn1tools version.  A warm start unpickles it
+without importing the top-level ``asn1tools`` package, whose ``__init__`` pulls
+in the ASN.1 parser (pyparsing) and every other codec (~75 ms); only the BER/DER
+codec modules the pickle refers to are loaded.
+
+asn1tools behaviours corrected here because they matter for SGP.22:
+
+* it ignores trailing bytes after the top-level value, and does not bound inner
+  elements by their parent's length; ``decode`` checks the whole TLV skeleton
+  first, so a short, over-long or padded ES10 response never passes as valid;
+* an unknown alternative of an (implicitly extensible) CHOICE decodes as
+  (None, None); we reject it rather than hand callers a value they cannot use;
+* OBJECT IDENTIFIER decoding splits the first sub-identifier as (v // 40, v % 40)
+  even for v >= 80, so ``2.999.10`` (the SM-DP+ OID of test PKIs) came back as
+  ``26.39.10``; X.690 §8.19.4 says the first arc is 2 and the second v - 80.
+
+(A further asn1tools flaw, making every tag on a CHOICE-based type explicit, is
+worked around in asn1/rsp.asn itself; see the notes there.)
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import sys
+import threading
+from pathlib import Path
+
+from .errors import ProtocolError
+
+Any = object  # annotations only; `typing` is not imported to keep start-up lean
+
+_ASN_FILES = ("rsp.asn", "pkix.asn")
+_FORMAT = 1          # bump when the pickled layout below changes
+_types: dict[str, Any] | None = None
+_lock = threading.Lock()   # first load swaps sys.modules entries: one thread at a time
+
+
+# --- locating sources --------------------------------------------------------------
+
+def _asn_dir() -> Path:
+    """Directory holding the .asn files.
+
+    In a source checkout (or an editable install) they live in ``<repo>/asn1``
+    next to the ``agent`` package; a wheel ships them as the package
+    ``agent.asn1`` (pyproject maps asn1/ there)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "asn1", here.parent / "asn1"):
+        if (cand / _ASN_FILES[0]).is_file():
+            return cand
+    try:
+        from importlib.resources import files
+        res = files("agent.asn1")
+        cand = Path(str(res))
+        if (cand / _ASN_FILES[0]).is_file():
+            return cand
+    except (ImportError, TypeError, ValueError):
+        pass
+    raise ProtocolError("ASN.1 definitions not found (expected asn1/rsp.asn next to the agent package); "
+                        "reinstall esim-agent", code="asn1_missing")
+
+
+def asn_sources() -> list[Path]:
+    d = _asn_dir()
+    return [d / name for name in _ASN_FILES]
+
+
+def _asn1tools_version() -> str:
+    """asn1tools version without importing the package (its __init__ is the slow part)."""
+    import importlib.util
+    spec = importlib.util.find_spec("asn1tools")
+    if spec is None or not spec.submodule_search_locations:
+        raise ProtocolError("the asn1tools package is not installed (pip install asn1tools)",
+                            code="asn1tools_missing")
+    vfile = Path(list(spec.submodule_search_locations)[0]) / "version.py"
+    try:
+        return vfile.read_text(encoding="utf-8").strip()
+    except OSError:
+        from importlib.metadata import version
+        return version("asn1tools")
+
+
+def _cache_key(sources: list[Path]) -> str:
+    h = hashlib.sha256()
+    h.update(f"esim-agent-codec-{_FORMAT}\0{sys.version_info[:2]}\0{_asn1tools_version()}\0".encode())
+    for p in sources:
+        data = p.read_bytes()
+        h.update(p.name.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
+    return h.hexdigest()
+
+
+def _cache_dirs():
+    """User cache first ($XDG_CACHE_HOME or ~/.cache), then a per-user temp dir
+    (yielded lazily so the common case never imports tempfile)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    yield Path(base) / "esim-agent"
+    yield _tmp_cache_dir()
+
+
+def _tmp_cache_dir() -> Path:
+    import tempfile   # lazily: only needed when the user cache is unusable
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"esim-agent-{uid}"
+
+
+# --- asn1tools fixes ---------------------------------------------------------------
+
+def _patch_asn1tools(ber) -> None:
+    """Fix OBJECT IDENTIFIER decoding in asn1tools' BER/DER codec (see module doc).
+
+    Also bounds-checks sub-identifiers: asn1tools would read past the end of the
+    OID content (into the next TLV) when the last byte has its high bit set."""
+    if getattr(ber.ObjectIdentifier, "_esim_agent_fixed", False):
+        return
+
+    def decode_content(self, data, offset, length):
+        end = offset + length
+        if length == 0 or end > len(data):
+            raise ber.DecodeError("empty or truncated OBJECT IDENTIFIER")
+        arcs: list[int] = []
+        value = 0
+        pending = False
+        for i in range(offset, end):
+            b = data[i]
+            if not pending and b == 0x80:
+                raise ber.DecodeError("OBJECT IDENTIFIER sub-identifier with a leading 0x80 byte")
+            value = (value << 7) | (b & 0x7F)
+            pending = bool(b & 0x80)
+            if not pending:
+                arcs.append(value)
+                value = 0
+        if pending:
+            raise ber.DecodeError("OBJECT IDENTIFIER ends inside a sub-identifier")
+        first = arcs[0]
+        head = [first // 40, first % 40] if first < 80 else [2, first - 80]
+        return ".".join(str(v) for v in head + arcs[1:]), end
+
+    ber.ObjectIdentifier.decode_content = decode_content
+    ber.ObjectIdentifier._esim_agent_fixed = True
+
+
+class _LightAsn1tools:
+    """Context manager: make asn1tools.codecs.* importable without running
+    asn1tools/__init__.py.
+
+    The package __init__ imports the parser (pyparsing) and every codec; unpickling
+    a compiled DER specification only needs the BER/DER codec modules.  Those
+    reference ``asn1tools.parser.EXTENSION_MARKER`` (which is None), so a stand-in
+    module provides it.  Both stand-ins are removed on exit so a later
+    ``import asn1tools`` (e.g. to compile) gets the real package; the codec
+    modules already loaded are reused by it."""
+
+    def __enter__(self):
+        import importlib.util
+        import types
+        self.stubs = []
+        if "asn1tools" in sys.modules:
+            return self
+        spec = importlib.util.find_spec("asn1tools")
+        if spec is None or not spec.submodule_search_locations:
+            raise ProtocolError("the asn1tools package is not installed (pip install asn1tools)",
+                                code="asn1tools_missing")
+        pkg = types.ModuleType("asn1tools")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__package__ = "asn1tools"
+        sys.modules["asn1tools"] = pkg
+        self.stubs.append("asn1tools")
+        if "asn1tools.parser" not in sys.modules:
+            parser = types.ModuleType("asn1tools.parser")
+            parser.EXTENSION_MARKER = None
+            sys.modules["asn1tools.parser"] = parser
+            self.stubs.append("asn1tools.parser")
+        return self
+
+    def __exit__(self, *exc):
+        for name in self.stubs:
+            sys.modules.pop(name, None)
+        return False
+
+
+def _codec_module():
+    with _LightAsn1tools():
+        import asn1tools.codecs.ber as ber
+        import asn1tools.codecs.der  # noqa: F401
+    return ber
+
+
+# --- compile / cache -----------------------------------------------------------------
+
+def _compile(sources: list[Path]) -> dict[str, Any]:
+    import asn1tools
+    spec = asn1tools.compile_files([str(p) for p in sources], "der")
+    return dict(spec.types)
+
+
+def _split_checkers(types: dict[str, Any]) -> bytes:
+    """Detach the constraints checkers (only needed to encode) into a nested pickle,
+    so decoding never imports asn1tools' constraints machinery (~6 ms)."""
+    checkers = {}
+    for name, t in types.items():
+        checkers[name] = t.constraints_checker
+        t.constraints_checker = None
+    return pickle.dumps(checkers, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _trusted(path: Path) -> bool:
+    """Unpickling runs code, so only load a cache file that we own, in a directory we
+    own, neither writable by others (the fallback lives under the shared /tmp)."""
+    if not hasattr(os, "getuid"):
+        return True
+    try:
+        for st in (os.stat(path.parent), os.stat(path)):
+            if st.st_uid != os.getuid() or st.st_mode & 0o022:
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def _trusted_dir(d: Path) -> bool:
+    if not hasattr(os, "getuid"):
+        return True
+    try:
+        st = os.stat(d)
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _load_cached(path: Path) -> tuple[dict[str, Any], bytes, bytes] | None:
+    if not _trusted(path):
+        return None
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        with _LightAsn1tools():
+            obj = pickle.loads(raw)
+        if (isinstance(obj, dict) and obj.get("format") == _FORMAT and isinstance(obj.get("types"), dict)
+                and isinstance(obj.get("checkers"), bytes)):
+            return obj["types"], obj["checkers"], raw
+    except Exception:  # corrupt or stale pickle: recompile silently
+        pass
+    return None
+
+
+def _dump(types: dict[str, Any], checkers: bytes) -> bytes | None:
+    try:
+        return pickle.dumps({"format": _FORMAT, "types": types, "checkers": checkers},
+                            protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, RecursionError, TypeError, AttributeError):
+        return None
+
+
+def _store(path: Path, blob: bytes) -> bool:
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _trusted_dir(path.parent):
+            return False
+        import tempfile
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".codec-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)     # atomic: concurrent processes never see half a file
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return True
+    except OSError:
+        return False
+
+
+_checkers_blob: bytes | None = None
+_checkers_loaded = False
+
+
+def _load() -> dict[str, Any]:
+    if _types is not None:
+        return _types
+    with _lock:
+        return _load_locked()
+
+
+def _load_locked() -> dict[str, Any]:
+    global _types, _checkers_blob
+    if _types is not None:
+        return _types
+    sources = asn_sources()
+    name = f"asn1-{_cache_key(sources)[:32]}.pickle"
+    _patch_asn1tools(_codec_module())
+    missed = []
+    for d in _cache_dirs():
+        hit = _load_cached(d / name)
+        if hit is not None:
+            _types, _checkers_blob, raw = hit
+            for m in missed:   # e.g. the user cache became usable again: put it back there
+                if _store(m / name, raw):
+                    break
+            return _types
+        missed.append(d)
+    types = _compile(sources)
+    checkers = _split_checkers(types)
+    blob = _dump(types, checkers)
+    if blob is not None:
+        for d in missed:
+            if _store(d / name, blob):
+                break
+    _types, _checkers_blob = types, checkers
+    return types
+
+
+def _attach_checkers() -> None:
+    global _checkers_loaded
+    if _checkers_loaded:
+        return
+    types = _load()
+    with _lock:
+        if _checkers_loaded:
+            return
+        with _LightAsn1tools():
+            checkers = pickle.loads(_checkers_blob)
+        for name, c in checkers.items():
+            if name in types:
+                types[name].constraints_checker = c
+        _checkers_loaded = True
+
+
+def spec() -> dict[str, Any]:
+    """The compiled types (name -> asn1tools compiled type), compiling if needed."""
+    return _load()
+
+
+def has_type(type_name: str) -> bool:
+    return type_name in _load()
+
+
+def _type(type_name: str, action: str):
+    try:
+        return _load()[type_name]
+    except KeyError:
+        # a programming error, not bad input: name it plainly
+        raise KeyError(f"cannot {action} {type_name!r}: no such type in asn1/*.asn") from None
+
+
+# --- public API ----------------------------------------------------------------------
+
+def encode(type_name: str, value: Any) -> bytes:
+    """DER-encode ``value`` as ``type_name``.
+
+    Checks Python types and ASN.1 constraints (SIZE, ranges) first, so a bug in
+    our own message building shows up as a clear ValueError here rather than as a
+    rejected command on the card.  Raises ValueError on a bad value."""
+    t = _type(type_name, "encode")
+    _attach_checkers()
+    try:
+        t.check_types(value)
+        t.check_constraints(value)
+        return bytes(t.encode(value))
+    except Exception as e:  # asn1tools EncodeError/ConstraintsError, or TypeError on odd input
+        raise ValueError(f"cannot encode {type_name}: {e}") from e
+
+
+def decode(type_name: str, data: bytes, *, check_constraints: bool = False) -> Any:
+    """Decode DER ``data`` that must be exactly one ``type_name`` value.
+
+    Raises ProtocolError(code="malformed_asn1") on any defect: truncation, a
+    length that disagrees with its contents at any nesting level, indefinite
+    lengths, wrong tag, missing mandatory components, trailing bytes, or a CHOICE
+    alternative this module does not define.  Unknown trailing SEQUENCE components
+    are skipped (EXTENSIBILITY IMPLIED: newer cards add optional fields).
+
+    SIZE/range constraints are not checked by default (be liberal in what we
+    accept from real cards and servers); ``check_constraints=True`` also rejects
+    e.g. a 9-byte ICCID, for the simulated eUICC and server that must be strict."""
+    t = _type(type_name, "decode")
+    data = bytes(data)
+    problem = _structure_problem(data)
+    if problem:
+        raise ProtocolError(f"malformed {type_name}: {problem}", code="malformed_asn1")
+    try:
+        value, used = t.decode_with_length(data)
+    except Exception as e:  # asn1tools DecodeError, IndexError on odd input, ...
+        raise ProtocolError(f"malformed {type_name}: {e}", code="malformed_asn1") from e
+    if used != len(data):  # cannot happen after _structure_problem; kept as a guard
+        raise ProtocolError(f"malformed {type_name}: {len(data) - used} trailing bytes", code="malformed_asn1")
+    if _has_unknown_choice(value):
+        raise ProtocolError(f"malformed {type_name}: contains a CHOICE alternative (tag) this agent does not know",
+                            code="malformed_asn1")
+    if check_constraints:
+        _attach_checkers()
+        try:
+            t.check_constraints(value)
+        except Exception as e:
+            raise ProtocolError(f"malformed {type_name}: {e}", code="malformed_asn1") from e
+    return value
+
+
+def _structure_problem(data: bytes) -> str | None:
+    """Check the BER-TLV skeleton: exactly one top-level TLV, and every constructed
+    TLV's contents are exactly a sequence of complete TLVs.
+
+    asn1tools does not bound inner elements by their parent's length (an outer
+    length one byte short still decoded) and ignores trailing bytes, so this runs
+    first.  Returns a description of the first defect, or None."""
+    if not data:
+        return "no data"
+    stack = [(0, len(data))]
+    top = True
+    while stack:
+        off, end = stack.pop()
+        while off < end:
+            start = off
+            first = data[off]
+            off += 1
+            if first & 0x1F == 0x1F:
+                while True:
+                    if off >= end:
+                        return f"truncated tag at offset {start}"
+                    b = data[off]
+                    off += 1
+                    if not b & 0x80:
+                        break
+            tag = data[start:off].hex().upper()
+            if off >= end:
+                return f"missing length after tag {tag} at offset {start}"
+            length = data[off]
+            off += 1
+            if length & 0x80:
+                n = length & 0x7F
+                if n == 0:
+                    return f"indefinite length for tag {tag} (not DER)"
+                if n > 4:
+                    return f"length of tag {tag} uses {n} bytes"
+                if off + n > end:
+                    return f"truncated length of tag {tag}"
+                length = int.from_bytes(data[off:off + n], "big")
+                off += n
+            if off + length > end:
+                return (f"tag {tag} at offset {start} says {length} bytes but only {end - off} remain"
+                        + (" (truncated)" if end == len(data) else " inside its parent"))
+            if first & 0x20:
+                stack.append((off, off + length))
+            off += length
+            if top:
+                top = False
+                if off != len(data):
+                    return f"{len(data) - off} trailing bytes after the {off}-byte value"
+    return None
+
+
+def _has_unknown_choice(value) -> bool:
+    """asn1tools decodes an unknown alternative of an extensible CHOICE as (None, None)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, tuple) and len(v) == 2:
+            if v[0] is None:
+                return True
+            if isinstance(v[0], str):   # CHOICE; BIT STRING is (bytes, int)
+                stack.append(v[1])
+    return False
