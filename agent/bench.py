@@ -30,6 +30,8 @@ def add_parsers(sub) -> None:
     d = bs.add_parser("download", help="one profile download through the simulated modem")
     d.add_argument("--baud", type=int, default=115200, help="emulated UART speed (default 115200)")
     d.add_argument("--transport", dest="bench_transport", choices=["csim", "cgla"], default="cgla")
+    d.add_argument("--profile-size", type=int, default=12288, metavar="BYTES",
+                   help="profile package size (default 12288, like a GSMA TS.48 test profile)")
     d.set_defaults(func=cmd_bench_download)
 
 
@@ -130,7 +132,8 @@ def cmd_bench_download(args, out) -> int:
             port = _free_port()
             auth = ("AC" + os.urandom(16).hex(), os.urandom(16).hex())
             procs.append(subprocess.Popen(agent_cmd() + ["sim", "smdpp", "--pki", str(root / "pki"), "--port",
-                                                         str(port), "--auth", ":".join(auth)],
+                                                         str(port), "--auth", ":".join(auth),
+                                                         "--profile-size", str(args.profile_size)],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
             link = root / "tty"
             procs.append(subprocess.Popen(agent_cmd() + ["sim", "modem", "--state", str(root / "card.json"),

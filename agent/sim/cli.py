@@ -33,6 +33,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--address", metavar="NAME:PORT", help="the SM-DP+ address devices use (default localhost:PORT)")
     s.add_argument("--auth", metavar="SID:TOKEN", help="HTTP Basic credentials for the reservation API")
     s.add_argument("--state", metavar="FILE", help="persist reservations to FILE")
+    s.add_argument("--profile-size", type=int, metavar="BYTES",
+                   help="pad generated profile packages to BYTES (realistic packages are 10-20 KB)")
     s.set_defaults(func=cmd_sim_smdpp)
 
 
@@ -80,6 +82,7 @@ def cmd_sim_smdpp(args, out) -> int:
 
     def ready(server) -> None:
         print(f"local SM-DP+ listening on https://127.0.0.1:{server.port} (address {server.address})", flush=True)
-    serve_smdpp(args.pki, port=args.port, address=args.address, auth=auth, state_path=args.state, ready=ready)
+    serve_smdpp(args.pki, port=args.port, address=args.address, auth=auth, state_path=args.state, ready=ready,
+                profile_size=args.profile_size)
     return 0
 

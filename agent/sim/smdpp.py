@@ -21,6 +21,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -77,8 +78,20 @@ BPP_ERRORS = {1: "incorrectInputValues", 2: "invalidSignature", 3: "invalidTrans
               15: "pprNotAllowed", 127: "installFailedDueToUnknownError"}
 
 
+_log = logging.getLogger("agent.sim.smdpp")
+
+
 def log(msg: str) -> None:
-    print(f"smdpp: {msg}", file=sys.stderr, flush=True)
+    """Request log: shown by `esim-agent sim smdpp`, silent when embedded (demo, bench, tests)."""
+    _log.info("%s", msg)
+
+
+def _log_to_stderr() -> None:
+    if not _log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("smdpp: %(message)s"))
+        _log.addHandler(h)
+    _log.setLevel(logging.INFO)
 
 
 class Es9Failure(Exception):
@@ -833,10 +846,13 @@ class SmdpServer:
 
 
 def serve_smdpp(pki_dir, *, port: int = 0, host: str = "127.0.0.1", address: str | None = None,
-                auth: tuple[str, str] | None = None, state_path=None, ready=None) -> None:
+                auth: tuple[str, str] | None = None, state_path=None, ready=None,
+                profile_size: int | None = None) -> None:
     """Run the local SM-DP+ in the foreground until SIGINT/SIGTERM."""
     import signal
-    server = SmdpServer(pki_dir, port=port, host=host, address=address, auth=auth, state_path=state_path)
+    _log_to_stderr()
+    server = SmdpServer(pki_dir, port=port, host=host, address=address, auth=auth, state_path=state_path,
+                        profile_size=profile_size)
 
     def _term(signum, frame):
         raise KeyboardInterrupt

@@ -92,7 +92,8 @@ def new_matching_id() -> str:
 
 
 def _log(msg: str) -> None:
-    print(f"smdpp: {msg}", file=sys.stderr, flush=True)
+    from .smdpp import log
+    log(msg)
 
 
 class TwinStore:
