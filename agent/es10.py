@@ -91,7 +91,7 @@ def bits_set(value: tuple[bytes, int] | None) -> list[int]:
     if not value:
         return []
     data, nbits = value
-    return [i for i in range(nbits) if data[i // 8] & (0x80 >> (i % 8))]
+    return [i for i in range(min(nbits, 8 * len(data))) if data[i // 8] & (0x80 >> (i % 8))]
 
 
 def make_bits(indices) -> tuple[bytes, int]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from .. import tlv
 from ..errors import AgentError
+from ..es10 import bits_set, make_bits
 from ..ids import eid_to_bytes, iccid_from_bytes, iccid_to_bytes
 from .state import PROFILE_DISABLED, PROFILE_ENABLED, CardState, Notification, Profile
 
@@ -89,25 +90,6 @@ class SwError(Exception):
 
 
 # --- small helpers ------------------------------------------------------------------
-
-def make_bits(indices) -> tuple[bytes, int]:
-    """asn1tools BIT STRING value of a named-bit list; DER drops trailing zero bits (X.690 §11.2.2)."""
-    indices = sorted(set(indices))
-    if not indices:
-        return b"", 0
-    nbits = indices[-1] + 1
-    buf = bytearray((nbits + 7) // 8)
-    for i in indices:
-        buf[i // 8] |= 0x80 >> (i % 8)
-    return bytes(buf), nbits
-
-
-def bits_set(value) -> list[int]:
-    if not value:
-        return []
-    data, nbits = value
-    return [i for i in range(min(nbits, 8 * len(data))) if data[i // 8] & (0x80 >> (i % 8))]
-
 
 def _uint_bytes(n: int) -> bytes:
     """Content octets of a non-negative DER INTEGER (extCardResource values)."""
