@@ -430,23 +430,45 @@ def _modem_imei(es10) -> str | None:
 
 # --------------------------------------------------------------------------- parser
 
+def _add_global_options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """Options valid anywhere on the line (`esim-agent profile list --json` works too).
+
+    On sub-commands they default to SUPPRESS so they only override the top level's."""
+    kw = {"default": argparse.SUPPRESS} if suppress else {}
+    own = p._option_string_actions
+
+    def add(group, *flags, **k):
+        if any(f in own for f in flags):   # the sub-command has its own meaning for it (e.g. bench --baud)
+            return
+        group.add_argument(*flags, **{**k, **kw})
+    g = p.add_argument_group("card access")
+    add(g, "--device", metavar="PATH", help="the modem's AT port, e.g. /dev/ttyUSB2")
+    add(g, "--sim", metavar="STATEFILE", help="use a simulated eUICC in-process (no modem)")
+    add(g, "--transport", choices=["auto", "csim", "cgla"], help="how APDUs travel over AT (default auto)")
+    add(g, "--aid", action="append", metavar="HEX", help="ISD-R AID to try (repeatable, in order)")
+    add(g, "--timeout", type=float, metavar="S", help="deadline per AT command / APDU (default 10)")
+    add(g, "--long-timeout", type=float, metavar="S", help="deadline for profile loading, enable, delete (default 300)")
+    add(g, "--baud", type=int, help="serial line speed for UART ports (default 115200)")
+    add(g, "--segment-size", type=int, metavar="N", help="STORE DATA block size, 1..255 (default 120)")
+    add(g, "--config", metavar="FILE", dest="config_path", help="TOML config (default /etc/esim-agent/agent.toml)")
+    o = p.add_argument_group("output")
+    add(o, "--json", action="store_true", help="one JSON document on stdout")
+    add(o, "-v", "--verbose", action="count", **({} if suppress else {"default": 0}))
+    add(o, "--trace", action="store_true", help="print every AT line and APDU to stderr")
+
+
+def _leaves(p: argparse.ArgumentParser):
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield p
+    for a in subs:
+        for child in dict.fromkeys(a.choices.values()):
+            yield from _leaves(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="esim-agent", description="Device-side eSIM agent (SGP.22 LPA / SGP.32 IPAd).")
-    g = p.add_argument_group("card access")
-    g.add_argument("--device", metavar="PATH", help="the modem's AT port, e.g. /dev/ttyUSB2")
-    g.add_argument("--sim", metavar="STATEFILE", help="use a simulated eUICC in-process (no modem)")
-    g.add_argument("--transport", choices=["auto", "csim", "cgla"], help="how APDUs travel over AT (default auto)")
-    g.add_argument("--aid", action="append", metavar="HEX", help="ISD-R AID to try (repeatable, in order)")
-    g.add_argument("--timeout", type=float, metavar="S", help="deadline per AT command / APDU (default 10)")
-    g.add_argument("--long-timeout", type=float, metavar="S",
-                   help="deadline for profile loading, enable, delete (default 300)")
-    g.add_argument("--baud", type=int, help="serial line speed for UART ports (default 115200)")
-    g.add_argument("--segment-size", type=int, metavar="N", help="STORE DATA block size, 1..255 (default 120)")
-    g.add_argument("--config", metavar="FILE", dest="config_path", help="TOML config (default /etc/esim-agent/agent.toml)")
-    o = p.add_argument_group("output")
-    o.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    o.add_argument("-v", "--verbose", action="count", default=0)
-    o.add_argument("--trace", action="store_true", help="print every AT line and APDU to stderr")
+    _add_global_options(p)
 
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -496,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sim_parsers(sub)
     _add_bench_parsers(sub)
     _add_demo_parser(sub)
+    for leaf in _leaves(p):
+        if leaf is not p:
+            _add_global_options(leaf, suppress=True)
     return p
 
 

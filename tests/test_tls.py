@@ -212,7 +212,7 @@ def test_session_sends_sni_and_verifies_only_against_our_cis(tmp_path, cas, monk
     import socket
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
-    lsock.listen(1)
+    lsock.listen(8)
     port = lsock.getsockname()[1]
 
     def serve():
@@ -231,7 +231,7 @@ def test_session_sends_sni_and_verifies_only_against_our_cis(tmp_path, cas, monk
     # the environment's system bundle must not widen (or replace) our trust
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/nonexistent.pem")
     s = tls.make_session(Trust((ci[0],), "x"))
-    r = s.post(f"https://localhost:{port}/x", data=b"{}", timeout=(2, 5), verify=False)
+    r = s.post(f"https://localhost:{port}/x", data=b"{}", timeout=(10, 10), verify=False)
     assert r.status_code == 204
     assert seen["sni"] == "localhost"
     th.join(5)
