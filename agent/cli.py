@@ -385,6 +385,7 @@ def cmd_profile_download(args, out: Output) -> int:
             es9.narrow_to([bytes.fromhex(k) for k in info1.ci_pkids_for_verification])
             opts = DownloadOptions(address=address, matching_id=mid, confirmation_code=args.confirmation_code,
                                    imei=imei, consent=consent, ask_confirmation_code=ask_cc,
+                                   smdp_oid=ac.oid if ac else None,
                                    progress=_progress_printer(out),
                                    long_timeout=args.long_timeout or args.config.long_timeout)
             out.info(f"downloading from {address}" + (f" (matching ID {mid})" if mid else " (default SM-DP+)"))

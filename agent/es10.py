@@ -38,6 +38,8 @@ class Es10Error(CardError):
 
 
 def _snake(name: str) -> str:
+    """Spec outcome name → stable error code (ciPKUnknown → ci_pk_unknown)."""
+    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
     return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
 
 

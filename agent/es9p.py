@@ -450,16 +450,16 @@ class Es9pClient:
         try:
             raw = _b64decode(v)
         except (binascii.Error, ValueError):
-            raise ProtocolError(f"SM-DP+ returned malformed base64/DER in field {field}: not valid base64",
+            raise ProtocolError(f"SM-DP+ answer to {function}: field {field} is not valid base64",
                                 code="malformed_base64", details=d) from None
         try:
             t = tlv.parse_single(raw)
             _check_der(raw)
         except ProtocolError as e:
-            raise ProtocolError(f"SM-DP+ returned malformed base64/DER in field {field}: {e.message}",
+            raise ProtocolError(f"SM-DP+ answer to {function}: field {field} is malformed DER ({e.message})",
                                 code="malformed_der", details=d) from None
         if t.tag != tag:
-            raise ProtocolError(f"SM-DP+ returned malformed base64/DER in field {field}: starts with tag "
+            raise ProtocolError(f"SM-DP+ answer to {function}: field {field} starts with tag "
                                 f"{t.tag:X}, expected {tag:X}", code="unexpected_tag",
                                 details={**d, "tag": f"{t.tag:X}"})
         return raw

@@ -102,6 +102,8 @@ class DownloadOptions:
     ask_confirmation_code: Callable[[], str | None] | None = None
     progress: Callable[[str, int, int], None] | None = None
     long_timeout: float | None = None
+    # SM-DP+ OID from the activation code (SGP.22 §4.1): must match CERT.DPauth.
+    smdp_oid: str | None = None
 
 
 def hash_confirmation_code(code: str, transaction_id: bytes) -> bytes:
@@ -181,13 +183,23 @@ class Downloader:
     def run(self) -> DownloadResult:
         o = self.opts
         self._progress("reading eUICC info")
-        info1 = self.es10.get_euicc_info1()
-        challenge = self.es10.get_euicc_challenge()
+        try:
+            info1 = self.es10.get_euicc_info1()
+            challenge = self.es10.get_euicc_challenge()
+        except AgentError as e:
+            raise DownloadError("reading eUICC info", e) from e
 
         self._progress("initiateAuthentication")
-        ia = self.es9.initiate_authentication(challenge, info1.raw, o.address)
+        try:
+            ia = self.es9.initiate_authentication(challenge, info1.raw, o.address)
+        except DownloadError:
+            raise
+        except AgentError as e:   # no session yet on either side: nothing to cancel
+            raise DownloadError("initiateAuthentication", e) from e
         self.txid = ia.transaction_id
         self._check_server_signed1(ia.server_signed1, challenge, o.address)
+        if o.smdp_oid:
+            self._check_smdp_oid(ia.server_certificate, o.smdp_oid)
         try:
             return self._after_initiate(ia)
         except KeyboardInterrupt:
@@ -215,6 +227,21 @@ class Downloader:
             raise DownloadError("initiateAuthentication",
                                 ProtocolError(f"the SM-DP+ calls itself {ss1['serverAddress']!r}, "
                                               f"but we contacted {address!r}", code="smdp_address_mismatch"))
+
+    def _check_smdp_oid(self, cert_der: bytes, want: str) -> None:
+        """The activation code names the SM-DP+ by OID; CERT.DPauth carries it as its
+        SAN registeredID (SGP.22 §4.1, §4.5.2.1). A mismatch means the code points at
+        another server than the one answering."""
+        from ..crypto import CertError, load_cert, smdp_oid
+        try:
+            got = smdp_oid(load_cert(cert_der))
+        except CertError as e:
+            raise DownloadError("initiateAuthentication",
+                                ProtocolError(f"unreadable SM-DP+ certificate: {e}", code="malformed_certificate"))
+        if got != want:
+            raise DownloadError("initiateAuthentication", ProtocolError(
+                f"the activation code expects SM-DP+ OID {want}, but the server's certificate says {got or 'none'}",
+                code="smdp_oid_mismatch"))
 
     def _after_initiate(self, ia) -> DownloadResult:
         o = self.opts
@@ -271,7 +298,9 @@ class Downloader:
                 self.es9.get_bound_profile_package(self.txid, pdr)
             except AgentError:
                 pass
-            raise DownloadError("PrepareDownload", Es10Error("PrepareDownload", name, code))
+            # The server ends its session on the error response; close the card's too.
+            raise DownloadError("PrepareDownload", Es10Error("PrepareDownload", name, code)
+                                ).with_cancel(REASON_UNDEFINED)
 
         self._progress("getBoundProfilePackage")
         bpp = self.es9.get_bound_profile_package(self.txid, pdr)

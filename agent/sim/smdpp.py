@@ -64,8 +64,9 @@ CANCEL_REASONS = {0: "endUserRejection", 1: "postponed", 2: "timeout", 3: "pprNo
                   4: "metadataMismatch", 5: "loadBppExecutionError", 127: "undefinedReason"}
 CANCEL_ERRORS = {5: "invalidTransactionId", 127: "undefinedError"}
 # Cancellation reasons after which the order stays downloadable (SGP.22 §3.1.3 / §5.6.5):
-# the user or the device merely deferred the download.
-CANCEL_KEEPS_ORDER = {1, 2, 127}
+# the user or the device deferred the download (postponed, timeout), or loading failed
+# on the device's side before anything was installed (loadBppExecutionError, undefined).
+CANCEL_KEEPS_ORDER = {1, 2, 5, 127}
 BPP_COMMANDS = {0: "initialiseSecureChannel", 1: "configureISDP", 2: "storeMetadata",
                 3: "storeMetadata2", 4: "replaceSessionKeys", 5: "loadProfileElements"}
 BPP_ERRORS = {1: "incorrectInputValues", 2: "invalidSignature", 3: "invalidTransactionId",
@@ -594,6 +595,8 @@ class Es9Service:
         self._drop(s)
         if reason not in CANCEL_KEEPS_ORDER and s.order_sid:
             self.store.fail(s.order_sid, f"cancelled:{name}", f"the download was cancelled: {name} ({reason})")
+        elif s.order_sid:
+            self.store.release(s.order_sid)
         log(f"cancelSession {s.txid.hex().upper()}: {name} ({reason})"
             + ("; order kept" if reason in CANCEL_KEEPS_ORDER else "; order failed"))
         return {}

@@ -364,6 +364,20 @@ class TwinStore:
         self._callback(snap)
         return snap
 
+    def release(self, sid: str) -> dict | None:
+        """The device cancelled a session that had fetched the BPP but installed nothing
+        (a lost answer, Ctrl-C while loading): the order can be downloaded again by the
+        same EID. Single use means one installed profile, not one HTTP response."""
+        with self._lock:
+            rec = self.data["esim_profiles"].get(sid)
+            if rec is None or rec["status"] != "downloaded":
+                return None
+            self._set(rec, status="available")
+            self.save()
+            snap = dict(rec)
+        self._callback(snap)
+        return snap
+
     def fail(self, sid: str, error_code: str, error_message: str) -> dict | None:
         with self._lock:
             rec = self.data["esim_profiles"].get(sid)

@@ -1,0 +1,217 @@
+"""Notification delivery (agent.flows.notifications + the SQLite outbox) against the real
+local SM-DP+ and the simulated eUICC (tests/testbed.py).
+
+The rule under test (protocol.md §6, store.py): a notification leaves the eUICC only after
+the SM-DP+ accepted it, and a crash at the worst moment (accepted, not yet removed) loses
+nothing: the next run finishes the job.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent import codec
+from agent.es8p import split_bpp
+from testbed import Spy, bed, make_bed, testbed_pki  # noqa: F401 (pytest fixtures)
+
+FAULT_EXIT = 86
+
+
+def installed(bed, *, deliver: bool = True):
+    """Reserve + download one profile; optionally deliver its install notification. Returns (order, result)."""
+    order = bed.reserve(matching_id=True)
+    res = bed.download(matching_id=order["matching_id"])
+    if deliver:
+        [d] = bed.process_notifications()
+        assert (d.operation, d.status) == ("install", "delivered")
+        bed.wait_order(order["sid"], "installed")
+    return order, res
+
+
+class OnCardAtSend:
+    """client_for wrapper: records, for every handleNotification, whether the notification
+    was still on the card at that moment (it must be: removal comes only after acceptance)."""
+
+    def __init__(self, bed, pool):
+        self.bed, self.pool = bed, pool
+        self.seen: list[tuple[int, bool]] = []
+
+    def __call__(self, address):
+        outer = self
+        inner = self.pool(address)
+
+        class Client:
+            def handle_notification(self, der):
+                seq = codec.decode("PendingNotification", der)
+                seq = _seq_of(seq)
+                on_card = seq in {n.seq_number for n in outer.bed.notifications()}
+                outer.seen.append((seq, on_card))
+                return inner.handle_notification(der)
+        return Client()
+
+
+def _seq_of(pending) -> int:
+    kind, v = pending
+    if kind == "profileInstallationResult":
+        return v["profileInstallationResultData"]["notificationMetadata"]["seqNumber"]
+    return v["tbsOtherNotification"]["seqNumber"]
+
+
+def test_enable_disable_delete_delivered_then_removed(bed):
+    from agent.flows.notifications import ClientPool
+    order, res = installed(bed)
+    iccid = order["iccid"]
+    steps = [("enable", bed.es10.enable_profile), ("disable", bed.es10.disable_profile),
+             ("delete", bed.es10.delete_profile)]
+    for op, action in steps:
+        action(iccid)
+        [n] = bed.notifications()
+        assert (n.operation, n.address, n.iccid) == (op, bed.address, iccid)
+        pool = ClientPool(ca=bed.ca)
+        spy = OnCardAtSend(bed, pool)
+        try:
+            deliveries = bed.process_notifications(client_for=spy)
+        finally:
+            pool.close()
+        assert [(d.seq_number, d.operation, d.status, d.iccid) for d in deliveries] == \
+               [(n.seq_number, op, "delivered", iccid)]
+        assert spy.seen == [(n.seq_number, True)]      # sent while still on the card …
+        assert bed.notifications() == []                # … removed only after the server took it
+        with bed.outbox() as ob:
+            assert ob.get(bed.eid, n.seq_number).status == "removed"
+        # The SM-DP+ verified the eUICC's signature and recorded the event.
+        ev = bed.server.store.events()[-1]
+        assert (ev["event"], ev["iccid"], ev["seq"], ev["eid"]) == (op, iccid, n.seq_number, bed.eid)
+    assert [e["event"] for e in bed.server.store.events()] == ["enable", "disable", "delete"]
+    assert bed.profiles() == []
+    assert len(bed.es9_calls("handleNotification")) == 4      # install + three, each exactly once
+
+
+@pytest.mark.parametrize("answer", ["plain-500", "failed-envelope-500"])
+def test_server_error_keeps_notification_on_card_and_pending(bed, answer):
+    order, res = installed(bed, deliver=False)
+    if answer == "plain-500":
+        bed.hook("handleNotification", "respond", 500, b"<html>upstream exploded</html>", "text/html")
+        code = "http_status"
+    else:
+        body = {"header": {"functionExecutionStatus": {"status": "Failed", "statusCodeData": {
+            "subjectCode": "8.8", "reasonCode": "127", "message": "try later"}}}}
+        bed.hook("handleNotification", "respond", 500, json.dumps(body).encode(), "application/json")
+        code = "smdp_refused"
+    [d] = bed.process_notifications()
+    assert (d.seq_number, d.status, d.error["code"]) == (res.notification_seq, "failed", code)
+    assert bed.hooks_fired == [("handleNotification", "respond")]
+    # Still on the card, still pending in the outbox, the server's view unchanged.
+    assert [n.seq_number for n in bed.notifications()] == [res.notification_seq]
+    with bed.outbox() as ob:
+        n = ob.get(bed.eid, res.notification_seq)
+        assert (n.status, n.attempts, n.removed_externally) == ("pending", 1, False)
+        assert n.last_error and n.der[:2] == b"\xbf\x37"
+        assert [p.seq_number for p in ob.pending(bed.eid)] == [res.notification_seq]
+    assert bed.order(order["sid"])["status"] == "downloaded"
+
+    # The server is back: the next run delivers it and only then removes it.
+    [d] = bed.process_notifications()
+    assert (d.seq_number, d.status) == (res.notification_seq, "delivered")
+    assert bed.notifications() == []
+    bed.wait_order(order["sid"], "installed")
+    with bed.outbox() as ob:
+        n = ob.get(bed.eid, res.notification_seq)
+        assert (n.status, n.attempts) == ("removed", 2)
+
+
+def test_process_only_the_selected_sequence_numbers(bed):
+    order, res = installed(bed, deliver=False)
+    bed.es10.enable_profile(order["iccid"])
+    install_seq = res.notification_seq
+    [enable_seq] = [n.seq_number for n in bed.notifications() if n.operation == "enable"]
+    [d] = bed.process_notifications(seqs=[enable_seq])
+    assert (d.seq_number, d.operation, d.status) == (enable_seq, "enable", "delivered")
+    assert [n.seq_number for n in bed.notifications()] == [install_seq]
+    assert bed.order(order["sid"])["status"] == "downloaded"   # the PIR was not sent
+    [d] = bed.process_notifications()
+    assert (d.seq_number, d.status) == (install_seq, "delivered")
+    bed.wait_order(order["sid"], "installed")
+
+
+def test_unknown_sequence_number_in_process(bed):
+    order, res = installed(bed, deliver=False)
+    [d] = bed.process_notifications(seqs=[99])
+    assert (d.seq_number, d.status, d.error["code"]) == (99, "failed", "notification_not_found")
+    assert [n.seq_number for n in bed.notifications()] == [res.notification_seq]   # untouched
+    assert bed.es9_calls("handleNotification") == []
+
+
+def test_cli_unknown_sequence_number(bed):
+    order, res = installed(bed, deliver=False)
+    run = bed.cli("--json", "notification", "process", "99", "--ca", bed.ca)
+    assert run.rc == 1, run
+    assert run.doc["ok"] is False and run.doc["error"]["code"] == "notification_not_found", run
+    assert "99" in run.doc["error"]["message"]
+    assert [n.seq_number for n in bed.notifications()] == [res.notification_seq]
+    assert bed.es9_calls("handleNotification") == []
+
+
+def test_crash_between_send_and_remove_loses_nothing(bed):
+    """Kill the process right after the SM-DP+ accepted the first of two notifications."""
+    order, res = installed(bed, deliver=False)
+    bed.es10.enable_profile(order["iccid"])
+    seqs = sorted(n.seq_number for n in bed.notifications())
+    assert len(seqs) == 2                                # install (PIR) + enable
+
+    run = bed.cli("--json", "notification", "process", "--ca", bed.ca, env={"ESIM_AGENT_FAULT": "after-send"})
+    assert run.rc == FAULT_EXIT, run
+    # The server has the first one (the PIR: the order is installed) …
+    assert len(bed.es9_calls("handleNotification")) == 1
+    bed.wait_order(order["sid"], "installed")
+    # … but it was not removed from the card, and the outbox still holds both, exact DER included.
+    assert sorted(n.seq_number for n in bed.notifications()) == seqs
+    with bed.outbox() as ob:
+        rows = {n.seq_number: n for n in ob.list(bed.eid)}
+        assert sorted(rows) == seqs and all(n.status == "pending" for n in rows.values())
+        on_card = {p.seq_number: p.der for p in bed.es10.retrieve_notifications()}
+        assert {s: rows[s].der for s in seqs} == on_card
+
+    run = bed.cli("--json", "notification", "process", "--ca", bed.ca)
+    assert run.rc == 0, run
+    got = {n["seq_number"]: (n["operation"], n["status"]) for n in run.doc["data"]["notifications"]}
+    assert got == {seqs[0]: ("install", "delivered"), seqs[1]: ("enable", "delivered")}
+    assert bed.notifications() == []
+    with bed.outbox() as ob:
+        assert [(n.seq_number, n.status) for n in ob.list(bed.eid)] == [(s, "removed") for s in seqs]
+    assert [e["event"] for e in bed.server.store.events()] == ["enable"]
+    assert bed.order(order["sid"])["status"] == "installed"
+    # At-least-once: the accepted-but-unremoved PIR went out again; the server took the duplicate.
+    calls = bed.es9_calls("handleNotification")
+    assert len(calls) == 3 and all("failure" not in c for c in calls)
+
+
+def test_nothing_pending(bed):
+    assert bed.process_notifications() == []
+    run = bed.cli("--json", "notification", "process", "--ca", bed.ca)
+    assert run.rc == 0 and run.doc == {"ok": True, "data": {"notifications": []}}, run
+
+
+def test_error_pir_after_refused_bpp_is_delivered(make_bed):
+    """The signed error result of a refused package is a notification like any other; here the
+    second of several profile-element segments is corrupted."""
+    from agent.flows.download import DownloadError
+    from testbed import flip_in_bpp
+    bed = make_bed(profile_size=3000)
+    order = bed.reserve(matching_id=True)
+    es9 = Spy(bed.client(), after={"get_bound_profile_package": lambda bpp: flip_in_bpp(bpp, 0x86, index=1)})
+    es10 = Spy(bed.es10)
+    with pytest.raises(DownloadError) as ei:
+        bed.download(matching_id=order["matching_id"], es9=es9, es10=es10)
+    assert ei.value.details["bpp_command"] == "loadProfileElements"
+    # The eUICC answered with its result exactly at the corrupted segment; the LPA sent no more.
+    commands = split_bpp(es9.called("get_bound_profile_package")[0].result)
+    second_86 = [i for i, c in enumerate(commands) if c[0] == 0x86][1]
+    sent = [c.args[0] for c in es10.called("call_raw") if c.kwargs.get("what") == "LoadBoundProfilePackage"]
+    assert sent == commands[:second_86 + 1] and len(commands) > second_86 + 1
+    seq = ei.value.details["notification_seq"]
+    [d] = bed.process_notifications()
+    assert (d.seq_number, d.operation, d.status) == (seq, "install", "delivered")
+    assert bed.wait_order(order["sid"], "failed")["error_code"] == "8"
+    assert bed.notifications() == [] and bed.profiles() == []
