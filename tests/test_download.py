@@ -625,3 +625,17 @@ def test_cli_download_untrusted_ca(bed, other_pki):
     assert run.rc == 3, run
     assert run.doc["error"]["code"] == "tls_untrusted"
     assert bed.es9_log == [] and bed.profiles() == []
+
+
+def test_activation_code_oid_must_match_dpauth(bed):
+    """SGP.22 §4.1: an SM-DP+ OID in the activation code names the server; CERT.DPauth carries it."""
+    order = bed.reserve(matching_id=True)
+    with pytest.raises(DownloadError) as ei:
+        bed.download(matching_id=order["matching_id"], smdp_oid="1.2.3.4")
+    assert ei.value.code == "smdp_oid_mismatch" and ei.value.step == "initiateAuthentication"
+    assert "1.2.3.4" in ei.value.message
+    assert_nothing_installed(bed)
+    # the right OID (the test PKI's) passes
+    from agent.sim.pki import load_pki
+    res = bed.download(matching_id=order["matching_id"], smdp_oid=load_pki(bed.pki_dir).smdp_oid)
+    assert res.iccid == order["iccid"]
