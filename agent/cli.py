@@ -131,12 +131,15 @@ def cmd_chip_info(args, out: Output) -> int:
         eid = es10.get_eid()
         info2 = es10.get_euicc_info2()
         addrs = es10.get_configured_addresses()
+        modem = _modem_info(es10)
     data = {
         "eid": eid,
         "euicc_info2": info2.to_json(),
         "configured_addresses": {"default_dp_address": addrs.default_dp_address,
                                  "root_ds_address": addrs.root_ds_address},
     }
+    if modem is not None:
+        data["modem"] = modem.to_json()
 
     def text() -> str:
         rows = [["EID", eid],
@@ -144,6 +147,8 @@ def cmd_chip_info(args, out: Output) -> int:
                 ["Root SM-DS", addrs.root_ds_address or "(none)"],
                 ["SVN", info2.svn], ["Profile version", info2.profile_version],
                 ["Firmware", info2.firmware_version], ["Free NVM (bytes)", info2.free_nvm],
+                *([["Modem", f"{modem.manufacturer or '?'} {modem.model or ''}".strip()],
+                   ["IMEI", modem.imei], ["Active ICCID", modem.iccid]] if modem else []),
                 ["Category", info2.euicc_category],
                 ["CI keys (verify)", ", ".join(info2.ci_pkids_for_verification)],
                 ["CI keys (sign)", ", ".join(info2.ci_pkids_for_signing)]]
@@ -419,14 +424,20 @@ def _safe_process(args, es10, eid):
         return []
 
 
-def _modem_imei(es10) -> str | None:
+def _modem_info(es10):
+    """IMEI, active ICCID, make and model from the modem (None for the in-process simulator)."""
     info = getattr(getattr(es10, "transport", None), "modem_info", None)
     if info is None:
         return None
     try:
-        return info().imei
+        return info()
     except AgentError:
         return None
+
+
+def _modem_imei(es10) -> str | None:
+    m = _modem_info(es10)
+    return m.imei if m else None
 
 
 # --------------------------------------------------------------------------- parser
