@@ -24,6 +24,7 @@ ISDR_AID = bytes.fromhex("A0000005591010FFFFFFFF8900000100")
 
 DEFAULT_SEGMENT = 120
 MAX_SEGMENT = 255
+MIN_FALLBACK_SEGMENT = 16
 GET_RESPONSE_CAP = 64          # 64 × 256 bytes = 16 KiB, far above any ES10 response
 
 INS_MANAGE_CHANNEL = 0x70
@@ -67,6 +68,15 @@ def is_success(sw: int) -> bool:
     # 90xx and 91xx (proactive command pending — the modem's STK engine fetches it,
     # modem.md §2 "91xx") both mean the command itself succeeded.
     return sw == 0x9000 or (sw >> 8) == 0x91
+
+
+def _apdu_too_long(e: Exception) -> bool:
+    """+CME ERROR 3 (operation not allowed) / 4 (not supported): what modems answer
+    for an APDU above their size limit, before it reaches the card."""
+    cme = getattr(e, "cme", None)
+    if isinstance(cme, str):
+        return cme.strip().lower() in ("operation not allowed", "operation not supported")
+    return cme in (3, 4)
 
 
 def split_rapdu(rapdu: bytes) -> tuple[bytes, int]:
@@ -248,9 +258,27 @@ class Isdr:
         return data, sw
 
     def store_data(self, payload: bytes, *, timeout: float | None = None, what: str = "ES10 command") -> bytes:
-        """Send one ES10 command (a DER TLV) as STORE DATA blocks; return the response data."""
+        """Send one ES10 command (a DER TLV) as STORE DATA blocks; return the response data.
+
+        A modem that refuses an APDU as too long answers +CME ERROR: 3/4 without
+        passing it to the card (modem.md §1, Wavecom/Moxa limits). Then the whole
+        command is sent again from block 00 with half the block size (block 00
+        always starts a new command), and the smaller size is kept for the session."""
         if not payload:
             raise ValueError("empty ES10 command")
+        while True:
+            try:
+                return self._store_data(payload, timeout, what)
+            except TransportError as e:
+                if not _apdu_too_long(e) or self.segment_size <= MIN_FALLBACK_SEGMENT:
+                    raise
+                smaller = max(MIN_FALLBACK_SEGMENT, self.segment_size // 2)
+                log.warning("modem refused a %d-byte STORE DATA block (%s); retrying with %d-byte blocks "
+                            "(set the max_apdu quirk or --segment-size to avoid this)",
+                            self.segment_size, e.message, smaller)
+                self.segment_size = smaller
+
+    def _store_data(self, payload: bytes, timeout: float | None, what: str) -> bytes:
         ch = self.channel or 0
         cla = cla_for(0x80, ch)
         seg = self.segment_size

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import AgentError, UsageError
@@ -74,6 +75,50 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
 
 # --------------------------------------------------------------------------- card access
 
+@dataclass
+class Settings:
+    timeout: float
+    long_timeout: float
+    segment_size: int
+    baud: int
+    aids: list[bytes]
+
+
+def _pick(cli_value, cfg_value):
+    return cli_value if cli_value is not None else cfg_value
+
+
+def settings(args) -> Settings:
+    """Command line over config file, validated once (bad values are usage errors, exit 2)."""
+    from .apdu import ISDR_AID, MAX_SEGMENT
+    cfg = args.config
+    timeout = _pick(args.timeout, cfg.timeout)
+    long_timeout = _pick(args.long_timeout, cfg.long_timeout)
+    for name, v in (("--timeout", timeout), ("--long-timeout", long_timeout)):
+        if not isinstance(v, (int, float)) or not 0 < v <= 3600:
+            raise UsageError(f"{name} must be a number of seconds above 0 (at most 3600), not {v!r}",
+                             code="bad_timeout")
+    seg = _pick(args.segment_size, cfg.segment_size)
+    if not isinstance(seg, int) or not 1 <= seg <= MAX_SEGMENT:
+        raise UsageError(f"--segment-size must be 1..{MAX_SEGMENT} bytes (STORE DATA Lc), not {seg!r}",
+                         code="bad_segment_size")
+    baud = _pick(args.baud, cfg.baud)
+    if not isinstance(baud, int) or baud <= 0:
+        raise UsageError(f"--baud must be a positive number, not {baud!r}", code="bad_baud")
+    aids = []
+    for a in (args.aid or cfg.aids or []):
+        a = str(a).strip().replace(" ", "")
+        try:
+            b = bytes.fromhex(a)
+        except ValueError:
+            b = b""
+        if not 5 <= len(b) <= 16:
+            raise UsageError(f"--aid {a!r} is not an AID (5 to 16 bytes of hex, e.g. {ISDR_AID.hex().upper()})",
+                             code="bad_aid")
+        aids.append(b)
+    return Settings(float(timeout), float(long_timeout), seg, baud, aids or [ISDR_AID])
+
+
 @contextlib.contextmanager
 def open_transport(args):
     """The APDU transport selected by --device / --sim."""
@@ -91,10 +136,9 @@ def open_transport(args):
             raise UsageError("no modem given: pass --device /dev/ttyUSBx (the modem's AT port) "
                              "or --sim STATEFILE for the simulated eUICC", code="no_device")
         from .transport.open import open_transport as _open
-        t = _open(device, transport=args.transport or args.config.transport,
-                  timeout=args.timeout or args.config.timeout,
-                  long_timeout=args.long_timeout or args.config.long_timeout,
-                  quirks=dict(args.config.quirks) or None, trace=trace, baud=args.baud or args.config.baud)
+        st = settings(args)
+        t = _open(device, transport=args.transport or args.config.transport, timeout=st.timeout,
+                  long_timeout=st.long_timeout, quirks=dict(args.config.quirks) or None, trace=trace, baud=st.baud)
     try:
         yield t
     finally:
@@ -104,14 +148,13 @@ def open_transport(args):
 @contextlib.contextmanager
 def open_es10(args):
     """Transport → ISD-R session → ES10 client; the channel is always closed."""
-    from .apdu import ISDR_AID, Isdr
+    from .apdu import Isdr
     from .es10 import Es10
-    aids = [bytes.fromhex(a) for a in (args.aid or args.config.aids)] or [ISDR_AID]
+    st = settings(args)
     with open_transport(args) as t:
-        isdr = Isdr(t, aids=aids, segment_size=args.segment_size or args.config.segment_size,
-                    timeout=args.timeout)
+        isdr = Isdr(t, aids=st.aids, segment_size=st.segment_size, timeout=st.timeout)
         with isdr:
-            es10 = Es10(isdr, long_timeout=args.long_timeout or args.config.long_timeout)
+            es10 = Es10(isdr, long_timeout=st.long_timeout)
             es10.transport = t  # type: ignore[attr-defined] - the download flow reads the modem's IMEI
             yield es10
 
@@ -392,7 +435,7 @@ def cmd_profile_download(args, out: Output) -> int:
                                    imei=imei, consent=consent, ask_confirmation_code=ask_cc,
                                    smdp_oid=ac.oid if ac else None,
                                    progress=_progress_printer(out),
-                                   long_timeout=args.long_timeout or args.config.long_timeout)
+                                   long_timeout=settings(args).long_timeout)
             out.info(f"downloading from {address}" + (f" (matching ID {mid})" if mid else " (default SM-DP+)"))
             try:
                 res = Downloader(es10, es9, opts).run()

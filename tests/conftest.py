@@ -1,9 +1,11 @@
 """Shared pytest fixtures. Add yours below with a clear name and a docstring.
 
 AT / modem fixtures (H2): ``fake_euicc``, ``sim_modem``, ``hang_guard``.
+CLI fixtures (H9): ``shared_sim_modem`` (module-scoped, read-only tests).
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -149,3 +151,53 @@ def hang_guard():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def _serve_in_thread(state_path, link, faults, card, *, baud=None, preload=2):
+    """Start agent.sim.modem's serve_modem in a daemon thread; return (server, thread)."""
+    from agent.sim.modem import serve_modem
+
+    box: dict = {}
+    ready = threading.Event()
+
+    def on_ready(server):
+        box["server"] = server
+        ready.set()
+
+    def run():
+        try:
+            serve_modem(state_path, link=link, preload=preload, baud=baud, faults=faults, ready=on_ready, card=card)
+        except BaseException as e:  # surface start-up errors to the test
+            box["error"] = e
+            ready.set()
+
+    th = threading.Thread(target=run, name=f"sim-modem-{os.path.basename(str(link))}", daemon=True)
+    th.start()
+    if not ready.wait(30):
+        raise RuntimeError("simulated modem did not start within 30 s")
+    if "error" in box:
+        raise box["error"]
+    return box["server"], th
+
+
+@pytest.fixture(scope="module")
+def shared_sim_modem(tmp_path_factory):
+    """Module-scoped ``sim_modem`` for tests that do not change the card (H9):
+    ``shared_sim_modem(*faults)`` returns a ModemServer in front of a real
+    SimEuicc with 2 preloaded profiles, one per distinct fault set per module
+    (the same server for the same faults). Tests that enable, delete, reset ...
+    must use the function-scoped ``sim_modem(..., card="real")`` instead."""
+    base = tmp_path_factory.mktemp("shared-modem")
+    servers: dict = {}
+
+    def get(*faults):
+        key = tuple(faults)
+        if key not in servers:
+            n = len(servers)
+            servers[key] = _serve_in_thread(base / f"card{n}.json", str(base / f"modem{n}.tty"), faults, None)
+        return servers[key][0]
+
+    yield get
+    for server, th in servers.values():
+        server.stop()
+        th.join(5)

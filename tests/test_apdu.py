@@ -635,3 +635,47 @@ def test_transport_is_not_closed_by_isdr():
     with Isdr(t):
         pass
     assert t.closed is False
+
+
+class _TooLong(TransportError):
+    """What the AT transport raises for +CME ERROR: n."""
+
+    def __init__(self, cme):
+        super().__init__(f"+CME ERROR: {cme}", code="modem_cme_error")
+        self.cme = cme
+
+
+class LimitedTransport(FakeTransport):
+    """A modem that refuses APDUs above ``limit`` bytes with CME 3 and answers 9000 otherwise."""
+
+    def __init__(self, limit, cme=3):
+        super().__init__(open_results=(1,))
+        self.limit, self.cme, self.apdus = limit, cme, []
+
+    def transmit(self, capdu, *, timeout=None):
+        if len(capdu) > self.limit:
+            raise _TooLong(self.cme)
+        self.apdus.append(capdu)
+        return H("9000")
+
+
+@pytest.mark.parametrize("cme", [3, 4, "operation not allowed"])
+def test_store_data_shrinks_blocks_when_the_modem_refuses_long_apdus(cme):
+    t = LimitedTransport(40, cme)
+    s = Isdr(t).open()
+    payload = bytes(range(100))
+    s.store_data(payload)
+    # 120 → 60 → 30: the command was resent from block 00 with 30-byte blocks, which fit
+    assert s.segment_size == 30
+    assert [a[3] for a in t.apdus] == [0, 1, 2, 3]
+    assert b"".join(a[5:5 + a[4]] for a in t.apdus) == payload
+    s.store_data(payload)                      # the smaller size is kept for the session
+    assert len(t.apdus) == 8
+
+
+def test_store_data_other_modem_errors_are_not_retried():
+    t = LimitedTransport(40, cme=13)           # SIM failure: not a size problem
+    s = Isdr(t).open()
+    with pytest.raises(TransportError):
+        s.store_data(bytes(100))
+    assert s.segment_size == 120 and t.apdus == []
