@@ -56,7 +56,7 @@ def cmd_demo(args, out) -> int:
         say("1. test PKI (CI, EUM, SM-DP+ certificates) ...")
         make_pki(pki_dir)
         ca = str(pki_dir / "ci.pem")
-        server = SmdpServer(str(pki_dir), port=0, auth=(sid, token))
+        server = SmdpServer(str(pki_dir), port=0, auth=(sid, token), profile_size=12288)  # TS.48-sized
         server.start()
         say(f"2. local SM-DP+ on https://127.0.0.1:{server.port}, address {server.address}")
         cmd = agent_cmd() + ["sim", "modem", "--state", str(state), "--link", str(link), "--pki", str(pki_dir)]
