@@ -272,20 +272,21 @@ def _process_notifications(args, es10, seqs, *, eid: str | None = None):
 
 
 def cmd_profile_enable(args, out: Output) -> int:
-    with open_es10(args) as es10:
-        es10.enable_profile(args.id, refresh=not args.no_refresh and args.config.refresh)
-        data = {"enabled": args.id}
-        _after_change(args, out, es10, data)
-    out.ok(data, f"profile {args.id} enabled")
-    return 0
+    return _switch(args, out, "enable")
 
 
 def cmd_profile_disable(args, out: Output) -> int:
+    return _switch(args, out, "disable")
+
+
+def _switch(args, out: Output, action: str) -> int:
+    """EnableProfile / DisableProfile, then the notifications they caused."""
     with open_es10(args) as es10:
-        es10.disable_profile(args.id, refresh=not args.no_refresh and args.config.refresh)
-        data = {"disabled": args.id}
+        call = es10.enable_profile if action == "enable" else es10.disable_profile
+        call(args.id, refresh=not args.no_refresh and args.config.refresh)
+        data = {f"{action}d": args.id}
         _after_change(args, out, es10, data)
-    out.ok(data, f"profile {args.id} disabled")
+    out.ok(data, f"profile {args.id} {action}d")
     return 0
 
 
