@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 ADMIN_PROTOCOL = "gsma/rsp/v2.2.0"
 PATH_PREFIX = "/gsma/rsp2/es9plus/"
 DEFAULT_TIMEOUT = (5.0, 30.0)
+# The read timeout bounds each socket read; this bounds the whole answer, so a server
+# that drips bytes cannot hold the device (DESIGN.md "Never hang").
+DEFAULT_TOTAL_TIMEOUT = 120.0
+# A Bound Profile Package is tens of KB; anything this large is not an ES9+ answer.
+MAX_BODY = 4 * 1024 * 1024
 OK_STATUSES = ("Executed-Success", "Executed-WithWarning")
 
 # Functions that may safely be sent again after an ambiguous failure.
@@ -238,12 +243,14 @@ class Es9pClient:
                  config_ca=None, insecure_http: bool = False, timeout=DEFAULT_TIMEOUT,
                  trust: Trust | None = None, retries: int = 2, backoff: float = 0.5,
                  narrow_trust: bool = True, sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], _dt.datetime] | None = None, user_agent: str | None = None):
+                 clock: Callable[[], _dt.datetime] | None = None, user_agent: str | None = None,
+                 total_timeout: float = DEFAULT_TOTAL_TIMEOUT):
         self.address = self._parse_address(address, insecure_http)
         self.host = self.address.rsplit(":", 1)[0] if self._has_port(self.address) else self.address
         self.host = self.host.strip("[]")
         self.insecure_http = insecure_http
         self.timeout = timeout if isinstance(timeout, tuple) else (float(timeout), float(timeout))
+        self.total_timeout = float(total_timeout)
         self.retries = max(0, int(retries))
         self.backoff = backoff
         self.narrow_trust = narrow_trust
@@ -373,8 +380,11 @@ class Es9pClient:
             t0 = time.monotonic()
             try:
                 resp = self.session.post(url, data=data, headers=self._headers(), timeout=self.timeout,
-                                         allow_redirects=False)
-                content = resp.content
+                                         allow_redirects=False, stream=True)
+                try:
+                    content = self._read_body(resp, function, t0 + self.total_timeout)
+                finally:
+                    resp.close()
             except TlsError:
                 raise
             except requests.exceptions.RequestException as e:
@@ -393,6 +403,33 @@ class Es9pClient:
             log.debug("%s -> HTTP %s, %d bytes, %.2f s", function, resp.status_code, len(content),
                       time.monotonic() - t0)
             return resp.status_code, content
+
+    def _read_body(self, resp, function: str, deadline: float) -> bytes:
+        # read1() returns whatever has arrived (urllib3 >= 2), so the deadline is checked
+        # between small reads instead of after a 64 KiB block that may never fill.
+        import urllib3
+        raw = resp.raw
+        read = getattr(raw, "read1", None) or (lambda n: raw.read(min(n, 4096)))
+        buf = bytearray()
+        while True:
+            try:
+                chunk = read(65536)
+            except urllib3.exceptions.ReadTimeoutError as e:
+                raise requests.exceptions.ReadTimeout(e) from None
+            except urllib3.exceptions.HTTPError as e:
+                raise requests.exceptions.ConnectionError(e) from None
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > MAX_BODY:
+                raise ProtocolError(f"SM-DP+ answer to {function} is larger than {MAX_BODY // 1024} KiB; "
+                                    "not an ES9+ response", code="response_too_large",
+                                    details={"function": function})
+            if time.monotonic() > deadline:
+                raise TimeoutError_(f"SM-DP+ {self.address} took longer than {self.total_timeout:.0f} s to send "
+                                    f"its answer to {function}", code="response_deadline",
+                                    details={"function": function})
+        return bytes(buf)
 
     def _parse(self, function: str, status: int, content: bytes, *, allow_empty: bool = False) -> dict:
         """Check HTTP status + functionExecutionStatus; return the JSON object ({} if empty and allowed)."""

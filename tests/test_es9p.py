@@ -113,6 +113,13 @@ def failed(subject, reason, message=None, status="Failed"):
     return {"header": {"functionExecutionStatus": {"status": status, "statusCodeData": scd}}}
 
 
+class Drip:
+    """A response body sent a few bytes at a time (a server holding the device)."""
+
+    def __init__(self, data: bytes, chunk: int = 4, pause: float = 0.05):
+        self.data, self.chunk, self.pause = data, chunk, pause
+
+
 class Smdp:
     """Records every request; ``routes[function](body) -> (status, body)`` where body is dict/bytes/None."""
 
@@ -140,6 +147,19 @@ class Smdp:
                 outer.requests.append((self.path, dict(self.headers), body))
                 route = outer.routes.get(fn)
                 status, resp = route(body) if route else (404, b"no such function")
+                if isinstance(resp, Drip):
+                    try:
+                        self.send_response(status)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(resp.data)))
+                        self.end_headers()
+                        for i in range(0, len(resp.data), resp.chunk):
+                            self.wfile.write(resp.data[i:i + resp.chunk])
+                            self.wfile.flush()
+                            time.sleep(resp.pause)
+                    except OSError:
+                        pass
+                    return
                 if isinstance(resp, (dict, list)):
                     data, ctype = json.dumps(resp).encode(), "application/json;charset=UTF-8"
                 else:
@@ -716,3 +736,27 @@ def test_against_local_test_smdpp(tmp_path):
         with pytest.raises(Es9pError) as ei:
             c.get_bound_profile_package("00112233", PREP_DL_RESP)
         assert ei.value.code == "unknown_transaction"
+
+
+def test_total_deadline_against_a_dripping_server(server, pki):
+    """Each read arrives within the read timeout, but the whole answer must not take
+    longer than total_timeout (the device must never be held by a slow server)."""
+    srv = server()
+    srv.routes["getBoundProfilePackage"] = lambda b: (200, Drip(json.dumps(ok()).encode() * 20))
+    c = client(srv, pki, timeout=(2, 1), total_timeout=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError_) as ei:
+        c.get_bound_profile_package(TXID, PREP_DL_RESP)
+    assert time.monotonic() - t0 < 2.0
+    assert ei.value.code == "response_deadline" and "getBoundProfilePackage" in ei.value.message
+    assert len(srv.requests) == 1                      # not retried: the server may have acted
+
+
+def test_oversized_answer_refused(server, pki, monkeypatch):
+    import agent.es9p as es9p
+    monkeypatch.setattr(es9p, "MAX_BODY", 1000)
+    srv = server()
+    srv.routes["getBoundProfilePackage"] = lambda b: (200, b"x" * 5000)
+    with pytest.raises(ProtocolError) as ei:
+        client(srv, pki).get_bound_profile_package(TXID, PREP_DL_RESP)
+    assert ei.value.code == "response_too_large"
