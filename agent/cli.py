@@ -523,7 +523,7 @@ def _leaves(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="esim-agent", description="Device-side eSIM agent (SGP.22 LPA / SGP.32 IPAd).")
+    p = _Parser(prog="esim-agent", description="Device-side eSIM agent: the SGP.22 LPA over a modem's AT port, with a simulated test bed.")
     _add_global_options(p)
 
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
