@@ -358,6 +358,32 @@ def _type(type_name: str, action: str):
 
 # --- public API ----------------------------------------------------------------------
 
+def _check_keys(t: Any, value: Any, path: str) -> None:
+    """Reject SEQUENCE/SET keys the type does not have.
+
+    asn1tools silently drops unknown dictionary keys, so a misspelt field name
+    (e.g. ``eutranSupportedRelease`` for ``eutranEpcSupportedRelease``) would
+    vanish from the message without any error."""
+    kind = type(t).__name__
+    if kind == "ExplicitTag":
+        _check_keys(t.inner, value, path)
+    elif kind in ("Sequence", "Set") and isinstance(value, dict):
+        members = {m.name: m for m in list(t.root_members or []) + list(t.additions or [])}
+        unknown = sorted(set(value) - set(members))
+        if unknown:
+            raise ValueError(f"cannot encode {path}: unknown field(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(members)})")
+        for k, v in value.items():
+            _check_keys(members[k], v, f"{path}.{k}")
+    elif kind in ("SequenceOf", "SetOf") and isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_keys(t.element_type, v, f"{path}[{i}]")
+    elif kind == "Choice" and isinstance(value, tuple) and len(value) == 2:
+        m = t.name_to_member.get(value[0])
+        if m is not None:
+            _check_keys(m, value[1], f"{path}.{value[0]}")
+
+
 def encode(type_name: str, value: Any) -> bytes:
     """DER-encode ``value`` as ``type_name``.
 
@@ -366,6 +392,7 @@ def encode(type_name: str, value: Any) -> bytes:
     rejected command on the card.  Raises ValueError on a bad value."""
     t = _type(type_name, "encode")
     _attach_checkers()
+    _check_keys(t._type, value, type_name)
     try:
         t.check_types(value)
         t.check_constraints(value)

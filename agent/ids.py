@@ -84,18 +84,31 @@ def eid_from_bytes(b: bytes) -> str:
 
 # --- IMEI / TAC --------------------------------------------------------------
 
-def tac_from_imei(imei: str) -> bytes:
-    """DeviceInfo.tac: the first 8 IMEI digits as 4 bytes of packed BCD."""
+def _tbcd(digits: str) -> bytes:
+    """3GPP TS 29.002 TBCD-STRING: two digits per octet, first digit in the low nibble."""
+    s = digits if len(digits) % 2 == 0 else digits + "F"
+    return bytes(int(s[i + 1] + s[i], 16) for i in range(0, len(s), 2))
+
+
+def _imei15(imei: str) -> str:
     digits = re.sub(r"\D", "", imei)
-    if len(digits) < 14:
-        raise InputError(f"IMEI {imei!r} must have at least 14 digits", code="bad_imei")
-    return bytes.fromhex(digits[:8])
+    if len(digits) == 14:            # without check digit
+        return digits + luhn_check_digit(digits)
+    if len(digits) == 15:
+        return digits
+    if len(digits) == 16:            # IMEISV: the IMEI is its first 14 digits + Luhn
+        return digits[:14] + luhn_check_digit(digits[:14])
+    raise InputError(f"IMEI {imei!r} must have 14 to 16 digits", code="bad_imei")
+
+
+def tac_from_imei(imei: str) -> bytes:
+    """DeviceInfo.tac (SGP.22 §4.2): the first 8 IMEI digits as 4 octets of TBCD
+    (3GPP TS 29.002), i.e. nibble-swapped: TAC 35693803 → 53 96 83 30."""
+    return _tbcd(_imei15(imei)[:8])
 
 
 def imei_to_bytes(imei: str) -> bytes:
-    """DeviceInfo.imei: 8 bytes, swapped-nibble BCD (TS 24.008 style), F padded."""
-    digits = re.sub(r"\D", "", imei)
-    if len(digits) < 14 or len(digits) > 16:
-        raise InputError(f"IMEI {imei!r} must have 14 to 16 digits", code="bad_imei")
-    s = digits.ljust(16, "F")
-    return bytes(int(s[i + 1] + s[i], 16) for i in range(0, 16, 2))
+    """DeviceInfo.imei (SGP.22 v2.1+ §4.2): 8 octets of TBCD, except that the last
+    octet holds the check digit in the high nibble and an F filler in the low one."""
+    d = _imei15(imei)
+    return _tbcd(d[:14]) + bytes([(int(d[14]) << 4) | 0x0F])

@@ -726,3 +726,26 @@ def test_cache_in_a_directory_others_can_write_is_not_trusted(tmp_path):
     assert r.returncode == 0, r.stderr
     assert p.stat().st_mtime_ns == before                         # not rewritten there
     assert list(tmp.glob("esim-agent-*/asn1-*.pickle"))           # used the private fallback instead
+
+
+def test_encode_rejects_unknown_fields():
+    """asn1tools drops unknown dict keys silently; a misspelt field must be an error instead."""
+    caps = {"gsmSupportedRelease": b"\x0f\x00\x00", "eutranSupportedRelease": b"\x0f\x00\x00"}
+    with pytest.raises(ValueError, match="eutranSupportedRelease"):
+        codec.encode("CtxParams1", ("ctxParamsForCommonAuthentication",
+                                    {"deviceInfo": {"tac": bytes(4), "deviceCapabilities": caps}}))
+    with pytest.raises(ValueError, match="bogus"):
+        codec.encode("ListNotificationResponse", ("notificationMetadataList", [
+            {"seqNumber": 1, "profileManagementOperation": (b"\x80", 1), "notificationAddress": "a.b", "bogus": 1}]))
+
+
+def test_pir_data_without_smdp_oid_decodes():
+    """smdpOid is OPTIONAL in ProfileInstallationResultData (SGP.22 §5.7.6)."""
+    v = {"transactionId": bytes(16),
+         "notificationMetadata": {"seqNumber": 1, "profileManagementOperation": (b"\x80", 1),
+                                  "notificationAddress": "smdp.example.com"},
+         "finalResult": ("successResult", {"aid": bytes.fromhex("A0000005591010FFFFFFFF8900001000"),
+                                           "simaResponse": bytes.fromhex("300780053003800100")})}
+    der = codec.encode("ProfileInstallationResultData", v)
+    assert b"\x06" not in der[:der.index(b"\xa2")][-3:]
+    assert codec.decode("ProfileInstallationResultData", der)["finalResult"][0] == "successResult"

@@ -639,3 +639,19 @@ def test_activation_code_oid_must_match_dpauth(bed):
     from agent.sim.pki import load_pki
     res = bed.download(matching_id=order["matching_id"], smdp_oid=load_pki(bed.pki_dir).smdp_oid)
     assert res.iccid == order["iccid"]
+
+
+def test_ctx_params1_announces_lte_and_codes_tac_and_imei():
+    """DeviceCapabilities must carry eutranEpcSupportedRelease (tag 85) or an SM-DP+ may find no
+    eligible profile; TAC/IMEI follow SGP.22 §4.2 codings."""
+    from agent import codec, tlv
+    from agent.flows.download import ctx_params1
+    raw = ctx_params1("MID-1", "356938035643809")
+    kind, v = codec.decode("CtxParams1", raw)
+    caps = v["deviceInfo"]["deviceCapabilities"]
+    assert caps["eutranEpcSupportedRelease"][0] >= 8 and "rspCrlSupportedVersion" not in caps
+    assert v["deviceInfo"]["tac"] == bytes.fromhex("53968330")
+    assert v["deviceInfo"]["imei"] == bytes.fromhex("539683306534089F")
+    assert v["matchingId"] == "MID-1"
+    dev = tlv.find(tlv.children(tlv.find(tlv.children(tlv.parse_single(raw)), 0xA1)), 0xA1)
+    assert 0x85 in [t.tag for t in tlv.children(dev)]

@@ -580,3 +580,17 @@ def test_agent_downloads_installs_and_reports_events(srv, pki_dir, tmp_path):
         assert ("enable", by_eid["iccid"]) in events
         assert all(ev["eid"] == card.eid for ev in srv.store.events())
         es9.close()
+
+
+def test_line_wrapped_base64_is_accepted(srv, pki_dir):
+    """Some Java LPAs wrap base64 at 76 characters with CRLF; the server must still read it."""
+    import textwrap
+    card = Card(simpki.load_pki(pki_dir), EID_A)
+    wrapped = "\r\n".join(textwrap.wrap(b64(card.info1()), 32))
+    assert "\r\n" in wrapped
+    r = call(srv, "initiateAuthentication", {"euiccChallenge": b64(card.challenge), "euiccInfo1": wrapped,
+                                             "smdpAddress": srv.address})
+    assert len(ok(r)["transactionId"]) == 32
+    r = call(srv, "initiateAuthentication", {"euiccChallenge": b64(card.challenge), "euiccInfo1": "@@notb64@@",
+                                             "smdpAddress": srv.address})
+    failed(r, "8.1", "2.1")

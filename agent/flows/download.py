@@ -117,8 +117,9 @@ def device_info(imei: str | None) -> dict:
     Capabilities state what a cellular IoT gateway supports: LTE/E-UTRAN and
     GSM/UTRAN releases and the eUICC/RSP release we implement (v2.2)."""
     rel = lambda major: bytes([major, 0, 0])  # noqa: E731 - VersionType: major, minor, revision
-    caps = {"gsmSupportedRelease": rel(15), "utranSupportedRelease": rel(15), "eutranSupportedRelease": rel(15),
-            "rspCrlSupportedVersion": bytes([2, 2, 0])}
+    # No rspCrlSupportedVersion: the agent does not process CRLs (LoadCRL), so it must not claim to.
+    caps = {"gsmSupportedRelease": rel(15), "utranSupportedRelease": rel(15),
+            "eutranEpcSupportedRelease": rel(15)}
     info: dict = {"tac": tac_from_imei(imei) if imei else bytes(4), "deviceCapabilities": caps}
     if imei:
         info["imei"] = imei_to_bytes(imei)

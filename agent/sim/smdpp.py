@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -230,7 +231,8 @@ class Es9Service:
     def _b64(self, req: dict, name: str, subject: str = "8.1") -> bytes:
         v = self._str(req, name, subject)
         try:
-            return base64.b64decode(v, validate=True)
+            # Some Java LPAs wrap base64 lines (CRLF every 76 characters): accept that.
+            return base64.b64decode(re.sub(r"[\r\n\t ]", "", v), validate=True)
         except (binascii.Error, ValueError):
             raise _fail(subject, "2.1", f"field {name} is not valid base64") from None
 
@@ -421,7 +423,7 @@ class Es9Service:
         return codec.encode("StoreMetadataRequest", value)
 
     def configure_isdp(self) -> bytes:
-        """ConfigureISDPRequest BF24{A0 dpProprietaryData{80 dpOid}}: tells the eUICC which SM-DP+ made it."""
+        """ConfigureISDPRequest BF24{B8 dpProprietaryData{80 dpOid}}: tells the eUICC which SM-DP+ made it."""
         return codec.encode("ConfigureISDPRequest", {"dpProprietaryData": {"dpOid": self.smdp_oid}})
 
     # getBoundProfilePackage ---------------------------------------------------------------------
@@ -529,7 +531,7 @@ class Es9Service:
             return
         if not any(crypto.verify_raw(c, data.raw, sig.value) for c in certs):
             raise _fail("8.1", "6.1", "euiccSignPIR does not verify with the eUICC's certificate")
-        if d["smdpOid"] != self.smdp_oid:
+        if d.get("smdpOid", self.smdp_oid) != self.smdp_oid:   # OPTIONAL in SGP.22
             log(f"PIR for transaction {txid.hex().upper()} names SM-DP+ OID "
                 f"{d['smdpOid']}, not ours ({self.smdp_oid}); ignored")
             return
