@@ -236,6 +236,27 @@ class Isdr:
             except Exception as e:  # never mask the original error
                 log.debug("closing channel %s failed: %s", ch, e)
 
+    def reopen(self, *, within: float = 20.0, pause: float = 0.5) -> None:
+        """Close and open the ISD-R channel again, retrying while the card comes back.
+
+        After EnableProfile/DisableProfile with refreshFlag the eUICC issues REFRESH
+        (UICC reset): the modem re-reads the SIM, the logical channel is gone and the
+        modem answers SIM busy for a while (modem.md §3). Before anything else is sent
+        (the notifications the switch produced) the channel must be opened anew."""
+        import time
+        self.close()
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                self.open()
+                return
+            except (TransportError, StatusWordError) as e:
+                if time.monotonic() + pause > deadline:
+                    raise TransportError(f"the eUICC did not come back within {within:.0f} s after the profile "
+                                         f"switch: {e.message}", code="card_not_back") from e
+                log.info("ISD-R not reachable yet after refresh (%s); retrying", e.message)
+                time.sleep(pause)
+
     def __enter__(self) -> "Isdr":
         return self.open()
 

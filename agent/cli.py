@@ -281,10 +281,14 @@ def cmd_profile_disable(args, out: Output) -> int:
 
 def _switch(args, out: Output, action: str) -> int:
     """EnableProfile / DisableProfile, then the notifications they caused."""
+    refresh = not args.no_refresh and args.config.refresh
     with open_es10(args) as es10:
         call = es10.enable_profile if action == "enable" else es10.disable_profile
-        call(args.id, refresh=not args.no_refresh and args.config.refresh)
+        call(args.id, refresh=refresh)
         data = {f"{action}d": args.id}
+        if refresh and not (getattr(args, "no_notifications", False) or not args.config.process_notifications):
+            # The card resets itself (REFRESH): talk to it on a fresh channel.
+            es10.ch.reopen()
         _after_change(args, out, es10, data)
     out.ok(data, f"profile {args.id} {action}d")
     return 0

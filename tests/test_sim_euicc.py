@@ -162,7 +162,22 @@ def test_class_and_instruction_errors(card):
     assert tx(card, "81 E2 91 00 00 00 03 BF 2E 00")[1] == 0x6700      # extended length
     assert tx(card, "81 E2 91 00")[1] == 0x6700                        # no data
     assert tx(card, "81 E2 13 00 03 BF 2E 00")[1] == 0x6A86            # bad P1
-    assert tx(card, "01 A4 00 00 02 3F 00")[1] == 0x6A82               # select by FID
+    assert tx(card, "01 A4 00 04 02 7F 10")[1] == 0x6A82               # no such file
+    assert tx(card, "01 A4 03 00 02 3F 00")[1] == 0x6A86               # select parent: not supported
+
+
+def test_minimal_uicc_file_system(card):
+    """SELECT MF / EF.ICCID by FID and path, READ BINARY of the enabled profile's ICCID (TS 102 221)."""
+    fcp, sw = tx(card, "00 A4 00 04 02 3F 00 00")
+    assert sw == 0x9000 and fcp[0] == 0x62 and bytes.fromhex("83023F00") in fcp
+    fcp, sw = tx(card, "00 A4 00 04 02 2F E2 00")
+    assert sw == 0x9000 and bytes.fromhex("83022FE2") in fcp and bytes.fromhex("8002000A") in fcp
+    data, sw = tx(card, "00 B0 00 00 0A")
+    assert sw == 0x9000 and data == iccid_to_bytes(card.enabled_iccid())
+    assert tx(card, "00 B0 00 05 05")[0] == iccid_to_bytes(card.enabled_iccid())[5:]
+    assert tx(card, "00 A4 08 04 04 3F 00 2F E2 00")[1] == 0x9000          # by path
+    assert tx(card, "00 A4 00 04 02 3F 00 00")[1] == 0x9000
+    assert tx(card, "00 B0 00 00 0A")[1] == 0x6985                         # the MF is not a transparent EF
 
 
 def test_store_data_segmentation_and_block_numbers(card):

@@ -28,7 +28,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ..errors import InputError, UsageError
-from ..ids import make_eid, make_iccid
+from ..ids import iccid_to_bytes, make_eid, make_iccid
 from .isdr import ISDR_AID, PROFILE_OVERHEAD, Isdr, SwError
 from .state import DEFAULT_FREE_NVM, PROFILE_ENABLED, CardState, Identity, Profile, StateError, load_state
 
@@ -41,6 +41,7 @@ INS_SELECT = 0xA4
 INS_GET_RESPONSE = 0xC0
 INS_STORE_DATA = 0xE2
 INS_STATUS = 0xF2
+INS_READ_BINARY = 0xB0
 
 SW_OK = 0x9000
 SW_WRONG_LENGTH = 0x6700
@@ -68,6 +69,15 @@ class _Channel:
     store_buf: bytearray = field(default_factory=bytearray)
     next_block: int | None = None        # expected P2 of the next STORE DATA block, None = idle
     pending: bytes = b""                 # response data waiting for GET RESPONSE
+
+
+def _fcp(descriptor: int, fid: bytes, size: int | None) -> bytes:
+    """File control parameters (ETSI TS 102 221 §11.1.1.3): descriptor, FID,
+    life cycle (operational, activated) and, for an EF, its size."""
+    body = bytes([0x82, 0x02, descriptor, 0x21]) + b"\x83\x02" + fid + b"\x8A\x01\x05"
+    if size is not None:
+        body += b"\x80\x02" + size.to_bytes(2, "big")
+    return b"\x62" + bytes([len(body)]) + body
 
 
 @dataclass
@@ -202,8 +212,9 @@ class SimEuicc:
             raise SwError(SW_CHANNEL_NOT_SUPPORTED, f"logical channel {channel} is not open")
         ins = cmd.ins
         if ins == INS_GET_RESPONSE:
-            if proprietary:
-                raise SwError(SW_CLA_NOT_SUPPORTED, "GET RESPONSE uses the interindustry class")
+            # Either class: GET RESPONSE may carry the CLA of the command whose data it
+            # fetches (lpac, pySim and openpilot send 80/81 C0 after STORE DATA, and real
+            # eUICCs answer it, e.g. the trace in lpac#92).
             return self._get_response(ch, cmd)
         # any other command discards response data not fetched yet (ISO 7816-4 §5.3.4)
         ch.pending = b""
@@ -219,6 +230,10 @@ class SimEuicc:
             if not proprietary:
                 raise SwError(SW_CLA_NOT_SUPPORTED, "STORE DATA uses the proprietary (GlobalPlatform) class")
             return self._store_data(ch, cmd)
+        if ins == INS_READ_BINARY:
+            if proprietary:
+                raise SwError(SW_CLA_NOT_SUPPORTED, "READ BINARY uses the interindustry class")
+            return self._read_binary(ch, cmd)
         if ins == INS_STATUS:
             if not proprietary:
                 raise SwError(SW_CLA_NOT_SUPPORTED, "STATUS uses the proprietary class")
@@ -288,10 +303,46 @@ class SimEuicc:
             return _sw(SW_OK)
         raise SwError(SW_WRONG_P1P2, f"MANAGE CHANNEL P1 {cmd.p1:02X} not supported")
 
+    def _select_file(self, ch: _Channel, cmd: _Apdu) -> bytes:
+        """A minimal UICC file system: the MF and EF.ICCID (ETSI TS 102 221 §13.2).
+
+        Every eUICC is a UICC; tools probe SELECT MF to identify the card and read
+        EF.ICCID, which holds the enabled profile's ICCID."""
+        fid = cmd.data
+        if cmd.p1 in (0x08, 0x09):                    # path from the MF (08) or current DF (09)
+            fid = fid[2:] if fid[:2] == b"\x3F\x00" else fid
+        if fid in (b"", b"\x3F\x00"):
+            ch.selected, fcp = "mf", _fcp(0x78, b"\x3F\x00", None)
+        elif fid == b"\x2F\xE2":
+            if self.enabled_iccid() is None:
+                raise SwError(SW_FILE_NOT_FOUND, "no enabled profile: no EF.ICCID")
+            ch.selected, fcp = "ef_iccid", _fcp(0x41, b"\x2F\xE2", 10)
+        else:
+            raise SwError(SW_FILE_NOT_FOUND, f"file {fid.hex().upper()} not found")
+        ch.store_buf.clear()
+        ch.next_block = None
+        if cmd.p2 & 0x0C == 0x0C:
+            return _sw(SW_OK)
+        return self._respond(ch, fcp, cmd.le)
+
+    def _read_binary(self, ch: _Channel, cmd: _Apdu) -> bytes:
+        if ch.selected != "ef_iccid":
+            raise SwError(SW_CONDITIONS, "READ BINARY needs a transparent EF selected")
+        iccid = self.enabled_iccid()
+        if iccid is None:
+            raise SwError(SW_FILE_NOT_FOUND, "no enabled profile")
+        data = iccid_to_bytes(iccid)
+        off = (cmd.p1 << 8) | cmd.p2
+        if off > len(data):
+            raise SwError(SW_WRONG_P1P2, "offset beyond the end of the file")
+        n = len(data) - off if not cmd.le else min(cmd.le, len(data) - off)
+        return data[off:off + n] + _sw(SW_OK)
+
     def _select(self, ch: _Channel, cmd: _Apdu) -> bytes:
+        if cmd.p1 in (0x00, 0x08, 0x09):
+            return self._select_file(ch, cmd)
         if cmd.p1 != 0x04:
-            # by FID / path: this card offers only applications selected by AID
-            raise SwError(SW_FILE_NOT_FOUND, "only SELECT by DF name (P1 = 04) is supported")
+            raise SwError(SW_WRONG_P1P2, f"SELECT P1 {cmd.p1:02X} not supported")
         if cmd.p2 & ~0x0C & 0xFF not in (0x00,):
             raise SwError(SW_WRONG_P1P2, f"SELECT P2 {cmd.p2:02X} not supported")
         aid = cmd.data

@@ -91,6 +91,22 @@ class SwError(Exception):
 
 # --- small helpers ------------------------------------------------------------------
 
+def _lenient_refresh_flag(req: bytes) -> bytes:
+    """Accept refreshFlag as a universal BOOLEAN (tag 01) as well as [1] (tag 81).
+
+    openpilot's LPA sends BF31{A0{5A ..} 01 01 xx} and real eUICCs accept it
+    (openpilot PR#37779: 15/15 switches on two modems); be as tolerant."""
+    try:
+        outer = tlv.parse_single(req)
+        kids = tlv.children(outer)
+    except Exception:
+        return req                 # let the strict decoder name the problem
+    if not any(k.tag == 0x01 for k in kids):
+        return req
+    body = b"".join(tlv.encode(0x81, k.value) if k.tag == 0x01 else k.raw for k in kids)
+    return tlv.encode(outer.tag, body)
+
+
 def _uint_bytes(n: int) -> bytes:
     """Content octets of a non-negative DER INTEGER (extCardResource values)."""
     return n.to_bytes(n.bit_length() // 8 + 1, "big")
@@ -361,7 +377,7 @@ class Isdr:
             cb()
 
     def enable_profile(self, req: bytes) -> bytes:
-        v = self._dec("EnableProfileRequest", req)
+        v = self._dec("EnableProfileRequest", _lenient_refresh_flag(req))
         result = self._enable(self._find(v["profileIdentifier"]), bool(v["refreshFlag"]))
         return self._enc("EnableProfileResponse", {"enableResult": result})
 
@@ -386,7 +402,7 @@ class Isdr:
         return 0
 
     def disable_profile(self, req: bytes) -> bytes:
-        v = self._dec("DisableProfileRequest", req)
+        v = self._dec("DisableProfileRequest", _lenient_refresh_flag(req))
         p = self._find(v["profileIdentifier"])
         if p is None:
             result = 1

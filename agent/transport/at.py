@@ -355,6 +355,7 @@ class AtPort:
         self._queue: collections.deque[str] = collections.deque()
         self._ser = None
         self._lock: PortLock | None = None
+        self._cmee_before: str | None = None
         self.pending = False          # a command was interrupted before its final result
         self.dead = False             # the port stopped answering even AT
         if not os.path.exists(device):
@@ -573,10 +574,19 @@ class AtPort:
             raise TimeoutError_(f"no answer to AT on {self.device} (5 tries): is this the modem's AT port? "
                                 "(QMI, diag and NMEA ports stay silent)", code="modem_not_responding")
         self.try_command("ATE0")
+        # Remember the error-report mode to restore it on close: other tools that share
+        # the port (lpac's AT driver) treat only OK/ERROR as final and would hang on the
+        # "+CME ERROR" we switch on.
+        before = self.query("AT+CMEE?", "+CMEE:", timeout=min(self.timeout, 2.0))
+        self._cmee_before = before.strip() if before and before.strip().isdigit() else None
         self.try_command("AT+CMEE=1")
 
     # --- life cycle ---------------------------------------------------------------
     def close(self) -> None:
+        restore = self._cmee_before
+        if self._ser is not None and restore not in (None, "1"):
+            self._cmee_before = None
+            self.try_command(f"AT+CMEE={restore}", timeout=0.5)
         ser, self._ser = self._ser, None
         if ser is not None:
             try:
