@@ -884,3 +884,21 @@ def test_delete_asks_on_a_terminal(tmp_path, simcard):
     p = _delete_on_a_terminal(tmp_path, simcard, "y")
     assert p.returncode == 0 and "Delete profile" in p.stdout and f"profile {victim} deleted" in p.stdout
     assert victim not in card_states(load_card(simcard))
+
+
+@pytest.mark.parametrize("tr", BOTH)
+def test_enable_with_refresh_reopens_the_channel(modem, run, tr):
+    """Fault "refresh": the modem resets the card after EnableProfile (REFRESH) and answers
+    SIM busy for a moment. The CLI reopens the ISD-R channel, then lists and tries to send
+    the enable/disable notifications (no CA here: they stay pending)."""
+    server = modem("refresh")
+    a, b = iccids(server)
+    r = run(*dev(server, tr), "--json", "profile", "enable", b)
+    assert r.rc == 0, r.out
+    assert card_states(server)[b] == "enabled"
+    notes = r.doc["data"]["notifications"]
+    assert notes and all(n["status"] == "failed" and n["error"]["code"] == "no_trusted_ci" for n in notes)
+    assert server.logic._busy_until > 0                      # the refresh really happened
+    assert channels_closed(server)
+    r = run(*dev(server, tr), "--json", "notification", "list")
+    assert r.rc == 0 and len(r.doc["data"]["notifications"]) == len(notes)

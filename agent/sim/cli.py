@@ -16,7 +16,7 @@ def add_parsers(sub) -> None:
     m.add_argument("--preload", type=int, default=0, metavar="N", help="install N test profiles on a new card")
     m.add_argument("--baud", type=int, metavar="N", help="emulate a UART at N baud")
     m.add_argument("--fault", action="append", default=[], metavar="SPEC",
-                   help="inject a fault (repeatable): echo, urc, lowercase, no-prefix, no-test-forms, error@N, "
+                   help="inject a fault (repeatable): echo, urc, lowercase, no-prefix, no-test-forms, refresh, error@N, "
                         "cme=CODE@N, silent@N, delay=SECONDS, garbage, max-apdu=BYTES")
     _identity_args(m)
     m.set_defaults(func=cmd_sim_modem)

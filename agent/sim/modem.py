@@ -83,12 +83,17 @@ class Faults:
     delay: float = 0.0
     delay_at: dict = field(default_factory=dict)    # N -> seconds
     max_apdu: int | None = None
+    refresh: bool = False
 
+
+#: How long the modem answers SIM busy after a REFRESH (fault "refresh").
+REFRESH_BUSY_S = 0.5
 
 _FLAGS = {"echo": "echo", "urc": "urc", "lowercase": "lowercase", "no-prefix": "no_prefix",
-          "no-test-forms": "no_test_forms", "garbage": "garbage", "opaque-session": "opaque_session"}
-FAULT_HELP = ("echo, urc, lowercase, no-prefix, no-test-forms, garbage, opaque-session, error@N, cme=CODE@N, "
-              "silent@N, delay=SECONDS[@N], max-apdu=BYTES")
+          "no-test-forms": "no_test_forms", "garbage": "garbage", "opaque-session": "opaque_session",
+          "refresh": "refresh"}
+FAULT_HELP = ("echo, urc, lowercase, no-prefix, no-test-forms, garbage, opaque-session, refresh, error@N, "
+              "cme=CODE@N, silent@N, delay=SECONDS[@N], max-apdu=BYTES")
 
 
 def _pos_int(text: str, spec: str) -> int:
@@ -183,6 +188,27 @@ class ModemLogic:
         self._junk_i = 0
         self._handle_seq = 0
         self.imei = imei_for(card.eid)
+        # Fault "refresh": like a real modem, act on the card's REFRESH after an enable or
+        # disable with refreshFlag: reset the UICC (all logical channels close) and answer
+        # SIM busy for a moment (modem.md §3).
+        self._refresh_pending = False
+        self._busy_until = 0.0
+        if self.f.refresh and hasattr(card, "on_profile_change"):
+            card.on_profile_change = self._profile_changed
+
+    def _profile_changed(self, iccid) -> None:
+        isdr = getattr(self.card, "isdr", None)
+        if getattr(isdr, "last_refresh_flag", False):
+            self._refresh_pending = True
+
+    def _after_card(self) -> None:
+        if self._refresh_pending:
+            self._refresh_pending = False
+            self._reset_card()
+            self._busy_until = time.monotonic() + REFRESH_BUSY_S
+
+    def _sim_busy(self) -> bool:
+        return time.monotonic() < self._busy_until
 
     # --- helpers -------------------------------------------------------------------
     def _err(self, code: int | str) -> Answer:
@@ -375,6 +401,8 @@ class ModemLogic:
         return self.f.delay_at.get(self.apdu_count, self.f.delay)
 
     def _apdu_checks(self, nchars: int, hx: str) -> bytes | Answer:
+        if self._sim_busy():
+            return self._err(14)
         if nchars != len(hx) or len(hx) % 2 or len(hx) < 8:
             return self._err(3)
         apdu = bytes.fromhex(hx)
@@ -397,6 +425,7 @@ class ModemLogic:
         if isinstance(apdu, Answer):
             return apdu
         r = self._card(apdu)
+        self._after_card()
         hx = self._hex(r)
         return Answer([self._resp("+CSIM", f'{len(hx)},"{hx}"')], delay=self._delay())
 
@@ -418,6 +447,7 @@ class ModemLogic:
         # TS 27.007 §8.45: the MT manages the channel bits of CLA.
         apdu = bytes([_cla_for(apdu[0], ch)]) + apdu[1:]
         r = self._card(apdu)
+        self._after_card()
         hx = self._hex(r)
         return Answer([self._resp("+CGLA", f'{len(hx)},"{hx}"')], delay=self._delay())
 
@@ -427,6 +457,8 @@ class ModemLogic:
         aid_hex = arg.strip().strip('"')
         if not re.fullmatch(r"[0-9A-Fa-f]{10,32}", aid_hex) or len(aid_hex) % 2:
             return self._err(3)
+        if self._sim_busy():
+            return self._err(14)
         if self.cfun == 0:
             return self._err(13)
         aid = bytes.fromhex(aid_hex)
