@@ -256,15 +256,8 @@ class Downloader:
 
         self._progress("authenticateClient")
         if kind != "authenticateResponseOk":
-            code = val.get("authenticateErrorCode") if isinstance(val, dict) else val
-            name = AUTH_SERVER_ERRORS.get(code, f"error{code}")
-            # Tell the server (it ends the session on an error response), then report.
-            try:
-                self.es9.authenticate_client(self.txid, asr)
-            except AgentError:
-                pass
-            raise DownloadError("AuthenticateServer", Es10Error("AuthenticateServer", name, code,
-                                                                _auth_hint(name)))
+            raise self._card_refused("AuthenticateServer", val, "authenticateErrorCode", AUTH_SERVER_ERRORS,
+                                     self.es9.authenticate_client, asr)
         ac = self.es9.authenticate_client(self.txid, asr)
 
         meta = parse_metadata(ac.profile_metadata)
@@ -293,19 +286,24 @@ class Downloader:
                                             + ac.smdp_certificate), what="PrepareDownload", timeout=o.long_timeout)
         kind, val = codec.decode("PrepareDownloadResponse", pdr)
         if kind != "downloadResponseOk":
-            code = val.get("downloadErrorCode") if isinstance(val, dict) else val
-            name = PREPARE_DOWNLOAD_ERRORS.get(code, f"error{code}")
-            try:
-                self.es9.get_bound_profile_package(self.txid, pdr)
-            except AgentError:
-                pass
-            # The server ends its session on the error response; close the card's too.
-            raise DownloadError("PrepareDownload", Es10Error("PrepareDownload", name, code)
-                                ).with_cancel(REASON_UNDEFINED)
+            # The card keeps its session after refusing PrepareDownload: cancel it too.
+            raise self._card_refused("PrepareDownload", val, "downloadErrorCode", PREPARE_DOWNLOAD_ERRORS,
+                                     self.es9.get_bound_profile_package, pdr).with_cancel(REASON_UNDEFINED)
 
         self._progress("getBoundProfilePackage")
         bpp = self.es9.get_bound_profile_package(self.txid, pdr)
         return self._load(bpp, meta)
+
+    def _card_refused(self, step: str, val, field: str, table: dict, relay, response: bytes) -> "DownloadError":
+        """The eUICC answered with its error alternative. Relay that answer to the server
+        in the next ES9+ call (it ends its session on it), then report."""
+        code = val.get(field) if isinstance(val, dict) else val
+        name = table.get(code, f"error{code}")
+        try:
+            relay(self.txid, response)
+        except AgentError:
+            pass
+        return DownloadError(step, Es10Error(step, name, code, _refusal_hint(name)))
 
     def _load(self, bpp: bytes, meta: ProfileMetadata) -> DownloadResult:
         from ..es8p import split_bpp
@@ -352,10 +350,10 @@ class Downloader:
                               total, seq)
 
 
-def _auth_hint(name: str) -> str:
+def _refusal_hint(name: str) -> str:
     return {
         "ciPKUnknown": "the SM-DP+ certificate comes from a CI this eUICC does not trust",
-        "invalidCertificate": "the SM-DP+ authentication certificate does not verify against the eUICC's CIs",
+        "invalidCertificate": "the SM-DP+ certificate does not verify against the CIs this eUICC trusts",
         "invalidSignature": "the SM-DP+ signature is wrong",
         "euiccChallengeMismatch": "the session got mixed up; retry",
         "noSessionContext": "the eUICC has no session (was it reset?); retry",
