@@ -335,21 +335,29 @@ class Es9Service:
             raise _fail("8.1.3", "6.1", f"EID {eid} is outside the EUM's permitted range")
         return euicc, eid
 
-    def _authenticateClient(self, req: dict) -> dict:
-        s = self._session(req, "initiated")
-        resp = self._tlv(req, "authenticateServerResponse", (0xBF38,))
+    def _ok_alternative(self, s: "Session", resp: tlv.Tlv, function: str, err_alt: str, err_field: str,
+                        errors: dict) -> tlv.Tlv:
+        """An eUICC response CHOICE: return the A0 (ok) alternative; on A1 the eUICC
+        refused, which ends the session (SGP.22 §5.6.2, §5.6.3)."""
+        type_name = f"{function}Response"
         try:
             alt = tlv.parse_single(resp.value)
         except ProtocolError as e:
-            raise _fail("8.1", "2.1", f"AuthenticateServerResponse is malformed: {e.message}") from None
+            raise _fail("8.1", "2.1", f"{type_name} is malformed: {e.message}") from None
         if alt.tag == 0xA1:
-            _, err = _decode("AuthenticateServerResponse", resp.raw, "authenticateResponseError")
-            code = err["authenticateErrorCode"]
+            _, err = _decode(type_name, resp.raw, err_alt)
+            code = err[err_field]
             self._drop(s)
-            raise _fail("8.1", "3.8", "the eUICC refused AuthenticateServer: "
-                                      f"{AUTH_ERRORS.get(code, 'error')} ({code})")
+            raise _fail("8.1", "3.8", f"the eUICC refused {function}: {errors.get(code, 'error')} ({code})")
         if alt.tag != 0xA0:
-            raise _fail("8.1", "2.1", f"AuthenticateServerResponse holds tag {alt.tag:X}, expected A0 or A1")
+            raise _fail("8.1", "2.1", f"{type_name} holds tag {alt.tag:X}, expected A0 or A1")
+        return alt
+
+    def _authenticateClient(self, req: dict) -> dict:
+        s = self._session(req, "initiated")
+        resp = self._tlv(req, "authenticateServerResponse", (0xBF38,))
+        alt = self._ok_alternative(s, resp, "AuthenticateServer", "authenticateResponseError",
+                                   "authenticateErrorCode", AUTH_ERRORS)
         ok = _fields(alt, "authenticateResponseOk")
         signed1 = _need(ok, 0x30, "authenticateResponseOk.euiccSigned1")
         sig1 = _need(ok, 0x5F37, "authenticateResponseOk.euiccSignature1")
@@ -437,18 +445,8 @@ class Es9Service:
             if raw.raw == s.prepare_response and s.bpp is not None:
                 return {"transactionId": req["transactionId"], "boundProfilePackage": _b64e(s.bpp)}
             raise _fail("8.8.5", "6.4", "the profile of this session was already delivered")
-        try:
-            alt = tlv.parse_single(raw.value)
-        except ProtocolError as e:
-            raise _fail("8.1", "2.1", f"PrepareDownloadResponse is malformed: {e.message}") from None
-        if alt.tag == 0xA1:
-            _, err = _decode("PrepareDownloadResponse", raw.raw, "downloadResponseError")
-            code = err["downloadErrorCode"]
-            self._drop(s)
-            raise _fail("8.1", "3.8", "the eUICC refused PrepareDownload: "
-                                      f"{PREPARE_ERRORS.get(code, 'error')} ({code})")
-        if alt.tag != 0xA0:
-            raise _fail("8.1", "2.1", f"PrepareDownloadResponse holds tag {alt.tag:X}, expected A0 or A1")
+        alt = self._ok_alternative(s, raw, "PrepareDownload", "downloadResponseError", "downloadErrorCode",
+                                   PREPARE_ERRORS)
         ok = _fields(alt, "downloadResponseOk")
         signed2 = _need(ok, 0x30, "downloadResponseOk.euiccSigned2")
         sig2 = _need(ok, 0x5F37, "downloadResponseOk.euiccSignature2")
