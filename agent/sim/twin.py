@@ -37,7 +37,6 @@ import os
 import queue
 import re
 import secrets
-import sys
 import threading
 import urllib.parse
 import urllib.request
