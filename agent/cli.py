@@ -329,26 +329,57 @@ def cmd_profile_nickname(args, out: Output) -> int:
 def cmd_notification_list(args, out: Output) -> int:
     with open_es10(args) as es10:
         notes = es10.list_notifications()
-    rows = [[n.seq_number, n.operation, n.address, n.iccid] for n in notes]
-    out.ok({"notifications": [n.to_json() for n in notes]},
-           lambda: table(rows, ["SEQ", "OPERATION", "ADDRESS", "ICCID"]) if rows else "no pending notifications")
+        on_card = {n.seq_number for n in notes}
+        # Undelivered results the card no longer holds (removed with `notification remove`
+        # or by another tool) are still in the outbox and still get delivered.
+        kept = [n for n in _outbox_pending(es10) if n.seq_number not in on_card]
+    rows = [[n.seq_number, n.operation, n.address, n.iccid, "eUICC"] for n in notes]
+    rows += [[n.seq_number, n.operation, n.address, n.iccid, "outbox"] for n in kept]
+    out.ok({"notifications": [n.to_json() for n in notes],
+            "outbox_only": [{"seq_number": n.seq_number, "operation": n.operation, "address": n.address,
+                             "iccid": n.iccid} for n in kept]},
+           lambda: table(rows, ["SEQ", "OPERATION", "ADDRESS", "ICCID", "HELD IN"]) if rows
+           else "no pending notifications")
     return 0
 
 
+def _outbox_pending(es10) -> list:
+    """Pending outbox entries of this eUICC; nothing (and no file created) without an outbox."""
+    from .store import Outbox, default_path
+    if not default_path().exists():
+        return []
+    with Outbox() as ob:
+        return ob.pending(es10.get_eid())
+
+
 def cmd_notification_remove(args, out: Output) -> int:
+    """Remove notifications from the eUICC (e.g. to free its list) without losing them:
+    each one is recorded in the outbox first and `notification process` still delivers it."""
     if not args.all and not args.seq:
         raise UsageError("give the sequence number(s) to remove, or --all")
+    from .store import Outbox
     removed, missing = [], []
     with open_es10(args) as es10:
-        seqs = [n.seq_number for n in es10.list_notifications()] if args.all else args.seq
-        for s in seqs:
-            (removed if es10.remove_notification(s) else missing).append(s)
+        held = {p.seq_number: p for p in es10.retrieve_notifications()}
+        seqs = sorted(held) if args.all else args.seq
+        eid = es10.get_eid() if any(s in held for s in seqs) else None
+        with contextlib.ExitStack() as stack:
+            ob = stack.enter_context(Outbox()) if eid else None
+            for seq in seqs:
+                p = held.get(seq)
+                if p is not None:
+                    ob.record(eid, seq, p.operation, p.address, p.iccid, p.der)   # before it leaves the card
+                (removed if es10.remove_notification(seq) else missing).append(seq)
+            if ob is not None:
+                ob.reconcile(eid, [s for s in held if s not in removed])
     if missing and not removed:
         from .es10 import Es10Error
         raise Es10Error("RemoveNotificationFromList", "nothingToDelete", 1,
                         f"no notification with sequence number {', '.join(map(str, missing))}")
-    out.ok({"removed": removed, "not_found": missing},
-           f"removed {len(removed)} notification(s)" + (f"; not found: {missing}" if missing else ""))
+    out.ok({"removed": removed, "not_found": missing, "kept_in_outbox": removed},
+           f"removed {len(removed)} notification(s) from the eUICC"
+           + (f"; not found: {missing}" if missing else "")
+           + ("; they stay in the outbox and `notification process` still delivers them" if removed else ""))
     return 0
 
 

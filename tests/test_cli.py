@@ -326,10 +326,12 @@ def test_set_default_dp_then_chip_info(modem, run, tr):
 
 @pytest.mark.parametrize("tr", BOTH)
 def test_notification_list_and_remove(modem, run, tr):
+    """remove takes notifications off the eUICC but keeps them in the outbox (recorded first),
+    so they are still listed (held in the outbox) and still delivered later."""
     server = modem()
     a, b = iccids(server)
     d = [*dev(server, tr), "--json"]
-    assert run(*d, "notification", "list").data == {"notifications": []}
+    assert run(*d, "notification", "list").data == {"notifications": [], "outbox_only": []}
     assert run(*d, "profile", "enable", b, "--no-notifications").rc == 0
     notes = run(*d, "notification", "list").data["notifications"]
     assert [(n["operation"], n["iccid"], n["address"]) for n in notes] == [
@@ -338,19 +340,22 @@ def test_notification_list_and_remove(modem, run, tr):
     seqs = [n["seq_number"] for n in notes]
     assert seqs == [n.seq for n in server.card.state.notifications] and seqs[0] < seqs[1]
     text = run(*dev(server, tr), "notification", "list").out
-    assert text.splitlines()[0].split() == ["SEQ", "OPERATION", "ADDRESS", "ICCID"]
-    assert f"{seqs[0]}    disable    smdp.example.com  {a}" in text
+    assert text.splitlines()[0].split() == ["SEQ", "OPERATION", "ADDRESS", "ICCID", "HELD", "IN"]
+    assert f"{seqs[0]}    disable    smdp.example.com  {a}  eUICC" in text
 
     r = run(*d, "notification", "remove", seqs[0])
-    assert r.rc == 0 and r.data == {"removed": [seqs[0]], "not_found": []}
-    assert [n["seq_number"] for n in run(*d, "notification", "list").data["notifications"]] == [seqs[1]]
+    assert r.rc == 0 and r.data == {"removed": [seqs[0]], "not_found": [], "kept_in_outbox": [seqs[0]]}
+    listed = run(*d, "notification", "list").data
+    assert [n["seq_number"] for n in listed["notifications"]] == [seqs[1]]
+    assert [(n["seq_number"], n["operation"]) for n in listed["outbox_only"]] == [(seqs[0], "disable")]
     r = run(*d, "notification", "remove", seqs[0], seqs[1])  # one gone already: partial success
-    assert r.rc == 0 and r.data == {"removed": [seqs[1]], "not_found": [seqs[0]]}
+    assert r.rc == 0 and r.data["removed"] == [seqs[1]] and r.data["not_found"] == [seqs[0]]
     assert run(*d, "profile", "enable", a, "--no-notifications").rc == 0
     assert len(run(*d, "notification", "list").data["notifications"]) == 2
     r = run(*d, "notification", "remove", "--all")
     assert r.rc == 0 and len(r.data["removed"]) == 2 and r.data["not_found"] == []
-    assert run(*d, "notification", "list").data == {"notifications": []}
+    listed = run(*d, "notification", "list").data
+    assert listed["notifications"] == [] and len(listed["outbox_only"]) == 4
     assert server.card.state.notifications == []
     r = run(*d, "notification", "remove", seqs[0])
     assert r.rc == 1 and r.error["code"] == "nothing_to_delete" and str(seqs[0]) in r.error["message"]

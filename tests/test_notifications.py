@@ -215,3 +215,23 @@ def test_error_pir_after_refused_bpp_is_delivered(make_bed):
     assert (d.seq_number, d.operation, d.status) == (seq, "install", "delivered")
     assert bed.wait_order(order["sid"], "failed")["error_code"] == "8"
     assert bed.notifications() == [] and bed.profiles() == []
+
+
+def test_removed_notification_is_still_delivered(bed):
+    """`notification remove` frees the eUICC's list but records each notification in the
+    outbox first; `notification process` then delivers it and the reservation completes."""
+    order = bed.reserve(matching_id=True)
+    bed.download(matching_id=order["matching_id"])
+    assert [n.operation for n in bed.notifications()] == ["install"]
+    r = bed.cli("--json", "notification", "remove", "--all")
+    assert r.rc == 0 and len(r.doc["data"]["kept_in_outbox"]) == 1
+    assert bed.notifications() == []
+    assert bed.order(order["sid"])["status"] == "downloaded"
+    r = bed.cli("--json", "notification", "list")
+    assert r.doc["data"]["notifications"] == [] and r.doc["data"]["outbox_only"][0]["operation"] == "install"
+    r = bed.cli("--json", "notification", "process", "--ca", bed.ca)
+    assert r.rc == 0, r.stdout + r.stderr
+    assert [n["status"] for n in r.doc["data"]["notifications"]] == ["delivered"]
+    bed.wait_order(order["sid"], "installed")
+    with bed.outbox() as ob:
+        assert ob.pending(bed.eid) == []
