@@ -430,6 +430,9 @@ def cmd_profile_download(args, out: Output) -> int:
     if not args.yes and not interactive:
         raise UsageError("downloading needs your consent to the profile: pass --yes (no terminal to ask on)",
                          code="consent_required")
+    if args.imei is not None:
+        from .ids import imei_to_bytes
+        imei_to_bytes(args.imei)   # a bad --imei is a usage error before anything starts
     if ac and ac.cc_required and not args.confirmation_code and not interactive:
         raise UsageError("this activation code says a confirmation code is required: pass --confirmation-code",
                          code="confirmation_code_required")
@@ -464,9 +467,7 @@ def cmd_profile_download(args, out: Output) -> int:
         eid = es10.get_eid()
         pool = ClientPool(ca=args.ca, config_ca=args.config.ca_bundle, insecure_http=args.insecure_http)
         try:
-            es9 = pool(address)
-            info1 = es10.get_euicc_info1()
-            es9.narrow_to([bytes.fromhex(k) for k in info1.ci_pkids_for_verification])
+            es9 = pool(address)   # trust is narrowed to the eUICC's CIs in initiateAuthentication
             opts = DownloadOptions(address=address, matching_id=mid, confirmation_code=args.confirmation_code,
                                    imei=imei, consent=consent, ask_confirmation_code=ask_cc,
                                    smdp_oid=ac.oid if ac else None,
