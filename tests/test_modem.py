@@ -361,7 +361,9 @@ def test_baud_pacing(sim_modem, connect):
     took = time.monotonic() - t0
     bound = (t.stats.bytes_in + t.stats.bytes_out - b0) * 10 / baud
     assert bound > 0.3
-    assert bound * 0.95 <= took <= bound * 1.3 + 0.05, (took, bound)
+    # The line time is a floor the emulation must respect; the ceiling only catches a
+    # grossly wrong pacing (the speed target itself is `esim-agent bench download`'s job).
+    assert bound * 0.95 <= took <= bound * 2 + 0.5, (took, bound)
 
 
 # --------------------------------------------------------------------------- with the real simulated eUICC
