@@ -566,7 +566,7 @@ def _start_agent(server, tmp_path, tr, n):
 
 def test_two_agents_on_one_port(modem, tmp_path):
     """A second agent process is refused while the first holds the port."""
-    server = modem("delay=1.5@2")                   # the first agent's SELECT takes 1.5 s
+    server = modem("delay=3@2")                     # the first agent's SELECT takes 3 s
     first = _start_agent(server, tmp_path, "csim", 2)
     try:
         second = run_sub(tmp_path, *dev(server, "csim"), "--json", "profile", "list")
@@ -599,7 +599,7 @@ def test_modem_unplugged_mid_command(modem, tmp_path):
 @pytest.mark.parametrize("tr", BOTH)
 def test_ctrl_c_closes_the_channel(modem, tmp_path, tr):
     n = 2 if tr == "csim" else 1                        # csim: the SELECT; cgla: the GetProfilesInfo
-    server = modem(f"delay=1@{n}")
+    server = modem(f"delay=5@{n}")          # long enough for a loaded machine to send SIGINT in time
     child = _start_agent(server, tmp_path, tr, n)
     try:
         child.send_signal(signal.SIGINT)

@@ -216,16 +216,28 @@ def test_session_sends_sni_and_verifies_only_against_our_cis(tmp_path, cas, monk
     port = lsock.getsockname()[1]
 
     def serve():
-        conn, _ = lsock.accept()
-        try:
-            with sctx.wrap_socket(conn, server_side=True) as s:
-                s.settimeout(5)
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += s.recv(4096)
-                s.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
-        except OSError:
-            pass
+        # Serve until one request was answered: a stray connection (another process probing
+        # a port it believes closed) must not use up the listener.
+        lsock.settimeout(10)
+        for _ in range(5):
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return
+            try:
+                with sctx.wrap_socket(conn, server_side=True) as s:
+                    s.settimeout(5)
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        chunk = s.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    if b"\r\n\r\n" in data:
+                        s.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+                        return
+            except OSError:
+                continue
     th = threading.Thread(target=serve, daemon=True)
     th.start()
     # the environment's system bundle must not widen (or replace) our trust
