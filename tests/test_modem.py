@@ -411,3 +411,27 @@ def test_stale_link_replaced(sim_modem, tmp_path):
     server = sim_modem(link=str(link))
     assert os.readlink(link) == server.path
     server.stop()
+
+
+@pytest.mark.parametrize("tr", BOTH)
+def test_interrupted_command_answer_is_not_taken_for_the_next(sim_modem, connect, tr):
+    """Ctrl-C while waiting for an APDU's answer: the next command (e.g. the CancelSession
+    the download flow sends at once) must get its own answer, not the late one."""
+    server = sim_modem("delay=0.4@3")          # the 3rd APDU-carrying command answers late
+    t = connect(server, tr, timeout=2.0)
+    ch = t.open_channel(ISDR_AID)
+    armed = {"on": False}
+
+    def trace(direction, data):
+        if armed["on"] and direction == "AT>" and ("CGLA=" in str(data) or "CSIM=" in str(data)):
+            armed["on"] = False
+            raise KeyboardInterrupt
+    roundtrip(t, ch, b"\x01")
+    if tr == "cgla":
+        roundtrip(t, ch, b"\x02")
+    t.trace = trace
+    t.port.trace = trace
+    armed["on"] = True
+    with pytest.raises(KeyboardInterrupt):
+        roundtrip(t, ch, b"\x03")                # interrupted while the modem holds the answer
+    assert roundtrip(t, ch, b"\x04") is not None  # echoes \x04, not the late \x03

@@ -468,6 +468,8 @@ class AtPort:
         if self._ser is None:
             raise TransportError(f"modem port {self.device} is closed", code="port_closed")
         limit = self.timeout if timeout is None else float(timeout)
+        if self.pending:
+            self._finish_interrupted()
         self._drain_pending()
         coll = Collector(cmd, prefix, bare)
         self.pending = True
@@ -503,6 +505,24 @@ class AtPort:
             msg = (f"modem did not answer {name} within {float(limit)} s and then did not answer AT either "
                    f"({RESYNC_TRIES} tries); check the modem and that {self.device} is its AT port")
         raise TimeoutError_(msg, details={"command": name, "timeout_s": limit, "resynced": ok})
+
+    def _finish_interrupted(self) -> None:
+        """The previous command was interrupted (Ctrl-C, SIGTERM) before its final result.
+        Its answer may still be on the way: wait for that final result code and drop it,
+        so it is not taken for the answer to the next command (e.g. the CancelSession
+        sent right after the interrupt). Without it within the deadline, resynchronise."""
+        end = time.monotonic() + self.timeout
+        while time.monotonic() < end:
+            while self._queue:
+                line = self._queue.popleft()
+                self._trace("AT<", line)
+                up = line.strip().upper()
+                if up == "OK" or up in _ERROR_FINALS or _CME.match(line) or _CMS.match(line):
+                    self.pending = False
+                    return
+            self._read_some()
+        self.resync()
+        self.pending = False
 
     def resync(self, tries: int = RESYNC_TRIES, deadline: float = RESYNC_DEADLINE) -> bool:
         """Drain input, send ``AT`` until ``OK`` (bounded), then drop stragglers."""
