@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Sequence
 
-from .errors import ProtocolError, StatusWordError, TransportError
+from .errors import ProtocolError, StatusWordError, TransportError, UsageError
 from .transport.base import ApduTransport
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,9 @@ class Isdr:
         seg = self.segment_size
         blocks = [payload[i:i + seg] for i in range(0, len(payload), seg)]
         if len(blocks) > 256:
-            raise ValueError(f"{what} needs {len(blocks)} STORE DATA blocks; P2 allows 256 — raise the segment size")
+            raise UsageError(f"{what} ({len(payload)} bytes) needs {len(blocks)} STORE DATA blocks of "
+                             f"{seg} bytes, but P2 numbers at most 256: use a larger --segment-size",
+                             code="segment_size_too_small")
         for n, block in enumerate(blocks):
             last = n == len(blocks) - 1
             # Le=00 on the last block: the response is expected there. Omitting it makes

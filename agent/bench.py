@@ -65,7 +65,10 @@ def _median_run(argv: list[str], runs: int) -> float:
 
 
 def cmd_bench_startup(args, out) -> int:
+    from .errors import UsageError
     from .sim.euicc import SimEuicc
+    if args.runs < 1:
+        raise UsageError("--runs must be at least 1", code="bad_runs")
     with tempfile.TemporaryDirectory(prefix="esim-bench-") as d:
         state = Path(d) / "card.json"
         SimEuicc.open(state, preload=2)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from .errors import AgentError, UsageError
 
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class _Parser(argparse.ArgumentParser):
@@ -260,12 +261,11 @@ def _after_change(args, out: Output, es10, data: dict, eid: str | None = None) -
 
 def _process_notifications(args, es10, seqs, *, eid: str | None = None):
     from .flows.notifications import ClientPool, process
-    from .store import Outbox
     eid = eid or es10.get_eid()
     pool = ClientPool(ca=getattr(args, "ca", None), config_ca=args.config.ca_bundle,
                       insecure_http=getattr(args, "insecure_http", False))
     try:
-        with Outbox() as outbox:
+        with _outbox(args) as outbox:
             return process(es10, outbox, pool, eid=eid, seqs=seqs)
     finally:
         pool.close()
@@ -287,8 +287,15 @@ def _switch(args, out: Output, action: str) -> int:
         call(args.id, refresh=refresh)
         data = {f"{action}d": args.id}
         if refresh and not (getattr(args, "no_notifications", False) or not args.config.process_notifications):
-            # The card resets itself (REFRESH): talk to it on a fresh channel.
-            es10.ch.reopen()
+            # The card resets itself (REFRESH): talk to it on a fresh channel. The switch
+            # itself has succeeded whatever happens here.
+            try:
+                es10.ch.reopen()
+            except AgentError as e:
+                data["notifications_error"] = e.to_json()
+                out.info(f"warning: {e.message}; the notifications stay pending for `notification process`")
+                out.ok(data, f"profile {args.id} {action}d")
+                return 0
         _after_change(args, out, es10, data)
     out.ok(data, f"profile {args.id} {action}d")
     return 0
@@ -332,7 +339,7 @@ def cmd_notification_list(args, out: Output) -> int:
         on_card = {n.seq_number for n in notes}
         # Undelivered results the card no longer holds (removed with `notification remove`
         # or by another tool) are still in the outbox and still get delivered.
-        kept = [n for n in _outbox_pending(es10) if n.seq_number not in on_card]
+        kept = [n for n in _outbox_pending(args, es10) if n.seq_number not in on_card]
     rows = [[n.seq_number, n.operation, n.address, n.iccid, "eUICC"] for n in notes]
     rows += [[n.seq_number, n.operation, n.address, n.iccid, "outbox"] for n in kept]
     out.ok({"notifications": [n.to_json() for n in notes],
@@ -343,12 +350,24 @@ def cmd_notification_list(args, out: Output) -> int:
     return 0
 
 
-def _outbox_pending(es10) -> list:
+def _outbox_path(args):
+    """The notification outbox: <state dir>/esim-agent.db, the state dir from
+    $ESIM_AGENT_STATE_DIR, the config's state_dir, /var/lib/esim-agent or ~/.local/state."""
+    from . import config
+    from .store import DB_NAME
+    return config.state_dir(args.config) / DB_NAME
+
+
+def _outbox(args):
+    from .store import Outbox
+    return Outbox(_outbox_path(args))
+
+
+def _outbox_pending(args, es10) -> list:
     """Pending outbox entries of this eUICC; nothing (and no file created) without an outbox."""
-    from .store import Outbox, default_path
-    if not default_path().exists():
+    if not _outbox_path(args).exists():
         return []
-    with Outbox() as ob:
+    with _outbox(args) as ob:
         return ob.pending(es10.get_eid())
 
 
@@ -357,21 +376,31 @@ def cmd_notification_remove(args, out: Output) -> int:
     each one is recorded in the outbox first and `notification process` still delivers it."""
     if not args.all and not args.seq:
         raise UsageError("give the sequence number(s) to remove, or --all")
-    from .store import Outbox
-    removed, missing = [], []
+    removed, missing, kept_back = [], [], []
     with open_es10(args) as es10:
         held = {p.seq_number: p for p in es10.retrieve_notifications()}
         seqs = sorted(held) if args.all else args.seq
         eid = es10.get_eid() if any(s in held for s in seqs) else None
         with contextlib.ExitStack() as stack:
-            ob = stack.enter_context(Outbox()) if eid else None
+            ob = stack.enter_context(_outbox(args)) if eid else None
             for seq in seqs:
                 p = held.get(seq)
                 if p is not None:
+                    old = ob.get(eid, seq)
+                    if old is not None and not old.delivered and old.der != p.der:
+                        # The card reused this number while an older notification with it is
+                        # still undelivered: recording this one would push that one aside.
+                        kept_back.append(seq)
+                        continue
                     ob.record(eid, seq, p.operation, p.address, p.iccid, p.der)   # before it leaves the card
                 (removed if es10.remove_notification(seq) else missing).append(seq)
             if ob is not None:
                 ob.reconcile(eid, [s for s in held if s not in removed])
+    if kept_back:
+        raise AgentError(f"notification(s) {', '.join(map(str, kept_back))} not removed: the outbox still holds "
+                         "an undelivered notification with the same sequence number; run `notification process` "
+                         "first", code="outbox_conflict",
+                         details={"removed": removed, "not_found": missing, "not_removed": kept_back})
     if missing and not removed:
         from .es10 import Es10Error
         raise Es10Error("RemoveNotificationFromList", "nothingToDelete", 1,
@@ -658,13 +687,31 @@ def _add_demo_parser(sub) -> None:
     demo.add_parser(sub)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM/SIGHUP (systemctl stop, a service time-out): handled like Ctrl-C, so the
+    logical channel is closed, the modem restored and a download session cancelled."""
+
+
+def _on_terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
     argv = sys.argv[1:] if argv is None else argv
     as_json = "--json" in argv
     out = Output(as_json)
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, _on_terminate)
+    except ValueError:          # not the main thread (embedded use): leave signals alone
+        previous = {}
+    verbose = 0
     try:
         args = build_parser().parse_args(argv)
         out = Output(args.json)
+        verbose = args.verbose
         logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), stream=sys.stderr,
                             format="%(levelname)s %(name)s: %(message)s")
         from . import config
@@ -674,11 +721,24 @@ def main(argv: list[str] | None = None) -> int:
     except AgentError as e:
         out.error(e)
         return e.exit_code
+    except Terminated:
+        out.error(AgentError("terminated by a signal; the logical channel was closed", code="terminated"))
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         out.error(AgentError("interrupted; the logical channel was closed", code="interrupted"))
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
+    except Exception as e:  # a bug: still one JSON document and a clear message
+        if verbose:
+            import traceback
+            traceback.print_exc()
+        out.error(AgentError(f"internal error: {type(e).__name__}: {e} (a bug in esim-agent; run with -v for "
+                             "the traceback and report it)", code="internal_error"))
+        return 1
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 if __name__ == "__main__":

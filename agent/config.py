@@ -52,17 +52,41 @@ def load(path: str | None = None) -> Config:
         return cfg
     import tomllib
     try:
-        data = tomllib.loads(p.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        with open(p, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise UsageError(f"cannot read config {p}: {e}", code="config_invalid") from e
-    known = set(Config.__dataclass_fields__) - {"source"}
+    known = set(_TYPES)
     unknown = set(data) - known
     if unknown:
         raise UsageError(f"config {p}: unknown key(s) {', '.join(sorted(unknown))}", code="config_invalid")
     for k, v in data.items():
-        setattr(cfg, k, v)
+        setattr(cfg, k, _checked(p, k, v))
     cfg.source = str(p)
     return cfg
+
+
+# key -> (accepted Python types, what to say). bool is not a number here (TOML `true`).
+_TYPES = {
+    "device": ((str,), "a path"), "transport": ((str,), '"auto", "csim" or "cgla"'),
+    "timeout": ((int, float), "seconds"), "long_timeout": ((int, float), "seconds"),
+    "aids": ((list,), "a list of hex strings"), "segment_size": ((int,), "a number of bytes"),
+    "baud": ((int,), "a number"), "ca_bundle": ((str,), "a path"), "state_dir": ((str,), "a path"),
+    "refresh": ((bool,), "true or false"), "process_notifications": ((bool,), "true or false"),
+    "quirks": ((dict,), "a table"),
+}
+
+
+def _checked(p: Path, key: str, value):
+    types, what = _TYPES[key]
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if ok and key == "aids":
+        ok = all(isinstance(a, str) for a in value)
+    if ok and key == "transport":
+        ok = value in ("auto", "csim", "cgla")
+    if not ok:
+        raise UsageError(f"config {p}: {key} must be {what}, not {value!r}", code="config_invalid")
+    return value
 
 
 def state_dir(cfg: Config | None = None) -> Path:

@@ -44,6 +44,13 @@ def cmd_demo(args, out) -> int:
     if args.keep:
         root = Path(args.keep)
         root.mkdir(parents=True, exist_ok=True)
+        # A previous demo's test bed is replaced, not reused: its card and outbox point at
+        # that run's SM-DP+ (another port, another CI).
+        import shutil
+        for old in ("pki", "agent-state"):
+            shutil.rmtree(root / old, ignore_errors=True)
+        for old in ("card.json", "ac.txt"):
+            (root / old).unlink(missing_ok=True)
     else:
         tmp = tempfile.TemporaryDirectory(prefix="esim-demo-")
         root = Path(tmp.name)

@@ -13,7 +13,7 @@ import pytest
 from agent import apdu
 from agent.apdu import (ISDR_AID, Isdr, build, cla_for, close_channel_raw, is_success, open_channel_raw,
                         select_raw, split_rapdu, sw_error, with_le)
-from agent.errors import StatusWordError, TransportError
+from agent.errors import UsageError, StatusWordError, TransportError
 
 H = bytes.fromhex
 AID2 = H("A0000005591010FFFFFFFF8900000200")   # an alternative AID to try after the standard one
@@ -478,8 +478,9 @@ def test_store_data_256_blocks_max():
     assert len(t.sent) == 256
     assert t.sent[-1][2:4] == H("91FF")
     s2, t2 = session(channel=1, segment_size=1)
-    with pytest.raises(ValueError, match="257"):
+    with pytest.raises(UsageError, match="257") as ei:
         s2.store_data(bytes(257))
+    assert ei.value.code == "segment_size_too_small" and ei.value.exit_code == 2
     assert t2.sent == []
 
 

@@ -613,6 +613,22 @@ def test_ctrl_c_closes_the_channel(modem, tmp_path, tr):
     assert channels_closed(server) and "Traceback" not in err
 
 
+
+def test_sigterm_closes_the_channel(modem, tmp_path):
+    """systemctl stop sends SIGTERM: handled like Ctrl-C (channel closed, one JSON document, exit 143)."""
+    server = modem("delay=5@1")
+    child = _start_agent(server, tmp_path, "cgla", 1)
+    try:
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=15)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    doc = check_json(child.returncode, out)
+    assert child.returncode == 143 and doc["error"]["code"] == "terminated"
+    assert channels_closed(server) and "Traceback" not in err
+
 # --------------------------------------------------------------------------- trace, verbose, AIDs
 
 @pytest.mark.parametrize("tr", ["csim", "cgla", "auto"])

@@ -235,3 +235,38 @@ def test_removed_notification_is_still_delivered(bed):
     bed.wait_order(order["sid"], "installed")
     with bed.outbox() as ob:
         assert ob.pending(bed.eid) == []
+
+
+def test_reused_sequence_number_loses_nothing(bed):
+    """An undelivered outbox entry and a different notification on the card under the same
+    sequence number (a reset or replaced card): both get delivered, neither is dropped, and
+    the card's one is removed only after it was sent itself."""
+    order = bed.reserve(matching_id=True)
+    bed.download(matching_id=order["matching_id"])
+    (card_note,) = bed.es10.retrieve_notifications()
+    seq = card_note.seq_number
+    stale = b"\x30\x03\x80\x01\x01"                       # an older notification, same number
+    with bed.outbox() as ob:
+        ob.record(bed.eid, seq, "enable", bed.address, None, stale)
+    sent = []
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def handle_notification(self, der):
+            sent.append(bytes(der))
+            if der != stale:
+                self.inner.handle_notification(der)
+
+    pool_client = bed.client()
+    try:
+        first = bed.process_notifications(client_for=lambda addr: Recording(pool_client))
+        assert sent == [stale] and [d.status for d in first] == ["delivered"]
+        assert [p.der for p in bed.es10.retrieve_notifications()] == [card_note.der]   # still on the card
+        second = bed.process_notifications(client_for=lambda addr: Recording(pool_client))
+        assert sent == [stale, card_note.der] and [d.status for d in second] == ["delivered"]
+    finally:
+        pool_client.close()
+    assert bed.es10.retrieve_notifications() == []
+    bed.wait_order(order["sid"], "installed")

@@ -216,6 +216,9 @@ class Downloader:
         except AgentError as e:
             self.cancel(REASON_LOAD_BPP_EXECUTION_ERROR if self.step.startswith("loading") else REASON_UNDEFINED)
             raise DownloadError(self.step, e) from e
+        except Exception as e:   # a bug must not leave sessions open on the card and the server
+            self.cancel(REASON_LOAD_BPP_EXECUTION_ERROR if self.step.startswith("loading") else REASON_UNDEFINED)
+            raise
 
     def _check_server_signed1(self, raw: bytes, challenge: bytes, address: str) -> None:
         """LPA checks on serverSigned1 (SGP.22 §3.1.3.1): our challenge echoed and
@@ -322,8 +325,12 @@ class Downloader:
                 pir_raw = resp
                 break
         if not pir_raw:
+            # Some modem paths lose the last answer: the profile may be installed with its
+            # result pending as a notification (the caller processes notifications).
             raise DownloadError("loading profile", ProtocolError(
-                "the eUICC returned no ProfileInstallationResult after the last segment", code="no_install_result"))
+                "the eUICC returned no ProfileInstallationResult after the last segment; the profile may "
+                "still have been installed: check `profile list` and `notification list`",
+                code="no_install_result")).with_cancel(REASON_LOAD_BPP_EXECUTION_ERROR)
         pir = codec.decode("ProfileInstallationResult", pir_raw)
         data = pir["profileInstallationResultData"]
         seq = data["notificationMetadata"]["seqNumber"]

@@ -53,7 +53,7 @@ def process(es10: Es10, outbox, client_for: Callable[[str], object], *, eid: str
     # entries, and to make sure a "delivered, still on the card" entry is really the
     # same notification (a reset card can reuse sequence numbers).
     card_der: dict[int, object] = {}
-    if rec.unknown_on_card or rec.remove_from_card:
+    if rec.unknown_on_card or rec.remove_from_card or rec.send:
         card_der = {p.seq_number: p for p in es10.retrieve_notifications()}
 
     todo_seqs = {n.seq_number for n in rec.send} | set(rec.unknown_on_card)
@@ -75,8 +75,12 @@ def process(es10: Es10, outbox, client_for: Callable[[str], object], *, eid: str
         todo_seqs &= wanted
     for seq in sorted(todo_seqs):
         p = card_der.get(seq)
-        if p is not None and not outbox.matches(eid, seq, p.der):
-            outbox.record(eid, seq, p.operation, p.address, p.iccid, p.der)
+        if p is None or outbox.matches(eid, seq, p.der):
+            continue
+        old = outbox.get(eid, seq)
+        if old is not None and not old.delivered:
+            continue    # deliver the older undelivered one first; the card's turn comes next run
+        outbox.record(eid, seq, p.operation, p.address, p.iccid, p.der)
 
     queue = [outbox.get(eid, s) for s in sorted(todo_seqs)]
     queue += [n for n in rec.deliver_only if wanted is None or n.seq_number in wanted]
@@ -100,7 +104,10 @@ def process(es10: Es10, outbox, client_for: Callable[[str], object], *, eid: str
         if os.environ.get(FAULT_ENV) == "after-send":
             os._exit(86)
         outbox.mark_sent(eid, n.seq_number)
-        if not n.removed_externally:
+        on_card = card_der.get(n.seq_number)
+        # Remove only the very notification that was sent: a card can reuse a sequence
+        # number (reset, replaced eUICC); a different one under it stays for the next run.
+        if not n.removed_externally and (on_card is None or on_card.der == n.der):
             es10.remove_notification(n.seq_number)   # False = already gone: fine either way
             outbox.mark_removed(eid, n.seq_number)
         results.append(Delivery(n.seq_number, n.operation, n.address, n.iccid, "delivered"))
