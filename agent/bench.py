@@ -160,14 +160,16 @@ def cmd_bench_download(args, out) -> int:
                         raise TransportError(f"reservation did not become available: {r}", code="bench_failed")
                     address = r["smdp_plus_address"]
                     pool = ClientPool(ca=ca)
-                    es9 = pool(address)
-                    before = dict(vars(t.stats)) if hasattr(t.stats, "__dict__") else dict(t.stats)
-                    c0, w0 = time.process_time(), time.perf_counter()
-                    res = Downloader(es10, es9, DownloadOptions(address=address, matching_id="")).run()
-                    wall = time.perf_counter() - w0
-                    cpu = time.process_time() - c0
-                    after = dict(vars(t.stats)) if hasattr(t.stats, "__dict__") else dict(t.stats)
-                    pool.close()
+                    try:
+                        es9 = pool(address)
+                        before = dict(vars(t.stats)) if hasattr(t.stats, "__dict__") else dict(t.stats)
+                        c0, w0 = time.process_time(), time.perf_counter()
+                        res = Downloader(es10, es9, DownloadOptions(address=address, matching_id="")).run()
+                        wall = time.perf_counter() - w0
+                        cpu = time.process_time() - c0
+                        after = dict(vars(t.stats)) if hasattr(t.stats, "__dict__") else dict(t.stats)
+                    finally:
+                        pool.close()
             finally:
                 t.close()
         finally:

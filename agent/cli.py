@@ -525,7 +525,7 @@ def cmd_profile_download(args, out: Output) -> int:
 
 
 def _safe_process(args, es10, eid):
-    if getattr(args, "no_notifications", False):
+    if getattr(args, "no_notifications", False) or not args.config.process_notifications:
         return []
     try:
         return _process_notifications(args, es10, None, eid=eid)
@@ -545,8 +545,17 @@ def _modem_info(es10):
 
 
 def _modem_imei(es10) -> str | None:
+    """The modem's IMEI for DeviceInfo, or None (with a warning) when it is not a usable IMEI."""
+    from .ids import imei_to_bytes
     m = _modem_info(es10)
-    return m.imei if m else None
+    if not m or not m.imei:
+        return None
+    try:
+        imei_to_bytes(m.imei)
+    except AgentError:
+        logging.getLogger(__name__).warning("the modem's IMEI %r is not usable; DeviceInfo goes without it", m.imei)
+        return None
+    return m.imei
 
 
 # --------------------------------------------------------------------------- parser
@@ -728,6 +737,9 @@ def main(argv: list[str] | None = None) -> int:
         out.error(AgentError("interrupted; the logical channel was closed", code="interrupted"))
         return EXIT_INTERRUPTED
     except BrokenPipeError:
+        # The reader went away (| head): stop writing, and keep Python quiet at exit.
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # a bug: still one JSON document and a clear message
         if verbose:

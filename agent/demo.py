@@ -77,7 +77,10 @@ def cmd_demo(args, out) -> int:
 
         def agent(*argv: str) -> dict:
             full = agent_cmd() + ["--device", str(link), "--json", *argv]
-            r = subprocess.run(full, capture_output=True, env=env, timeout=120)
+            try:
+                r = subprocess.run(full, capture_output=True, env=env, timeout=120)
+            except subprocess.TimeoutExpired:
+                raise DemoError(f"`esim-agent {' '.join(argv)}` did not finish within 120 s") from None
             try:
                 doc = json.loads(r.stdout)
             except ValueError:
@@ -94,7 +97,10 @@ def cmd_demo(args, out) -> int:
         base = f"https://localhost:{server.port}/v1/ESimProfiles"
 
         def reserve(**form) -> dict:
-            r = api.post(base, data=form, timeout=10)
+            try:
+                r = api.post(base, data=form, timeout=10)
+            except requests.RequestException as e:
+                raise DemoError(f"reservation API unreachable: {e}") from None
             if r.status_code != 201:
                 raise DemoError(f"reservation failed: HTTP {r.status_code} {r.text[:200]}")
             return r.json()
@@ -102,7 +108,10 @@ def cmd_demo(args, out) -> int:
         def wait_status(sid_: str, want: str, timeout: float = 10.0) -> dict:
             deadline = time.monotonic() + timeout
             while True:
-                doc = api.get(f"{base}/{sid_}", timeout=10).json()
+                try:
+                    doc = api.get(f"{base}/{sid_}", timeout=10).json()
+                except (requests.RequestException, ValueError) as e:
+                    raise DemoError(f"reservation API failed: {e}") from None
                 if doc["status"] == want:
                     return doc
                 if doc["status"] == "failed" or time.monotonic() > deadline:

@@ -59,9 +59,12 @@ class DownloadError(AgentError):
         self.exit_code = exit_code if exit_code is not None else (
             cause.exit_code if isinstance(cause, AgentError) else 1)
 
-    def with_cancel(self, reason: int) -> "DownloadError":
-        """Mark that the session must be cancelled with this CancelSessionReason."""
+    def with_cancel(self, reason: int, *, server: bool = True) -> "DownloadError":
+        """Mark that the session must be cancelled with this CancelSessionReason
+        (``server=False``: the server has ended its session already; only the card's)."""
         self.details["cancel_reason"] = reason
+        if not server:
+            self.details["cancel_card_only"] = True
         return self
 
 
@@ -166,7 +169,7 @@ class Downloader:
             self.opts.progress(step, done, total)
 
     # --- cancellation (SGP.22 §3.1.3 / §5.6.5) -------------------------------
-    def cancel(self, reason: int) -> None:
+    def cancel(self, reason: int, *, server: bool = True) -> None:
         """Best-effort: CancelSession on the eUICC, then ES9+ cancelSession."""
         if not self.txid:
             return
@@ -174,6 +177,8 @@ class Downloader:
             resp = self.es10.cancel_session(bytes.fromhex(self.txid), reason)
         except Exception as e:  # the card may be unreachable; the server times the session out
             log.warning("ES10b CancelSession failed: %s", e)
+            return
+        if not server:
             return
         try:
             self.es9.cancel_session(self.txid, resp)
@@ -208,7 +213,7 @@ class Downloader:
             raise
         except DownloadError as e:
             if e.details.get("cancel_reason") is not None:
-                self.cancel(e.details.pop("cancel_reason"))
+                self.cancel(e.details.pop("cancel_reason"), server=not e.details.pop("cancel_card_only", False))
             raise
         except TimeoutError_ as e:
             self.cancel(REASON_TIMEOUT)
@@ -291,7 +296,8 @@ class Downloader:
         if kind != "downloadResponseOk":
             # The card keeps its session after refusing PrepareDownload: cancel it too.
             raise self._card_refused("PrepareDownload", val, "downloadErrorCode", PREPARE_DOWNLOAD_ERRORS,
-                                     self.es9.get_bound_profile_package, pdr).with_cancel(REASON_UNDEFINED)
+                                     self.es9.get_bound_profile_package, pdr
+                                     ).with_cancel(REASON_UNDEFINED, server=False)
 
         self._progress("getBoundProfilePackage")
         bpp = self.es9.get_bound_profile_package(self.txid, pdr)
