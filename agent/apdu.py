@@ -158,10 +158,26 @@ def select_raw(transmit: Transmit, channel: int, aid: bytes) -> bytes:
 
 
 def close_channel_raw(transmit: Transmit, channel: int) -> None:
-    try:
-        transmit(build(0x00, INS_MANAGE_CHANNEL, 0x80, channel))
-    except Exception as e:  # best-effort: the link may be dead already
-        log.debug("MANAGE CHANNEL close %d failed: %s", channel, e)
+    """MANAGE CHANNEL close, best effort. ISO 7816-4 makes it a 4-byte case-1 APDU;
+    some modems refuse AT+CSIM shorter than 5 bytes (Wavecom/Moxa: length 10..522 hex
+    characters, modem.md §1), so a refused close is sent again as 00 70 80 ch 00."""
+    for apdu in (build(0x00, INS_MANAGE_CHANNEL, 0x80, channel),
+                 build(0x00, INS_MANAGE_CHANNEL, 0x80, channel, le=0)):
+        try:
+            _, sw = split_rapdu(transmit(apdu))
+        except TransportError as e:
+            if e.code not in ("modem_error", "modem_cme_error"):
+                log.warning("MANAGE CHANNEL close %d failed: %s", channel, e.message)
+                return                       # the link itself is gone: nothing more to try
+            sw, why = None, e.message        # the modem refused the command: try the other form
+        else:
+            why = f"SW {sw:04X}"
+        if sw is not None and is_success(sw):
+            return
+        if sw is not None and sw not in (0x6700, 0x6A86):
+            break                            # refused for another reason than the form
+    log.warning("could not close logical channel %d (%s); it stays open until the card is reset",
+                channel, why)
 
 
 def _get_response_loop(transmit: Transmit, channel: int, sw: int, data: bytes,

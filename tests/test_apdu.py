@@ -680,3 +680,33 @@ def test_store_data_other_modem_errors_are_not_retried():
     with pytest.raises(TransportError):
         s.store_data(bytes(100))
     assert s.segment_size == 120 and t.apdus == []
+
+
+def test_close_channel_falls_back_to_the_five_byte_form():
+    """Modems that refuse AT+CSIM shorter than 5 bytes (CME 3) or cards answering 6700:
+    the close is sent again as 00 70 80 ch 00."""
+    sent = []
+
+    def refuses_short(apdu):
+        sent.append(apdu)
+        if len(apdu) < 5:
+            raise _TooLong(3)
+        return H("9000")
+    close_channel_raw(refuses_short, 2)
+    assert sent == [H("00708002"), H("0070800200")]
+
+    sent.clear()
+
+    def wrong_length(apdu):
+        sent.append(apdu)
+        return H("6700") if len(apdu) < 5 else H("9000")
+    close_channel_raw(wrong_length, 3)
+    assert sent == [H("00708003"), H("0070800300")]
+
+    sent.clear()
+
+    def dead(apdu):
+        sent.append(apdu)
+        raise TransportError("port gone", code="port_lost")
+    close_channel_raw(dead, 1)                     # never raises; no second try on a dead link
+    assert sent == [H("00708001")]

@@ -435,3 +435,20 @@ def test_interrupted_command_answer_is_not_taken_for_the_next(sim_modem, connect
     with pytest.raises(KeyboardInterrupt):
         roundtrip(t, ch, b"\x03")                # interrupted while the modem holds the answer
     assert roundtrip(t, ch, b"\x04") is not None  # echoes \x04, not the late \x03
+
+
+def test_auto_probe_session_is_reused_not_leaked(sim_modem, connect):
+    """Without =? forms the auto probe opens a real AT+CCHO session on the ISD-R; the
+    transport adopts it instead of opening a second one (a modem without AT+CCHC could
+    never close the probe's)."""
+    server = sim_modem("no-test-forms")
+    t = connect(server, "auto", quirks={"no_cchc": True})
+    assert t.name == "cgla"
+    ch = t.open_channel(ISDR_AID)
+    roundtrip(t, ch, b"\x01")
+    assert len(server.card.channels) == 2          # the basic channel + the one session, no leak
+    t.close()
+    server2 = sim_modem("no-test-forms")
+    t2 = connect(server2, "auto")                  # with CCHC: an unused probe session is closed
+    t2.close()
+    assert server2.card.channels == {0: None}

@@ -55,6 +55,7 @@ RESYNC_DEADLINE = 1.0
 #: After a resync OK, wait this long for stragglers (a late answer to the
 #: command that timed out) and throw them away.
 QUIET = 0.1
+RESYNC_QUIET = 0.3
 
 _ERROR_FINALS = {"ERROR", "NO CARRIER", "COMMAND NOT SUPPORT", "TOO MANY PARAMETERS", "ABORTED"}
 _CME = re.compile(r"^\+CME ERROR:\s*(.*)$", re.I)
@@ -550,7 +551,9 @@ class AtPort:
                     if line.upper() == "OK":
                         got = True
             if got:
-                self._quiet()
+                # The OK may have been the timed-out command's late final result; its own
+                # OK then follows: stay until the line is quiet for a while (not 0.1 s).
+                self._quiet(window=RESYNC_QUIET)
                 self.pending = False
                 self.dead = False
                 return True

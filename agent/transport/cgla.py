@@ -27,10 +27,18 @@ _SID = re.compile(r"^[0-9A-Za-z]{1,32}$")
 class CglaTransport(CsimTransport):
     name = "cgla"
 
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._spare: dict[bytes, str] = {}
+
+    def adopt(self, aid: bytes, sid: str) -> None:
+        """Take over a session the transport probe opened on ``aid`` (open.choose_transport)."""
+        self._spare[bytes(aid)] = sid
+
     def open_channel(self, aid: bytes) -> int:
         self._check_open()
         aid = bytes(aid)
-        sid = self._ccho(aid, self.timeout)
+        sid = self._spare.pop(aid, None) or self._ccho(aid, self.timeout)
         ch = self._cla_channel(sid)
         old = self._channels.get(ch)
         if old is not None:
@@ -38,6 +46,13 @@ class CglaTransport(CsimTransport):
             self._cchc(old.sid)
         self._channels[ch] = OpenChannel(aid, ch, sid)
         return ch
+
+    def close(self) -> None:
+        for sid in self._spare.values():          # a probe session never used
+            if not (self.port.closed or self.port.dead):
+                self._cchc(sid)
+        self._spare.clear()
+        super().close()
 
     def close_channel(self, channel: int) -> None:
         st = self._channels.pop(channel, None)

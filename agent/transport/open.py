@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from ..apdu import ISDR_AID
 from ..errors import TimeoutError_, UsageError
@@ -43,13 +44,15 @@ def open_transport(device: str, *, transport: str = "auto", timeout: float = 10.
         manufacturer = port.query("AT+CGMI", "+CGMI:")
         model = port.query("AT+CGMM", "+CGMM:")
         q = quirks_mod.effective(manufacturer, model, user_quirks)
-        kind = transport if transport != "auto" else choose_transport(port, q)
+        kind, spare = (transport, None) if transport != "auto" else choose_transport(port, q)
         log.info("modem %s %s: using AT+%s", manufacturer, model, "CGLA" if kind == "cgla" else "CSIM")
         from .cgla import CglaTransport
         from .csim import CsimTransport
         cls = CglaTransport if kind == "cgla" else CsimTransport
         t = cls(port, quirks=q, timeout=timeout, long_timeout=long_timeout, trace=trace,
                 manufacturer=manufacturer, model=model)
+        if spare is not None:
+            t.adopt(ISDR_AID, spare)     # the probe's session: used, not leaked
         if q.get("terminal_capability"):
             t.send_terminal_capability()
         return t
@@ -58,24 +61,25 @@ def open_transport(device: str, *, transport: str = "auto", timeout: float = 10.
         raise
 
 
-def choose_transport(port: AtPort, q: dict) -> str:
-    """``cgla`` or ``csim`` for ``--transport auto``."""
+def choose_transport(port: AtPort, q: dict) -> tuple[str, str | None]:
+    """(``cgla`` or ``csim``, session id the probe left open on the ISD-R or None)
+    for ``--transport auto``."""
     probe = min(port.timeout, PROBE_DEADLINE)
     if not q.get("no_test_forms"):
         if port.try_command("AT+CCHO=?", timeout=probe) and port.try_command("AT+CGLA=?", timeout=probe):
-            return "cgla"
+            return "cgla", None
     # A refused (or silent) test form is not proof: try the real thing on the ISD-R.
+    # The session it opens is handed to the transport rather than closed, because some
+    # modems cannot close it (no AT+CCHC on Sierra EM9191, CCHC=2..4 refused on FM350).
     try:
-        r = port.command(f'AT+CCHO="{ISDR_AID.hex().upper()}"', prefix="+CCHO:", bare="hex")
+        r = port.command(f'AT+CCHO="{ISDR_AID.hex().upper()}"', prefix="+CCHO:", bare="hex", timeout=probe)
     except (ModemError, TimeoutError_) as e:
-        return _csim_fallback(port, q, f"AT+CCHO does not work here ({e.message})")
+        return _csim_fallback(port, q, f"AT+CCHO does not work here ({e.message})"), None
     vals = r.lines or r.bare
-    if not vals:
-        return _csim_fallback(port, q, "AT+CCHO answered no session id")
-    sid = vals[0].strip().strip('"').strip()
-    if not q.get("no_cchc"):
-        port.try_command(f"AT+CCHC={sid}", timeout=probe, resync=False)
-    return "cgla"
+    sid = vals[0].strip().strip('"').strip() if vals else ""
+    if not re.fullmatch(r"[0-9A-Za-z]{1,32}", sid):
+        return _csim_fallback(port, q, f"AT+CCHO answered no usable session id ({sid[:40]!r})"), None
+    return "cgla", sid
 
 
 def _csim_fallback(port: AtPort, q: dict, why: str) -> str:
