@@ -68,7 +68,7 @@ ERROR_REASON_NAMES = {
     4: "unsupportedCrtValues", 5: "unsupportedRemoteOperationType", 6: "unsupportedProfileClass",
     7: "scp03tStructureError", 8: "scp03tSecurityError", 9: "iccidAlreadyExists",
     10: "insufficientMemory", 11: "interruption", 12: "PEProcessingError", 13: "iccidMismatch",
-    14: "testProfileInvalidNaaKey", 15: "pprNotAllowed", 127: "unknown",
+    14: "testProfileInvalidNaaKey", 15: "pprNotAllowed", 127: "unknownError",
 }
 
 

@@ -88,8 +88,6 @@ def sim_modem(tmp_path):
     (``.path``, ``.link``, ``.card``, ``.logic``). ``card`` defaults to a
     FakeEuicc; pass ``card="real"`` for a SimEuicc with 2 preloaded profiles.
     Every server is stopped at teardown."""
-    from agent.sim.modem import serve_modem
-
     started = []
 
     def start(*faults, card=None, baud=None, link=None):
@@ -99,29 +97,9 @@ def sim_modem(tmp_path):
             card = FakeEuicc()
         elif card == "real":
             card = None
-        box: dict = {}
-        ready = threading.Event()
-
-        def on_ready(server):
-            box["server"] = server
-            ready.set()
-
-        def run():
-            try:
-                serve_modem(tmp_path / f"card{n}.json", link=link, preload=2, baud=baud, faults=faults,
-                            ready=on_ready, card=card)
-            except BaseException as e:  # surface start-up errors to the test
-                box["error"] = e
-                ready.set()
-
-        th = threading.Thread(target=run, name=f"sim-modem-{n}", daemon=True)
-        th.start()
-        if not ready.wait(30):
-            raise RuntimeError("simulated modem did not start within 30 s")
-        if "error" in box:
-            raise box["error"]
-        started.append((box["server"], th))
-        return box["server"]
+        server, th = _serve_in_thread(tmp_path / f"card{n}.json", link, faults, card, baud=baud)
+        started.append((server, th))
+        return server
 
     yield start
     for server, th in started:

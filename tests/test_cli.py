@@ -596,38 +596,35 @@ def test_modem_unplugged_mid_command(modem, tmp_path):
     assert "lost the modem port" in doc["error"]["message"] and "Traceback" not in err
 
 
-@pytest.mark.parametrize("tr", BOTH)
-def test_ctrl_c_closes_the_channel(modem, tmp_path, tr):
-    n = 2 if tr == "csim" else 1                        # csim: the SELECT; cgla: the GetProfilesInfo
-    server = modem(f"delay=5@{n}")          # long enough for a loaded machine to send SIGINT in time
+def _signal_mid_command(server, tmp_path, tr, n, sig):
+    """Start the agent, send ``sig`` while the modem holds the n-th answer; (rc, doc, stderr)."""
     child = _start_agent(server, tmp_path, tr, n)
     try:
-        child.send_signal(signal.SIGINT)
+        child.send_signal(sig)
         out, err = child.communicate(timeout=15)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
-    doc = check_json(child.returncode, out)
-    assert child.returncode == 130 and doc["error"]["code"] == "interrupted"
-    assert channels_closed(server) and "Traceback" not in err
+    return child.returncode, check_json(child.returncode, out), err
 
+
+@pytest.mark.parametrize("tr", BOTH)
+def test_ctrl_c_closes_the_channel(modem, tmp_path, tr):
+    n = 2 if tr == "csim" else 1                        # csim: the SELECT; cgla: the GetProfilesInfo
+    server = modem(f"delay=5@{n}")          # long enough for a loaded machine to send SIGINT in time
+    rc, doc, err = _signal_mid_command(server, tmp_path, tr, n, signal.SIGINT)
+    assert rc == 130 and doc["error"]["code"] == "interrupted"
+    assert channels_closed(server) and "Traceback" not in err
 
 
 def test_sigterm_closes_the_channel(modem, tmp_path):
     """systemctl stop sends SIGTERM: handled like Ctrl-C (channel closed, one JSON document, exit 143)."""
     server = modem("delay=5@1")
-    child = _start_agent(server, tmp_path, "cgla", 1)
-    try:
-        child.send_signal(signal.SIGTERM)
-        out, err = child.communicate(timeout=15)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    doc = check_json(child.returncode, out)
-    assert child.returncode == 143 and doc["error"]["code"] == "terminated"
+    rc, doc, err = _signal_mid_command(server, tmp_path, "cgla", 1, signal.SIGTERM)
+    assert rc == 143 and doc["error"]["code"] == "terminated"
     assert channels_closed(server) and "Traceback" not in err
+
 
 # --------------------------------------------------------------------------- trace, verbose, AIDs
 

@@ -37,15 +37,6 @@ REASON_METADATA_MISMATCH = 4
 REASON_LOAD_BPP_EXECUTION_ERROR = 5
 REASON_UNDEFINED = 127
 
-# ProfileInstallationResult error tables (protocol.md §1)
-BPP_COMMANDS = {0: "initialiseSecureChannel", 1: "configureISDP", 2: "storeMetadata", 3: "storeMetadata2",
-                4: "replaceSessionKeys", 5: "loadProfileElements"}
-BPP_ERRORS = {1: "incorrectInputValues", 2: "invalidSignature", 3: "invalidTransactionId",
-              4: "unsupportedCrtValues", 5: "unsupportedRemoteOperationType", 6: "unsupportedProfileClass",
-              7: "scp03tStructureError", 8: "scp03tSecurityError", 9: "iccidAlreadyExists",
-              10: "insufficientMemory", 11: "interruption", 12: "peProcessingError", 13: "iccidMismatch",
-              14: "testProfileInvalidNaaKey", 15: "pprNotAllowed", 127: "unknownError"}
-
 
 class DownloadError(AgentError):
     """A download step failed; ``step`` names it."""
@@ -221,7 +212,7 @@ class Downloader:
         except AgentError as e:
             self.cancel(REASON_LOAD_BPP_EXECUTION_ERROR if self.step.startswith("loading") else REASON_UNDEFINED)
             raise DownloadError(self.step, e) from e
-        except Exception as e:   # a bug must not leave sessions open on the card and the server
+        except Exception:   # a bug must not leave sessions open on the card and the server
             self.cancel(REASON_LOAD_BPP_EXECUTION_ERROR if self.step.startswith("loading") else REASON_UNDEFINED)
             raise
 
@@ -315,7 +306,7 @@ class Downloader:
         return DownloadError(step, Es10Error(step, name, code, _refusal_hint(name)))
 
     def _load(self, bpp: bytes, meta: ProfileMetadata) -> DownloadResult:
-        from ..es8p import split_bpp
+        from ..es8p import BPP_COMMAND_NAMES, ERROR_REASON_NAMES, split_bpp
         o = self.opts
         commands = split_bpp(bpp)
         total = sum(len(c) for c in commands)
@@ -342,8 +333,8 @@ class Downloader:
         seq = data["notificationMetadata"]["seqNumber"]
         kind, res = data["finalResult"]
         if kind != "successResult":
-            cmd = BPP_COMMANDS.get(res["bppCommandId"], str(res["bppCommandId"]))
-            reason = BPP_ERRORS.get(res["errorReason"], str(res["errorReason"]))
+            cmd = BPP_COMMAND_NAMES.get(res["bppCommandId"], str(res["bppCommandId"]))
+            reason = ERROR_REASON_NAMES.get(res["errorReason"], str(res["errorReason"]))
             # The eUICC ended the session itself; its signed result is a pending
             # notification that tells the SM-DP+ (processed by the caller).
             err = CardError(f"the eUICC refused the profile package at {cmd}: {reason}",

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from urllib.parse import urlsplit
 
 from .. import codec, crypto, tlv
+from ..es8p import BPP_COMMAND_NAMES
 from ..errors import AgentError, ProtocolError
 from ..ids import eid_to_bytes, iccid_from_bytes, iccid_to_bytes
 from .profiles import SERVICE_PROVIDER, profile_name
@@ -68,8 +69,8 @@ CANCEL_ERRORS = {5: "invalidTransactionId", 127: "undefinedError"}
 # the user or the device deferred the download (postponed, timeout), or loading failed
 # on the device's side before anything was installed (loadBppExecutionError, undefined).
 CANCEL_KEEPS_ORDER = {1, 2, 5, 127}
-BPP_COMMANDS = {0: "initialiseSecureChannel", 1: "configureISDP", 2: "storeMetadata",
-                3: "storeMetadata2", 4: "replaceSessionKeys", 5: "loadProfileElements"}
+# ErrorReason with the SGP.22 ASN.1 names, as an SM-DP+ reports them (the agent's codes
+# come from es8p's short names).
 BPP_ERRORS = {1: "incorrectInputValues", 2: "invalidSignature", 3: "invalidTransactionId",
               4: "unsupportedCrtValues", 5: "unsupportedRemoteOperationType",
               6: "unsupportedProfileClass", 7: "scp03tStructureError", 8: "scp03tSecurityError",
@@ -544,7 +545,7 @@ class Es9Service:
         else:
             cmd, reason = final["bppCommandId"], final["errorReason"]
             msg = (f"eUICC could not install the profile: {BPP_ERRORS.get(reason, 'error')} ({reason}) "
-                   f"during {BPP_COMMANDS.get(cmd, f'command {cmd}')}")
+                   f"during {BPP_COMMAND_NAMES.get(cmd, f'command {cmd}')}")
             self.store.finish(order["sid"], ok=False, error_code=str(reason), error_message=msg)
             log(f"PIR: ICCID {order['iccid']} failed: {msg}")
 
