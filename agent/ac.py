@@ -1,4 +1,4 @@
-"""Activation Codes (SGP.22 §4.1, protocol.md §5).
+"""Activation Codes (SGP.22 §4.1, docs/protocol.md §5).
 
     [LPA:]AC_Format "$" SM-DP+Address "$" AC_Token ["$" SM-DP+OID ["$" CCRequiredFlag ["$" CIPKId]]]
 

@@ -1,10 +1,10 @@
-"""ISO 7816-4 APDU layer between the transports and ES10 (protocol.md §1).
+"""ISO 7816-4 APDU layer between the transports and ES10 (docs/protocol.md §1).
 
 * logical channels: class byte encoding for channels 0–3 and 4–19,
   MANAGE CHANNEL open/close and SELECT by AID over any raw ``transmit``;
 * response chaining: 61xx → GET RESPONSE (capped loop: some modems answer
-  6100 forever, modem.md §1 EC800G), 6Cxx → re-issue with the right Le;
-* ES10 STORE DATA segmentation (SGP.22 §5.7.2 as summarised in protocol.md §1):
+  6100 forever, docs/modem.md §1.5 EC800G), 6Cxx → re-issue with the right Le;
+* ES10 STORE DATA segmentation (SGP.22 §5.7.2, docs/protocol.md §1.3):
   P1 0x11 while more blocks follow, 0x91 on the last, P2 the block number from
   00 for each ES10 command, Lc ≤ 255 (default 120, as modems cap it);
 * status words mapped to named errors.
@@ -19,7 +19,7 @@ from .transport.base import ApduTransport
 
 log = logging.getLogger(__name__)
 
-#: SGP.22 ISD-R AID (protocol.md §1). Some cards use another one; the list is configurable.
+#: SGP.22 ISD-R AID (docs/protocol.md §1.1). Some cards use another one; the list is configurable.
 ISDR_AID = bytes.fromhex("A0000005591010FFFFFFFF8900000100")
 
 DEFAULT_SEGMENT = 120
@@ -66,7 +66,7 @@ def sw_error(sw: int, what: str) -> StatusWordError:
 
 def is_success(sw: int) -> bool:
     # 90xx and 91xx (proactive command pending — the modem's STK engine fetches it,
-    # modem.md §2 "91xx") both mean the command itself succeeded.
+    # docs/modem.md §2.2) both mean the command itself succeeded.
     return sw == 0x9000 or (sw >> 8) == 0x91
 
 
@@ -160,7 +160,7 @@ def select_raw(transmit: Transmit, channel: int, aid: bytes) -> bytes:
 def close_channel_raw(transmit: Transmit, channel: int) -> None:
     """MANAGE CHANNEL close, best effort. ISO 7816-4 makes it a 4-byte case-1 APDU;
     some modems refuse AT+CSIM shorter than 5 bytes (Wavecom/Moxa: length 10..522 hex
-    characters, modem.md §1), so a refused close is sent again as 00 70 80 ch 00."""
+    characters, docs/modem.md §1.1), so a refused close is sent again as 00 70 80 ch 00."""
     for apdu in (build(0x00, INS_MANAGE_CHANNEL, 0x80, channel),
                  build(0x00, INS_MANAGE_CHANNEL, 0x80, channel, le=0)):
         try:
@@ -257,7 +257,7 @@ class Isdr:
 
         After EnableProfile/DisableProfile with refreshFlag the eUICC issues REFRESH
         (UICC reset): the modem re-reads the SIM, the logical channel is gone and the
-        modem answers SIM busy for a while (modem.md §3). Before anything else is sent
+        modem answers SIM busy for a while (docs/modem.md §3). Before anything else is sent
         (the notifications the switch produced) the channel must be opened anew."""
         import time
         self.close()
@@ -298,7 +298,7 @@ class Isdr:
         """Send one ES10 command (a DER TLV) as STORE DATA blocks; return the response data.
 
         A modem that refuses an APDU as too long answers +CME ERROR: 3/4 without
-        passing it to the card (modem.md §1, Wavecom/Moxa limits). Then the whole
+        passing it to the card (docs/modem.md §1.1, Wavecom/Moxa limits). Then the whole
         command is sent again from block 00 with half the block size (block 00
         always starts a new command), and the smaller size is kept for the session."""
         if not payload:
@@ -328,7 +328,7 @@ class Isdr:
             last = n == len(blocks) - 1
             # Le=00 on the last block: the response is expected there. Omitting it makes
             # T=0 paths answer 61xx and cost a GET RESPONSE, and some modem/card paths then
-            # return no data at all (landscape.md §3 item 11).
+            # return no data at all (docs/protocol.md §1.3).
             apdu = build(cla, INS_STORE_DATA, 0x91 if last else 0x11, n, block, le=0 if last else None)
             data, sw = self.exchange(apdu, timeout=timeout, what=what)
             if not is_success(sw):

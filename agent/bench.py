@@ -33,6 +33,8 @@ def add_parsers(sub) -> None:
     d.add_argument("--profile-size", type=int, default=12288, metavar="BYTES",
                    help="profile package size (default 12288, like a GSMA TS.48 test profile)")
     d.set_defaults(func=cmd_bench_download)
+    from . import bench_daemon
+    bench_daemon.add_parser(bs)
 
 
 def agent_cmd() -> list[str]:
@@ -119,12 +121,10 @@ def cmd_bench_download(args, out) -> int:
     """Servers run in child processes so the CPU figure is the agent's own."""
     import requests
 
-    from .apdu import Isdr
-    from .es10 import Es10
-    from .flows.download import DownloadOptions, Downloader
-    from .flows.notifications import ClientPool
+    from . import ops
+    from .ops import Context, ServerSettings
+    from .ops.card import Card, CardSettings
     from .sim.pki import make_pki
-    from .transport.open import open_transport
 
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="esim-bench-") as d:
@@ -146,32 +146,25 @@ def cmd_bench_download(args, out) -> int:
             _wait_port(port, procs[0])
             wait_for_path(link, procs[1])
             api = f"https://localhost:{port}/v1/ESimProfiles"
-            t = open_transport(str(link), transport=args.bench_transport, baud=args.baud)
-            try:
-                with Isdr(t) as isdr:
-                    es10 = Es10(isdr)
-                    eid = es10.get_eid()
-                    r = requests.post(api, data={"Eid": eid}, auth=auth, verify=ca, timeout=10).json()
-                    deadline = time.monotonic() + 10
-                    while r["status"] != "available" and time.monotonic() < deadline:
-                        time.sleep(0.05)
-                        r = requests.get(f"{api}/{r['sid']}", auth=auth, verify=ca, timeout=10).json()
-                    if r["status"] != "available":
-                        raise TransportError(f"reservation did not become available: {r}", code="bench_failed")
-                    address = r["smdp_plus_address"]
-                    pool = ClientPool(ca=ca)
-                    try:
-                        es9 = pool(address)
-                        before = dict(vars(t.stats)) if hasattr(t.stats, "__dict__") else dict(t.stats)
-                        c0, w0 = time.process_time(), time.perf_counter()
-                        res = Downloader(es10, es9, DownloadOptions(address=address, matching_id="")).run()
-                        wall = time.perf_counter() - w0
-                        cpu = time.process_time() - c0
-                        after = dict(vars(t.stats)) if hasattr(t.stats, "__dict__") else dict(t.stats)
-                    finally:
-                        pool.close()
-            finally:
-                t.close()
+            card = Card(CardSettings(device=str(link), transport=args.bench_transport, baud=args.baud).validate())
+            ctx = Context(servers=ServerSettings(ca=ca), state_dir=root / "state", notifications=False)
+            with card:
+                t = card.transport
+                eid = card.eid
+                r = requests.post(api, data={"Eid": eid}, auth=auth, verify=ca, timeout=10).json()
+                deadline = time.monotonic() + 10
+                while r["status"] != "available" and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    r = requests.get(f"{api}/{r['sid']}", auth=auth, verify=ca, timeout=10).json()
+                if r["status"] != "available":
+                    raise TransportError(f"reservation did not become available: {r}", code="bench_failed")
+                address = r["smdp_plus_address"]
+                before = dict(vars(t.stats)) if hasattr(t.stats, "__dict__") else dict(t.stats)
+                c0, w0 = time.process_time(), time.perf_counter()
+                res = ops.run("profile.download", ctx, card, {"smdp": address, "matching_id": "", "yes": True})
+                wall = time.perf_counter() - w0
+                cpu = time.process_time() - c0
+                after = dict(vars(t.stats)) if hasattr(t.stats, "__dict__") else dict(t.stats)
         finally:
             for p in procs:
                 p.terminate()
@@ -183,11 +176,11 @@ def cmd_bench_download(args, out) -> int:
     delta = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
     line_bytes = delta.get("bytes_out", 0) + delta.get("bytes_in", 0)
     bound = line_bytes * 10 / args.baud
-    data = {"baud": args.baud, "transport": args.bench_transport, "iccid": res.iccid,
+    data = {"baud": args.baud, "transport": args.bench_transport, "iccid": res["profile"]["iccid"],
             "wall_s": round(wall, 3), "apdus": delta.get("apdus"), "at_commands": delta.get("at_commands"),
             "line_bytes": line_bytes, "line_bound_s": round(bound, 3),
             "ratio_wall_to_line_bound": round(wall / bound, 3) if bound else None,
-            "host_cpu_s": round(cpu, 3), "bpp_bytes": res.apdu_bytes_loaded,
+            "host_cpu_s": round(cpu, 3), "bpp_bytes": res["bytes_loaded"],
             "targets": {"wall_to_bound_max": 1.2, "host_cpu_max_s": 0.5}}
     out.ok(data, f"download at {args.baud} baud ({args.bench_transport}): wall {wall:.2f} s, "
                  f"{delta.get('apdus')} APDUs, {line_bytes} bytes on the line (lower bound {bound:.2f} s), "

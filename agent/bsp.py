@@ -1,5 +1,5 @@
 """BSP — the SCP03t-derived protection of the Bound Profile Package's 86/87/88
-TLVs (SGP.22 §2.5.4 via protocol.md §4 "BSP (formerly SCP03t)").
+TLVs (SGP.22 §2.5.4, docs/protocol.md §4.6).
 
 One ``BspSession`` object lives on each side of a download.  It keeps the
 block counter (ICV derivation) and the MAC chaining value; ``wrap`` and
@@ -23,7 +23,7 @@ from .errors import CardError
 
 BLOCK = 16
 MAC_LEN = 8
-MAX_SEGMENT = 1020  # bytes of one protected TLV incl. tag, length and MAC (protocol.md §4)
+MAX_SEGMENT = 1020  # bytes of one protected TLV incl. tag, length and MAC (docs/protocol.md §4.6)
 
 
 class BspError(CardError):
@@ -105,7 +105,7 @@ class BspSession:
         return cls(keys.s_enc, keys.s_mac, keys.initial_mcv)
 
     def replace_keys(self, s_enc: bytes, s_mac: bytes, initial_mcv: bytes) -> None:
-        """ReplaceSessionKeys: new keys, MCV = initialMCV, counter back to 1 (protocol.md §4)."""
+        """ReplaceSessionKeys: new keys, MCV = initialMCV, counter back to 1 (docs/protocol.md §4.7)."""
         self.s_enc = _check_key("S-ENC", s_enc)
         self.s_mac = _check_key("S-MAC", s_mac)
         mcv = bytes(initial_mcv)

@@ -74,93 +74,44 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- card access
-
-@dataclass
-class Settings:
-    timeout: float
-    long_timeout: float
-    segment_size: int
-    baud: int
-    aids: list[bytes]
-
+# --------------------------------------------------------------------------- settings
 
 def _pick(cli_value, cfg_value):
     return cli_value if cli_value is not None else cfg_value
 
 
-def settings(args) -> Settings:
-    """Command line over config file, validated once (bad values are usage errors, exit 2)."""
-    from .apdu import ISDR_AID, MAX_SEGMENT
+def card_settings(args):
+    """How to reach the card: command line over config file, validated once (bad values
+    are usage errors, exit 2)."""
+    from .ops.card import CardSettings
     cfg = args.config
-    timeout = _pick(args.timeout, cfg.timeout)
-    long_timeout = _pick(args.long_timeout, cfg.long_timeout)
-    for name, v in (("--timeout", timeout), ("--long-timeout", long_timeout)):
-        if not isinstance(v, (int, float)) or not 0 < v <= 3600:
-            raise UsageError(f"{name} must be a number of seconds above 0 (at most 3600), not {v!r}",
-                             code="bad_timeout")
-    seg = _pick(args.segment_size, cfg.segment_size)
-    if not isinstance(seg, int) or not 1 <= seg <= MAX_SEGMENT:
-        raise UsageError(f"--segment-size must be 1..{MAX_SEGMENT} bytes (STORE DATA Lc), not {seg!r}",
-                         code="bad_segment_size")
-    baud = _pick(args.baud, cfg.baud)
-    if not isinstance(baud, int) or baud <= 0:
-        raise UsageError(f"--baud must be a positive number, not {baud!r}", code="bad_baud")
-    aids = []
-    for a in (args.aid or cfg.aids or []):
-        a = str(a).strip().replace(" ", "")
-        try:
-            b = bytes.fromhex(a)
-        except ValueError:
-            b = b""
-        if not 5 <= len(b) <= 16:
-            raise UsageError(f"--aid {a!r} is not an AID (5 to 16 bytes of hex, e.g. {ISDR_AID.hex().upper()})",
-                             code="bad_aid")
-        aids.append(b)
-    return Settings(float(timeout), float(long_timeout), seg, baud, aids or [ISDR_AID])
-
-
-@contextlib.contextmanager
-def open_transport(args):
-    """The APDU transport selected by --device / --sim."""
+    s = CardSettings(
+        device=None if args.sim else (args.device or cfg.device), sim=args.sim,
+        transport=args.transport or cfg.transport,
+        timeout=_pick(args.timeout, cfg.timeout), long_timeout=_pick(args.long_timeout, cfg.long_timeout),
+        segment_size=_pick(args.segment_size, cfg.segment_size), baud=_pick(args.baud, cfg.baud),
+        aids=list(args.aid or cfg.aids or []), quirks=dict(cfg.quirks or {}),
+        trace=_tracer() if args.trace else None)
     if args.sim and args.device:
-        raise UsageError("use either --device (a modem's AT port) or --sim (simulated eUICC), not both")
-    trace = _tracer(args) if args.trace else None
-    if args.sim:
-        from .sim.euicc import SimEuicc
-        from .transport.direct import DirectTransport
-        card = SimEuicc.open(args.sim)
-        t = DirectTransport(card, trace=trace)
-    else:
-        device = args.device or args.config.device
-        if not device:
-            raise UsageError("no modem given: pass --device /dev/ttyUSBx (the modem's AT port) "
-                             "or --sim STATEFILE for the simulated eUICC", code="no_device")
-        from .transport.open import open_transport as _open
-        st = settings(args)
-        t = _open(device, transport=args.transport or args.config.transport, timeout=st.timeout,
-                  long_timeout=st.long_timeout, quirks=dict(args.config.quirks) or None, trace=trace, baud=st.baud)
-    try:
-        yield t
-    finally:
-        t.close()
+        s.device = args.device      # validate() names the conflict
+    return s.validate()
 
 
-@contextlib.contextmanager
-def open_es10(args):
-    """Transport → ISD-R session → ES10 client; the channel is always closed."""
-    from .apdu import Isdr
-    from .es10 import Es10
-    st = settings(args)
-    with open_transport(args) as t:
-        isdr = Isdr(t, aids=st.aids, segment_size=st.segment_size, timeout=st.timeout)
-        with isdr:
-            es10 = Es10(isdr, long_timeout=st.long_timeout)
-            es10.transport = t  # type: ignore[attr-defined] - the download flow reads the modem's IMEI
-            yield es10
+def context(args, out: "Output", token):
+    """The operations' context for a direct (no daemon) run of this command."""
+    from . import config
+    from .ops import Context, ServerSettings
+    cfg = args.config
+    ca = getattr(args, "ca", None)
+    servers = ServerSettings(ca=ca, config_ca=cfg.ca_bundle, insecure_http=getattr(args, "insecure_http", False))
+    return Context(servers=servers, state_dir=config.state_dir(cfg),
+                   notifications=cfg.process_notifications and not getattr(args, "no_notifications", False),
+                   refresh=cfg.refresh, rollback_after=float(cfg.rollback_after), cancel=token,
+                   default_smdp=cfg.default_smdp, auto_enable=bool(cfg.auto_enable),
+                   warn=lambda m: out.info(f"warning: {m}"), progress=_progress_printer(out))
 
 
-def _tracer(args):
+def _tracer():
     def trace(direction: str, data) -> None:
         if isinstance(data, (bytes, bytearray)):
             data = bytes(data).hex().upper()
@@ -168,34 +119,56 @@ def _tracer(args):
     return trace
 
 
+# --------------------------------------------------------------------------- running an operation
+
+#: Commands that never go through the daemon (they do not touch the modem, or are the daemon).
+def _through_daemon(args) -> bool:
+    if getattr(args, "direct", False) or args.sim:
+        return False
+    from .daemon.client import daemon_answers
+    return daemon_answers(args.config)
+
+
+def execute(args, out: "Output", op: str, params: dict, *, prepare=None) -> dict:
+    """Run operation ``op`` with ``params``: through the daemon's socket when one answers
+    (it owns the modem), else directly on the card. Same data either way."""
+    token = args.cancel
+    if _through_daemon(args):
+        from .daemon.client import DaemonClient
+        return DaemonClient.for_config(args.config).run(
+            op, params, cancel=token, device=args.device, info=out.info,
+            direct_fallback=lambda: _direct(args, out, op, params, prepare))
+    return _direct(args, out, op, params, prepare)
+
+
+def _direct(args, out, op, params, prepare) -> dict:
+    from . import ops
+    from .ops.card import Card
+    ctx = context(args, out, args.cancel)
+    if prepare is not None:
+        prepare(ctx)
+    settings = card_settings(args)
+    with Card(settings, cancel=args.cancel) as card:
+        return ops.run(op, ctx, card, params)
+
+
 # --------------------------------------------------------------------------- commands: chip
 
 def cmd_chip_info(args, out: Output) -> int:
-    with open_es10(args) as es10:
-        eid = es10.get_eid()
-        info2 = es10.get_euicc_info2()
-        addrs = es10.get_configured_addresses()
-        modem = _modem_info(es10)
-    data = {
-        "eid": eid,
-        "euicc_info2": info2.to_json(),
-        "configured_addresses": {"default_dp_address": addrs.default_dp_address,
-                                 "root_ds_address": addrs.root_ds_address},
-    }
-    if modem is not None:
-        data["modem"] = modem.to_json()
+    data = execute(args, out, "chip.info", {})
 
     def text() -> str:
-        rows = [["EID", eid],
-                ["Default SM-DP+", addrs.default_dp_address or "(none)"],
-                ["Root SM-DS", addrs.root_ds_address or "(none)"],
-                ["SVN", info2.svn], ["Profile version", info2.profile_version],
-                ["Firmware", info2.firmware_version], ["Free NVM (bytes)", info2.free_nvm],
-                *([["Modem", f"{modem.manufacturer or '?'} {modem.model or ''}".strip()],
-                   ["IMEI", modem.imei], ["Active ICCID", modem.iccid]] if modem else []),
-                ["Category", info2.euicc_category],
-                ["CI keys (verify)", ", ".join(info2.ci_pkids_for_verification)],
-                ["CI keys (sign)", ", ".join(info2.ci_pkids_for_signing)]]
+        info2, addrs, modem = data["euicc_info2"], data["configured_addresses"], data.get("modem")
+        rows = [["EID", data["eid"]],
+                ["Default SM-DP+", addrs.get("default_dp_address") or "(none)"],
+                ["Root SM-DS", addrs.get("root_ds_address") or "(none)"],
+                ["SVN", info2.get("svn")], ["Profile version", info2.get("profile_version")],
+                ["Firmware", info2.get("firmware_version")], ["Free NVM (bytes)", info2.get("free_nvm")],
+                *([["Modem", f"{modem.get('manufacturer') or '?'} {modem.get('model') or ''}".strip()],
+                   ["IMEI", modem.get("imei")], ["Active ICCID", modem.get("iccid")]] if modem else []),
+                ["Category", info2.get("euicc_category")],
+                ["CI keys (verify)", ", ".join(info2.get("ci_pkids_for_verification") or [])],
+                ["CI keys (sign)", ", ".join(info2.get("ci_pkids_for_signing") or [])]]
         return "\n".join(f"{k + ':':<18} {'' if v is None else v}" for k, v in rows)
     out.ok(data, text)
     return 0
@@ -203,10 +176,10 @@ def cmd_chip_info(args, out: Output) -> int:
 
 def cmd_chip_set_default_dp(args, out: Output) -> int:
     from .ac import validate_address
-    addr = validate_address(args.address) if args.address else ""
-    with open_es10(args) as es10:
-        es10.set_default_dp_address(addr)
-    out.ok({"default_dp_address": addr or None}, f"default SM-DP+ address set to {addr or '(none)'}")
+    if args.address:
+        validate_address(args.address)          # bad input fails before the card or the daemon is asked
+    data = execute(args, out, "chip.set_default_dp", {"address": args.address})
+    out.ok(data, f"default SM-DP+ address set to {data['default_dp_address'] or '(none)'}")
     return 0
 
 
@@ -214,90 +187,59 @@ def cmd_chip_reset(args, out: Output) -> int:
     if not args.yes:
         raise UsageError("eUICC memory reset deletes all operational and test profiles; "
                          "repeat with --yes to confirm", code="confirmation_required")
-    with open_es10(args) as es10:
-        es10.memory_reset()
-    out.ok({"reset": True}, "eUICC memory reset done")
+    data = execute(args, out, "chip.reset", {"yes": True})
+    out.ok(data, "eUICC memory reset done")
     return 0
 
 
 # --------------------------------------------------------------------------- commands: profile
 
-def _profile_rows(profiles) -> str:
+def _profile_rows(profiles: list[dict]) -> str:
     if not profiles:
         return "no profiles installed"
-    return table([[p.iccid, p.state, p.nickname or "", p.service_provider_name, p.profile_name, p.profile_class,
-                   p.isdp_aid] for p in profiles],
+    return table([[p.get("iccid"), p.get("state"), p.get("nickname") or "", p.get("service_provider_name"),
+                   p.get("profile_name"), p.get("profile_class"), p.get("isdp_aid")] for p in profiles],
                  ["ICCID", "STATE", "NICKNAME", "PROVIDER", "NAME", "CLASS", "ISD-P AID"])
 
 
 def cmd_profile_list(args, out: Output) -> int:
-    with open_es10(args) as es10:
-        profiles = es10.get_profiles_info()
-    out.ok({"profiles": [p.to_json() for p in profiles]}, lambda: _profile_rows(profiles))
+    data = execute(args, out, "profile.list", {})
+    out.ok(data, lambda: _profile_rows(data["profiles"]))
     return 0
 
 
-def _after_change(args, out: Output, es10, data: dict, eid: str | None = None) -> None:
-    """Send the notifications an operation caused (issue #3 item 5). The operation
-    itself has succeeded: delivery failures are reported, kept in the outbox and
-    left on the card for `notification process`, never raised."""
-    if getattr(args, "no_notifications", False) or not args.config.process_notifications:
-        return
-    try:
-        data["notifications"] = [d.to_json() for d in _process_notifications(args, es10, None, eid=eid)]
-    except AgentError as e:
-        data["notifications_error"] = e.to_json()
-        out.info(f"warning: notifications not processed: {e.message}")
-        return
-    failed = [d for d in data["notifications"] if d["status"] == "failed"]
-    by_cause: dict[str, list[int]] = {}
-    for d in failed:
-        by_cause.setdefault(d["error"]["message"], []).append(d["seq_number"])
-    for msg, seqs in by_cause.items():
-        out.info(f"warning: notification(s) {', '.join(map(str, seqs))} not sent: {msg}\n"
-                 "  They stay pending on the eUICC and in the outbox; send them later with "
-                 "`esim-agent notification process`.")
-
-
-def _process_notifications(args, es10, seqs, *, eid: str | None = None):
-    from .flows.notifications import ClientPool, process
-    eid = eid or es10.get_eid()
-    pool = ClientPool(ca=getattr(args, "ca", None), config_ca=args.config.ca_bundle,
-                      insecure_http=getattr(args, "insecure_http", False))
-    try:
-        with _outbox(args) as outbox:
-            return process(es10, outbox, pool, eid=eid, seqs=seqs)
-    finally:
-        pool.close()
+def _server_params(args) -> dict:
+    """Per-command server trust, passed to the daemon as plain values (absolute paths)."""
+    import os
+    p = {}
+    if getattr(args, "ca", None):
+        p["ca"] = os.path.abspath(args.ca)
+    if getattr(args, "insecure_http", False):
+        p["insecure_http"] = True
+    if getattr(args, "no_notifications", False):
+        p["no_notifications"] = True
+    return p
 
 
 def cmd_profile_enable(args, out: Output) -> int:
-    return _switch(args, out, "enable")
+    from .es10 import profile_identifier
+    profile_identifier(args.id)
+    params = {"id": args.id, "rollback": not args.no_rollback}
+    if args.no_refresh:
+        params["refresh"] = False
+    data = execute(args, out, "profile.enable", {**params, **_server_params(args)})
+    out.ok(data, f"profile {args.id} enabled")
+    return 0
 
 
 def cmd_profile_disable(args, out: Output) -> int:
-    return _switch(args, out, "disable")
-
-
-def _switch(args, out: Output, action: str) -> int:
-    """EnableProfile / DisableProfile, then the notifications they caused."""
-    refresh = not args.no_refresh and args.config.refresh
-    with open_es10(args) as es10:
-        call = es10.enable_profile if action == "enable" else es10.disable_profile
-        call(args.id, refresh=refresh)
-        data = {f"{action}d": args.id}
-        if refresh and not (getattr(args, "no_notifications", False) or not args.config.process_notifications):
-            # The card resets itself (REFRESH): talk to it on a fresh channel. The switch
-            # itself has succeeded whatever happens here.
-            try:
-                es10.ch.reopen()
-            except AgentError as e:
-                data["notifications_error"] = e.to_json()
-                out.info(f"warning: {e.message}; the notifications stay pending for `notification process`")
-                out.ok(data, f"profile {args.id} {action}d")
-                return 0
-        _after_change(args, out, es10, data)
-    out.ok(data, f"profile {args.id} {action}d")
+    from .es10 import profile_identifier
+    profile_identifier(args.id)
+    params = {"id": args.id}
+    if args.no_refresh:
+        params["refresh"] = False
+    data = execute(args, out, "profile.disable", {**params, **_server_params(args)})
+    out.ok(data, f"profile {args.id} disabled")
     return 0
 
 
@@ -316,59 +258,26 @@ def cmd_profile_delete(args, out: Output) -> int:
     if not args.yes:
         if out.json or not _confirm(f"Delete profile {args.id}? This cannot be undone."):
             raise UsageError(f"not deleting {args.id}: confirm with --yes", code="confirmation_required")
-    with open_es10(args) as es10:
-        es10.delete_profile(args.id)
-        data = {"deleted": args.id}
-        _after_change(args, out, es10, data)
+    data = execute(args, out, "profile.delete", {"id": args.id, "yes": True, **_server_params(args)})
     out.ok(data, f"profile {args.id} deleted")
     return 0
 
 
 def cmd_profile_nickname(args, out: Output) -> int:
-    with open_es10(args) as es10:
-        es10.set_nickname(args.iccid, args.name)
-    out.ok({"iccid": args.iccid, "nickname": args.name}, f"nickname of {args.iccid} set to {args.name!r}")
+    data = execute(args, out, "profile.nickname", {"iccid": args.iccid, "name": args.name})
+    out.ok(data, f"nickname of {args.iccid} set to {args.name!r}")
     return 0
 
 
 # --------------------------------------------------------------------------- commands: notification
 
 def cmd_notification_list(args, out: Output) -> int:
-    with open_es10(args) as es10:
-        notes = es10.list_notifications()
-        on_card = {n.seq_number for n in notes}
-        # Undelivered results the card no longer holds (removed with `notification remove`
-        # or by another tool) are still in the outbox and still get delivered.
-        kept = [n for n in _outbox_pending(args, es10) if n.seq_number not in on_card]
-    rows = [[n.seq_number, n.operation, n.address, n.iccid, "eUICC"] for n in notes]
-    rows += [[n.seq_number, n.operation, n.address, n.iccid, "outbox"] for n in kept]
-    out.ok({"notifications": [n.to_json() for n in notes],
-            "outbox_only": [{"seq_number": n.seq_number, "operation": n.operation, "address": n.address,
-                             "iccid": n.iccid} for n in kept]},
-           lambda: table(rows, ["SEQ", "OPERATION", "ADDRESS", "ICCID", "HELD IN"]) if rows
+    data = execute(args, out, "notification.list", {})
+    rows = [[n["seq_number"], n["operation"], n["address"], n["iccid"], "eUICC"] for n in data["notifications"]]
+    rows += [[n["seq_number"], n["operation"], n["address"], n["iccid"], "outbox"] for n in data["outbox_only"]]
+    out.ok(data, lambda: table(rows, ["SEQ", "OPERATION", "ADDRESS", "ICCID", "HELD IN"]) if rows
            else "no pending notifications")
     return 0
-
-
-def _outbox_path(args):
-    """The notification outbox: <state dir>/esim-agent.db, the state dir from
-    $ESIM_AGENT_STATE_DIR, the config's state_dir, /var/lib/esim-agent or ~/.local/state."""
-    from . import config
-    from .store import DB_NAME
-    return config.state_dir(args.config) / DB_NAME
-
-
-def _outbox(args):
-    from .store import Outbox
-    return Outbox(_outbox_path(args))
-
-
-def _outbox_pending(args, es10) -> list:
-    """Pending outbox entries of this eUICC; nothing (and no file created) without an outbox."""
-    if not _outbox_path(args).exists():
-        return []
-    with _outbox(args) as ob:
-        return ob.pending(es10.get_eid())
 
 
 def cmd_notification_remove(args, out: Output) -> int:
@@ -376,58 +285,23 @@ def cmd_notification_remove(args, out: Output) -> int:
     each one is recorded in the outbox first and `notification process` still delivers it."""
     if not args.all and not args.seq:
         raise UsageError("give the sequence number(s) to remove, or --all")
-    removed, missing, kept_back = [], [], []
-    with open_es10(args) as es10:
-        held = {p.seq_number: p for p in es10.retrieve_notifications()}
-        seqs = sorted(held) if args.all else args.seq
-        eid = es10.get_eid() if any(s in held for s in seqs) else None
-        with contextlib.ExitStack() as stack:
-            ob = stack.enter_context(_outbox(args)) if eid else None
-            for seq in seqs:
-                p = held.get(seq)
-                if p is not None:
-                    old = ob.get(eid, seq)
-                    if old is not None and not old.delivered and old.der != p.der:
-                        # The card reused this number while an older notification with it is
-                        # still undelivered: recording this one would push that one aside.
-                        kept_back.append(seq)
-                        continue
-                    ob.record(eid, seq, p.operation, p.address, p.iccid, p.der)   # before it leaves the card
-                (removed if es10.remove_notification(seq) else missing).append(seq)
-            if ob is not None:
-                ob.reconcile(eid, [s for s in held if s not in removed])
-    if kept_back:
-        raise AgentError(f"notification(s) {', '.join(map(str, kept_back))} not removed: the outbox still holds "
-                         "an undelivered notification with the same sequence number; run `notification process` "
-                         "first", code="outbox_conflict",
-                         details={"removed": removed, "not_found": missing, "not_removed": kept_back})
-    if missing and not removed:
-        from .es10 import Es10Error
-        raise Es10Error("RemoveNotificationFromList", "nothingToDelete", 1,
-                        f"no notification with sequence number {', '.join(map(str, missing))}")
-    out.ok({"removed": removed, "not_found": missing, "kept_in_outbox": removed},
-           f"removed {len(removed)} notification(s) from the eUICC"
+    data = execute(args, out, "notification.remove", {"seqs": list(args.seq or []), "all": bool(args.all)})
+    removed, missing = data["removed"], data["not_found"]
+    out.ok(data, f"removed {len(removed)} notification(s) from the eUICC"
            + (f"; not found: {missing}" if missing else "")
            + ("; they stay in the outbox and `notification process` still delivers them" if removed else ""))
     return 0
 
 
 def cmd_notification_process(args, out: Output) -> int:
-    seqs = None if args.all or not args.seq else args.seq
-    with open_es10(args) as es10:
-        results = _process_notifications(args, es10, seqs)
-    failed = [r for r in results if r.status == "failed"]
-    rows = [[r.seq_number, r.operation, r.address, r.status,
-             (r.error or {}).get("message", "")] for r in results]
-    if failed and len(failed) == len(results):
-        first = failed[0].error or {}
-        raise AgentError(f"no notification delivered: {first.get('message', 'see details')}",
-                         code=first.get("code", "notification_failed"),
-                         details={"notifications": [r.to_json() for r in results]})
-    out.ok({"notifications": [r.to_json() for r in results]},
-           lambda: table(rows, ["SEQ", "OPERATION", "ADDRESS", "STATUS", "ERROR"]) if rows
+    seqs = None if args.all or not args.seq else list(args.seq)
+    data = execute(args, out, "notification.process", {"seqs": seqs, **_server_params(args)})
+    results = data["notifications"]
+    rows = [[r["seq_number"], r["operation"], r["address"], r["status"],
+             (r.get("error") or {}).get("message", "")] for r in results]
+    out.ok(data, lambda: table(rows, ["SEQ", "OPERATION", "ADDRESS", "STATUS", "ERROR"]) if rows
            else "no pending notifications")
-    return 1 if failed else 0
+    return 1 if any(r["status"] == "failed" for r in results) else 0
 
 
 # --------------------------------------------------------------------------- commands: download
@@ -447,7 +321,6 @@ def _progress_printer(out: Output):
 
 def cmd_profile_download(args, out: Output) -> int:
     from .ac import read_activation_code, validate_address
-    from .flows.download import DownloadError, DownloadOptions, Downloader
     ac = None
     if args.ac is not None or args.ac_file:
         if args.smdp:
@@ -455,6 +328,8 @@ def cmd_profile_download(args, out: Output) -> int:
         ac = read_activation_code(args.ac, args.ac_file, sys.stdin)
     if args.matching_id is not None and not args.smdp:
         raise UsageError("--matching-id goes with --smdp (an activation code already carries one)")
+    if args.smdp:
+        validate_address(args.smdp)
     interactive = sys.stdin.isatty() and not out.json
     if not args.yes and not interactive:
         raise UsageError("downloading needs your consent to the profile: pass --yes (no terminal to ask on)",
@@ -465,97 +340,72 @@ def cmd_profile_download(args, out: Output) -> int:
     if ac and ac.cc_required and not args.confirmation_code and not interactive:
         raise UsageError("this activation code says a confirmation code is required: pass --confirmation-code",
                          code="confirmation_code_required")
+    params = {"activation_code": ac.raw if ac else None, "smdp": args.smdp, "matching_id": args.matching_id,
+              "confirmation_code": args.confirmation_code, "imei": args.imei, "yes": bool(args.yes),
+              **_server_params(args)}
 
-    def consent(meta) -> bool:
+    def prepare(ctx) -> None:
+        """Direct mode: ask on the terminal, with the profile's metadata in front of the user."""
         if args.yes:
-            return True
-        print(f"Profile: {meta.profile_name or '?'} from {meta.service_provider_name or '?'} "
-              f"(ICCID {meta.iccid}, class {meta.profile_class})", file=sys.stderr)
-        return _confirm("Download and install it?")
+            return
 
-    def ask_cc() -> str | None:
-        if not interactive:
-            return None
-        import getpass
-        return getpass.getpass("Confirmation code: ").strip() or None
+        def consent(meta) -> bool:
+            print(f"Profile: {meta.profile_name or '?'} from {meta.service_provider_name or '?'} "
+                  f"(ICCID {meta.iccid}, class {meta.profile_class})", file=sys.stderr)
+            return _confirm("Download and install it?")
+        ctx.consent = consent
 
-    from .flows.notifications import ClientPool
-    with open_es10(args) as es10:
-        if ac:
-            address, mid = ac.address, ac.matching_id
-        elif args.smdp:
-            address, mid = validate_address(args.smdp), args.matching_id or ""
-        else:
-            addrs = es10.get_configured_addresses()
-            if not addrs.default_dp_address:
-                raise UsageError("no activation code given and the eUICC has no default SM-DP+ address; pass "
-                                 "an activation code, --smdp, or set one with `chip set-default-dp`",
-                                 code="no_default_smdp")
-            address, mid = addrs.default_dp_address, ""   # default SM-DP+: empty matching ID (SGP.22 §3.1.2)
-        imei = args.imei or _modem_imei(es10)
-        eid = es10.get_eid()
-        pool = ClientPool(ca=args.ca, config_ca=args.config.ca_bundle, insecure_http=args.insecure_http)
-        try:
-            es9 = pool(address)   # trust is narrowed to the eUICC's CIs in initiateAuthentication
-            opts = DownloadOptions(address=address, matching_id=mid, confirmation_code=args.confirmation_code,
-                                   imei=imei, consent=consent, ask_confirmation_code=ask_cc,
-                                   smdp_oid=ac.oid if ac else None,
-                                   progress=_progress_printer(out),
-                                   long_timeout=settings(args).long_timeout)
-            out.info(f"downloading from {address}" + (f" (matching ID {mid})" if mid else " (default SM-DP+)"))
-            try:
-                res = Downloader(es10, es9, opts).run()
-            except DownloadError as e:
-                # A refused package leaves a signed error result for the SM-DP+: send it too.
-                if e.details.get("notification_seq") is not None:
-                    e.details["notifications"] = [d.to_json() for d in _safe_process(args, es10, eid)]
-                raise
-            data = {"profile": (res.profile.to_json() if res.profile else {"iccid": res.iccid,
-                                                                           "isdp_aid": res.isdp_aid}),
-                    "smdp_address": address, "transaction_id": res.transaction_id,
-                    "bytes_loaded": res.apdu_bytes_loaded}
-            _after_change(args, out, es10, data, eid=eid)
-        finally:
-            pool.close()
+        def ask_cc() -> str | None:
+            import getpass
+            return getpass.getpass("Confirmation code: ").strip() or None
+        ctx.ask_confirmation_code = ask_cc
+
+    where = (f"from {ac.address}" if ac else f"from {args.smdp}" if args.smdp else "from the default SM-DP+")
+    out.info(f"downloading {where}")
+    if _through_daemon(args) and not args.yes:
+        # The daemon cannot show the profile on this terminal before installing it: ask first.
+        if not _confirm(f"The service will download and install the profile {where} without showing it "
+                        "first. Go ahead?"):
+            raise UsageError("not downloading: confirm, or pass --yes", code="consent_required")
+        params["yes"] = True
+    data = execute(args, out, "profile.download", params, prepare=prepare)
     sent = [n for n in data.get("notifications", []) if n["status"] == "delivered"]
-    out.ok(data, f"installed profile {res.iccid} ({res.metadata.profile_name or 'no name'}, "
-                 f"{res.metadata.service_provider_name or 'no provider'}); "
-                 f"{len(sent)} notification(s) sent")
+    md = data.get("metadata") or {}
+    out.ok(data, f"installed profile {data['profile'].get('iccid')} ({md.get('profile_name') or 'no name'}, "
+                 f"{md.get('service_provider_name') or 'no provider'}); {len(sent)} notification(s) sent")
     return 0
 
 
-def _safe_process(args, es10, eid):
-    if getattr(args, "no_notifications", False) or not args.config.process_notifications:
-        return []
-    try:
-        return _process_notifications(args, es10, None, eid=eid)
-    except AgentError:
-        return []
+# --------------------------------------------------------------------------- commands: service
+
+def cmd_sync(args, out: Output) -> int:
+    """Ask the default SM-DP+ whether a profile waits for this eUICC; install it if so."""
+    data = execute(args, out, "sync", _server_params(args))
+    outcome = data.get("outcome")
+    text = {"nothing_waiting": f"nothing waiting at {data.get('smdp_address')}",
+            "no_default_smdp": data.get("message", "no default SM-DP+")}.get(
+        outcome, f"installed profile {data.get('profile', {}).get('iccid')}"
+        + (" and enabled it" if outcome == "installed_and_enabled" else ""))
+    out.ok(data, text)
+    return 0
 
 
-def _modem_info(es10):
-    """IMEI, active ICCID, make and model from the modem (None for the in-process simulator)."""
-    info = getattr(getattr(es10, "transport", None), "modem_info", None)
-    if info is None:
-        return None
-    try:
-        return info()
-    except AgentError:
-        return None
+def cmd_status(args, out: Output) -> int:
+    from .daemon.status import local_status, render
+    if not getattr(args, "direct", False) and not args.sim:
+        from .daemon.client import DaemonClient, daemon_answers
+        if daemon_answers(args.config):
+            data = DaemonClient.for_config(args.config).status()
+            out.ok(data, lambda: render(data))
+            return 0
+    data = local_status(args, card_settings_fn=lambda: card_settings(args))
+    out.ok(data, lambda: render(data))
+    return 0
 
 
-def _modem_imei(es10) -> str | None:
-    """The modem's IMEI for DeviceInfo, or None (with a warning) when it is not a usable IMEI."""
-    from .ids import imei_to_bytes
-    m = _modem_info(es10)
-    if not m or not m.imei:
-        return None
-    try:
-        imei_to_bytes(m.imei)
-    except AgentError:
-        logging.getLogger(__name__).warning("the modem's IMEI %r is not usable; DeviceInfo goes without it", m.imei)
-        return None
-    return m.imei
+def cmd_daemon(args, out: Output) -> int:
+    from .daemon.main import run_daemon
+    return run_daemon(args.config, verbose=args.verbose)
 
 
 # --------------------------------------------------------------------------- parser
@@ -581,6 +431,8 @@ def _add_global_options(p: argparse.ArgumentParser, suppress: bool = False) -> N
     add(g, "--baud", type=int, help="serial line speed for UART ports (default 115200)")
     add(g, "--segment-size", type=int, metavar="N", help="STORE DATA block size, 1..255 (default 120)")
     add(g, "--config", metavar="FILE", dest="config_path", help="TOML config (default /etc/esim-agent/agent.toml)")
+    add(g, "--direct", action="store_true",
+        help="open the modem directly even if the esim-agent daemon is running (it owns the port)")
     o = p.add_argument_group("output")
     add(o, "--json", action="store_true", help="one JSON document on stdout")
     add(o, "-v", "--verbose", action="count", **({} if suppress else {"default": 0}))
@@ -622,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("id", metavar="ICCID|AID")
         c.add_argument("--no-refresh", action="store_true", help="refreshFlag=0: the modem resets the SIM itself")
         c.add_argument("--no-notifications", action="store_true", help="leave the notifications pending")
+        if name == "enable":
+            c.add_argument("--no-rollback", action="store_true",
+                           help="keep the new profile even if it does not register on a network")
         _server_args(c)
         c.set_defaults(func=func)
     c = prof.add_parser("delete", help="delete a disabled profile")
@@ -644,6 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--all", action="store_true")
     c.set_defaults(func=cmd_notification_remove)
     _add_notification_process_parser(notif)
+
+    c = sub.add_parser("status", help="daemon, modem, eUICC, profiles, jobs and outbox at a glance")
+    c.set_defaults(func=cmd_status)
+    c = sub.add_parser("sync", help="ask the default SM-DP+ whether a profile waits for this eUICC; install it")
+    _server_args(c)
+    c.set_defaults(func=cmd_sync)
+    c = sub.add_parser("daemon", help="run the gateway service in the foreground (systemd supervises it)")
+    c.set_defaults(func=cmd_daemon)
 
     _add_sim_parsers(sub)
     _add_bench_parsers(sub)
@@ -696,43 +559,79 @@ def _add_demo_parser(sub) -> None:
     demo.add_parser(sub)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM/SIGHUP (systemctl stop, a service time-out): handled like Ctrl-C, so the
-    logical channel is closed, the modem restored and a download session cancelled."""
+def _install_signals(token) -> dict:
+    """SIGINT/SIGTERM/SIGHUP only cancel the token: the operation stops at its next step
+    or while waiting on the modem, closes the channel, cancels an RSP session with the
+    right reason. A second Ctrl-C stops at once."""
+    import signal
+    reasons = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "terminated"}
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and token.cancelled:
+            raise KeyboardInterrupt
+        token.cancel(reasons[signum])
+    previous = {}
+    try:
+        for sig in reasons:
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:          # not the main thread (embedded use): leave signals alone
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+        previous = {}
+    return previous
 
 
-def _on_terminate(signum, frame):
-    raise Terminated()
+def _daemon_args(argv: list[str]):
+    """`esim-agent daemon` parsed without building the whole CLI: the service's resident
+    memory should not carry the parsers (and their imports) of every other command."""
+    cmd, i = None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config":
+            i += 2
+            continue
+        if not a.startswith("-"):
+            cmd = a
+            break
+        i += 1
+    if cmd != "daemon":
+        return None
+    p = _Parser(prog="esim-agent daemon", description="run the gateway service in the foreground")
+    p.add_argument("cmd", choices=["daemon"])
+    p.add_argument("--config", metavar="FILE", dest="config_path")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    args.func = cmd_daemon
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     import signal
+
+    from .cancel import CancelToken
     argv = sys.argv[1:] if argv is None else argv
     as_json = "--json" in argv
     out = Output(as_json)
+    token = CancelToken()
     previous = {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            previous[sig] = signal.signal(sig, _on_terminate)
-    except ValueError:          # not the main thread (embedded use): leave signals alone
-        previous = {}
     verbose = 0
     try:
-        args = build_parser().parse_args(argv)
+        args = _daemon_args(argv) or build_parser().parse_args(argv)
         out = Output(args.json)
         verbose = args.verbose
         logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), stream=sys.stderr,
                             format="%(levelname)s %(name)s: %(message)s")
         from . import config
         args.config = config.load(args.config_path)
+        args.cancel = token
+        if args.func is not cmd_daemon:      # the daemon handles its own signals
+            previous = _install_signals(token)
         rc = args.func(args, out)
         return rc or 0
     except AgentError as e:
         out.error(e)
         return e.exit_code
-    except Terminated:
-        out.error(AgentError("terminated by a signal; the logical channel was closed", code="terminated"))
-        return EXIT_TERMINATED
     except KeyboardInterrupt:
         out.error(AgentError("interrupted; the logical channel was closed", code="interrupted"))
         return EXIT_INTERRUPTED

@@ -1,14 +1,13 @@
-"""Shared SGP.22 cryptography, free of I/O (protocol.md §4).
+"""Shared SGP.22 cryptography, free of I/O (docs/protocol.md §4).
 
 Used from both sides of every exchange: the agent, the simulated eUICC and the
 test SM-DP+.  Everything here works on bytes and ``cryptography`` objects.
 
 * ECDSA with SHA-256.  Inside every ``5F37`` the signature is the 64-byte plain
-  ``r||s`` form of BSI TR-03111 (protocol.md §4 "ECDSA"); X.509 certificates keep
+  ``r||s`` form of BSI TR-03111 (docs/protocol.md §4.4); X.509 certificates keep
   the DER ECDSA-Sig-Value.  ``sign_raw``/``verify_raw`` speak the plain form.
 * ECKA (ECDH) giving the shared secret ShS = X coordinate, then the ANSI X9.63
-  KDF (SHA-256) to derive the BSP session keys (protocol.md §4
-  "getBoundProfilePackage").
+  KDF (SHA-256) to derive the BSP session keys (docs/protocol.md §4.5).
 * Certificate helpers for the SGP.22 certificate profiles: role policy OIDs
   ``2.23.146.1.2.1.x``, the SM-DP+ OID as SAN registeredID, the EID as subject
   serialNumber, SKI/AKI (CI PKID), and a small chain check.
@@ -36,7 +35,7 @@ from .errors import AgentError
 SECP256R1 = ec.SECP256R1
 BRAINPOOLP256R1 = ec.BrainpoolP256R1
 
-# Role policy OIDs, protocol.md §4 "CI PKID and role OIDs".
+# Role policy OIDs, docs/protocol.md §4.8.
 ROLE_OID_PREFIX = "2.23.146.1.2.1."
 ROLE_OIDS = {
     "ci": "2.23.146.1.2.1.0",
@@ -186,7 +185,7 @@ class BspKeys:
 
 
 def bsp_shared_info(*, key_type: int = 0x88, key_len: int = 16, host_id: bytes, eid: bytes) -> bytes:
-    """SharedInfo = keyType || keyLen || len(hostId) || hostId || len(EID) || EID (protocol.md §4)."""
+    """SharedInfo = keyType || keyLen || len(hostId) || hostId || len(EID) || EID (docs/protocol.md §4.5)."""
     host_id, eid = bytes(host_id), bytes(eid)
     if len(host_id) > 255:
         raise CryptoError("hostId longer than 255 bytes", code="bad_host_id")
@@ -197,7 +196,7 @@ def bsp_shared_info(*, key_type: int = 0x88, key_len: int = 16, host_id: bytes, 
 
 def derive_bsp_keys(shs: bytes, *, key_type: int = 0x88, key_len: int = 16,
                     host_id: bytes, eid: bytes) -> BspKeys:
-    """X9.63 KDF over ShS; output split initial MCV | S-ENC | S-MAC (protocol.md §4)."""
+    """X9.63 KDF over ShS; output split initial MCV | S-ENC | S-MAC (docs/protocol.md §4.5)."""
     info = bsp_shared_info(key_type=key_type, key_len=key_len, host_id=host_id, eid=eid)
     out = x963_kdf(shs, info, 3 * key_len)
     return BspKeys(out[:key_len], out[key_len:2 * key_len], out[2 * key_len:])

@@ -7,7 +7,7 @@ turns error results into ``Es10Error`` carrying the spec's outcome name
 
 Signed blobs (notifications, authenticate/prepare responses) are returned as
 the exact bytes the eUICC sent: they are forwarded, never re-encoded
-(protocol.md §0).
+(docs/protocol.md §0.6).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from . import codec, tlv
-from .errors import CardError, InputError, ProtocolError
+from .errors import CardError, InputError, ProtocolError, code_for
 from .ids import iccid_from_bytes, iccid_to_bytes
 
 
@@ -31,16 +31,10 @@ class Es10Error(CardError):
         msg = f"{function}: the eUICC answered {outcome} ({value})"
         if hint:
             msg += f"; {hint}"
-        super().__init__(msg, code=_snake(outcome), details={"function": function, "result": value})
+        super().__init__(msg, code=outcome_code(outcome), details={"function": function, "result": value})
         self.function = function
         self.outcome = outcome
         self.value = value
-
-
-def _snake(name: str) -> str:
-    """Spec outcome name → stable error code (ciPKUnknown → ci_pk_unknown)."""
-    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
-    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
 
 
 # --- result code tables (SGP.22 §5.7.x ASN.1 named numbers) -----------------
@@ -62,6 +56,18 @@ AUTH_SERVER_ERRORS = {1: "invalidCertificate", 2: "invalidSignature", 3: "unsupp
                       7: "ciPKUnknown", 127: "undefinedError"}
 PREPARE_DOWNLOAD_ERRORS = {1: "invalidCertificate", 2: "invalidSignature", 3: "unsupportedCurve",
                            4: "noSessionContext", 5: "invalidTransactionId", 127: "undefinedError"}
+RESULT_TABLES = (ENABLE_RESULTS, DISABLE_RESULTS, DELETE_RESULTS, NICKNAME_RESULTS, RESET_RESULTS,
+                 NOTIF_SENT_RESULTS, SET_DP_RESULTS, PROFILE_INFO_ERRORS, CANCEL_SESSION_ERRORS,
+                 AUTH_SERVER_ERRORS, PREPARE_DOWNLOAD_ERRORS)
+_OUTCOMES = frozenset(name for t in RESULT_TABLES for name in t.values() if name != "ok")
+
+
+def outcome_code(outcome: str) -> str:
+    """Error code of an ES10 outcome name: code_for() of a name from the tables above
+    (ciPKUnknown → ci_pk_unknown); ``unknown_result`` for a number no table names
+    (the number itself is in the error's details)."""
+    return code_for(outcome) if outcome in _OUTCOMES else "unknown_result"
+
 
 _HINTS = {
     "iccidOrAidNotFound": "check the ICCID/AID with `profile list`",
@@ -377,7 +383,7 @@ class Es10:
             req["tagList"] = tags
         kind, v = self._call("ProfileInfoListRequest", req, "ProfileInfoListResponse")
         if kind == "profileInfoListError":
-            raise Es10Error("GetProfilesInfo", PROFILE_INFO_ERRORS.get(v, f"error{v}"), v)
+            raise Es10Error("GetProfilesInfo", PROFILE_INFO_ERRORS.get(v, f"unknownResult{v}"), v)
         return [profile_from_asn1(p) for p in v]
 
     # ES10c EnableProfile / DisableProfile / DeleteProfile (§5.7.16–18)
@@ -425,7 +431,7 @@ class Es10:
         if kind != "notificationList":
             if v == 1:   # noResultAvailable: nothing (matching) pending
                 return []
-            raise Es10Error("RetrieveNotificationsList", {1: "noResultAvailable"}.get(v, "undefinedError"), v)
+            raise Es10Error("RetrieveNotificationsList", "undefinedError", v)
         outer = tlv.parse_single(resp)
         inner = tlv.parse_single(outer.value)          # A0 notificationList
         return [pending_from_der(t.raw) for t in tlv.children(inner)]

@@ -1,4 +1,4 @@
-"""ES8+ — the Bound Profile Package (SGP.22 §2.5.5, protocol.md §1 and §4), I/O free.
+"""ES8+ — the Bound Profile Package (SGP.22 §2.5.5, docs/protocol.md §1.6 and §4), I/O free.
 
 Three users:
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from . import crypto, tlv
 from .bsp import MAX_SEGMENT, BspError, BspSession
-from .errors import CardError, ProtocolError
+from .errors import CardError, ProtocolError, code_for
 
 TAG_BPP = 0xBF36
 TAG_ISC = 0xBF23            # InitialiseSecureChannelRequest
@@ -34,7 +34,7 @@ REMOTE_OP_INSTALL_BPP = 1   # RemoteOpId installBoundProfilePackage
 KEY_TYPE_AES = 0x88
 KEY_LEN_128 = 0x10
 
-# BppCommandId (protocol.md §1)
+# BppCommandId (docs/protocol.md §1.7)
 CMD_INITIALISE_SECURE_CHANNEL = 0
 CMD_CONFIGURE_ISDP = 1
 CMD_STORE_METADATA = 2
@@ -46,7 +46,7 @@ BPP_COMMAND_NAMES = {
     3: "storeMetadata2", 4: "replaceSessionKeys", 5: "loadProfileElements",
 }
 
-# ErrorReason (protocol.md §1)
+# ErrorReason (docs/protocol.md §1.7)
 ERR_INCORRECT_INPUT_VALUES = 1
 ERR_INVALID_SIGNATURE = 2
 ERR_INVALID_TRANSACTION_ID = 3
@@ -72,24 +72,16 @@ ERROR_REASON_NAMES = {
 }
 
 
-def _snake(name: str) -> str:
-    out = []
-    for i, ch in enumerate(name):
-        if ch.isupper() and i and not name[i - 1].isupper():
-            out.append("_")
-        out.append(ch.lower())
-    return "".join(out)
-
-
 class BppError(CardError):
     """LoadBoundProfilePackage failed: becomes ``finalResult = errorResult{bppCommandId, errorReason}``."""
 
     code = "bpp_error"
 
-    def __init__(self, bpp_command_id: int, error_reason: int, message: str):
+    def __init__(self, bpp_command_id: int, error_reason: int, message: str, *, code: str | None = None):
         cmd = BPP_COMMAND_NAMES.get(bpp_command_id, str(bpp_command_id))
         reason = ERROR_REASON_NAMES.get(error_reason, str(error_reason))
-        super().__init__(f"{cmd}: {reason}: {message}", code=f"bpp_{_snake(reason)}",
+        code = code or "bpp_" + code_for(ERROR_REASON_NAMES.get(error_reason, "unknownError"))
+        super().__init__(f"{cmd}: {reason}: {message}", code=code,
                          details={"bppCommandId": bpp_command_id, "errorReason": error_reason})
         self.bpp_command_id = bpp_command_id
         self.error_reason = error_reason
@@ -102,8 +94,7 @@ class BppSequenceError(BppError):
     code = "bpp_sequence"
 
     def __init__(self, bpp_command_id: int, message: str):
-        super().__init__(bpp_command_id, ERR_SCP03T_STRUCTURE, message)
-        self.code = "bpp_sequence"
+        super().__init__(bpp_command_id, ERR_SCP03T_STRUCTURE, message, code="bpp_sequence")
 
 
 # --- LPA side: split the BPP into ES10 commands ---------------------------------
@@ -169,12 +160,12 @@ def _otpk_tlv(point: bytes) -> bytes:
 
 def smdp_sign_data(isc_fields: bytes, euicc_otpk: bytes) -> bytes:
     """Data signed by SK.DPpb in BF23: the 82, 80, A6 and 5F49(otPK.DP) TLVs exactly as
-    encoded, then a 5F49 TLV carrying otPK.EUICC (protocol.md §4)."""
+    encoded, then a 5F49 TLV carrying otPK.EUICC (docs/protocol.md §4.3)."""
     return bytes(isc_fields) + _otpk_tlv(euicc_otpk)
 
 
 def replace_session_keys_request(ppk_enc: bytes, ppk_mac: bytes, initial_mcv: bytes) -> bytes:
-    """BF26{80 initialMCV, 81 ppkEnc, 82 ppkCmac} (automatic tags, protocol.md §0)."""
+    """BF26{80 initialMCV, 81 ppkEnc, 82 ppkCmac} (automatic tags, docs/protocol.md §0.2, §4.7)."""
     return tlv.encode(TAG_REPLACE_SESSION_KEYS,
                       tlv.encode(0x80, initial_mcv) + tlv.encode(0x81, ppk_enc) + tlv.encode(0x82, ppk_mac))
 

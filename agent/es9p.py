@@ -1,9 +1,9 @@
-"""ES9+ client (LPA <-> SM-DP+), HTTPS JSON binding (protocol.md §3, SGP.22 §6.5/§6.6).
+"""ES9+ client (LPA <-> SM-DP+), HTTPS JSON binding (docs/protocol.md §3, SGP.22 §6.5/§6.6).
 
 Every call is ``POST https://<address>/gsma/rsp2/es9plus/<function>`` with a
 JSON body.  Binary fields are standard base64 of complete DER TLVs, forwarded
 byte-exact: what the eUICC or the server signed is never decoded and
-re-encoded (protocol.md §0).  We only check that each returned blob is valid
+re-encoded (docs/protocol.md §0.6).  We only check that each returned blob is valid
 base64 holding exactly one well-formed TLV with the expected leading tag, so a
 broken server is reported as such instead of surfacing later as a puzzling
 eUICC error.
@@ -11,7 +11,7 @@ eUICC error.
 Errors:
 
 * ``Failed``/``Expired`` execution status -> :class:`Es9pError` (exit 1) with a
-  stable code per subjectCode/reasonCode (table below, protocol.md §3) and the
+  stable code per subjectCode/reasonCode (table below, docs/protocol.md §3.5) and the
   raw codes and server message in ``details``;
 * non-2xx HTTP -> ServerError ``http_status`` with a body excerpt;
 * garbage (JSON, base64, DER, transaction id) -> ProtocolError (exit 3);
@@ -68,7 +68,7 @@ def _user_agent() -> str:
         ver = metadata.version("esim-agent")
     except metadata.PackageNotFoundError:  # running from a source tree
         ver = "dev"
-    # "gsma-rsp-lpad" first: it is what SM-DP+ deployments see from LPAs (protocol.md §3).
+    # "gsma-rsp-lpad" first: it is what SM-DP+ deployments see from LPAs (docs/protocol.md §3.1).
     return f"gsma-rsp-lpad esim-agent/{ver}"
 
 
@@ -108,7 +108,7 @@ class Es9pError(ServerError):
         return self.details.get("reason_code")
 
 
-# (subjectCode, reasonCode) -> (stable code, what it means and what to do).  protocol.md §3.
+# (subjectCode, reasonCode) -> (stable code, what it means and what to do).  docs/protocol.md §3.5.
 STATUS_CODES: dict[tuple[str, str], tuple[str, str]] = {
     ("8.1.1", "3.8"): ("eid_mismatch",
                        "the profile is reserved for another EID; check the EID the backend has for this order"),
@@ -171,7 +171,7 @@ def _status_error(function: str, status: str, data: dict | None, *, http_status:
 
 # --- helpers -------------------------------------------------------------------------
 
-_TXID_RE = re.compile(r"\A(?:[0-9A-Fa-f]{2}){1,16}\Z")  # 1..16 bytes (protocol.md §4)
+_TXID_RE = re.compile(r"\A(?:[0-9A-Fa-f]{2}){1,16}\Z")  # 1..16 bytes (docs/protocol.md §3.2)
 _ADDR_RE = re.compile(r"\A(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(\d{1,5}))?\Z")
 
 
@@ -200,7 +200,7 @@ def _b64decode(s: str) -> bytes:
 
 
 def ci_pkids_for_verification(euicc_info1: bytes) -> list[bytes]:
-    """SKIs in euiccCiPKIdListForVerification (BF20 / A9 / 04…), protocol.md §2."""
+    """SKIs in euiccCiPKIdListForVerification (BF20 / A9 / 04…), docs/protocol.md §2.2."""
     top = tlv.parse_single(euicc_info1)
     lst = tlv.find(tlv.children(top), 0xA9)
     if lst is None:
@@ -572,7 +572,7 @@ class Es9pClient:
         """Deliver one PendingNotification (BF37 PIR or 30 OtherSignedNotification).
 
         Returns only when the server accepted it (HTTP 204, or 2xx without a Failed status):
-        only then may the caller remove it from the eUICC (protocol.md §6).
+        only then may the caller remove it from the eUICC (docs/protocol.md §6.3).
         """
         f = "handleNotification"
         _check_input("pendingNotification", pending_notification, (0xBF37, 0x30))

@@ -1,5 +1,5 @@
 """Identifiers: ICCID (swapped-nibble BCD, Luhn), EID (packed BCD, ISO 7064
-mod 97-10), IMEI/TAC. protocol.md §8 "Identifiers"."""
+mod 97-10), IMEI/TAC. docs/protocol.md §8.2."""
 from __future__ import annotations
 
 import re
@@ -30,8 +30,9 @@ def luhn_valid(digits: str) -> bool:
 def iccid_to_bytes(iccid: str) -> bytes:
     """ICCID digits -> 10 bytes, nibbles swapped per byte, padded with F.
 
-    Odd and even digit counts both give 10 bytes (lpac once encoded even-length
-    ICCIDs one byte short; landscape.md §3 item 6)."""
+    Odd and even digit counts both give 10 bytes (docs/protocol.md §8.2). Another
+    LPA once encoded even-length ICCIDs one byte short, and cards answered such
+    requests with iccidOrAidNotFound."""
     iccid = iccid.strip()
     if not _DIGITS.match(iccid) or not 18 <= len(iccid) <= 20:
         raise InputError(f"ICCID {iccid!r} must be 18 to 20 digits", code="bad_iccid")

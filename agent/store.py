@@ -1,6 +1,6 @@
 """Durable local state in SQLite: the notification outbox and a small key/value table.
 
-Why an outbox (landscape.md §3 item 7, §5 item 2; protocol.md §6): an eUICC
+Why an outbox (docs/protocol.md §6.3): an eUICC
 notification removed from the card before the SM-DP+ acknowledged it is lost
 for good, and the SM-DP+ then keeps a wrong view of the profile.  The rule the
 flows follow, which this module makes crash-safe:
@@ -52,7 +52,7 @@ from .errors import AgentError
 log = logging.getLogger(__name__)
 
 DB_NAME = "esim-agent.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 30.0
 STATUSES = ("pending", "sent", "removed")
 
@@ -98,6 +98,44 @@ CREATE TABLE IF NOT EXISTS kv (
     value      TEXT NOT NULL,
     updated_at TEXT NOT NULL,
     PRIMARY KEY (namespace, key)
+);
+-- The daemon's job journal (journal.py): every operation is a job whose steps are recorded
+-- before they run, so a restart after a crash can tell what already took effect.
+CREATE TABLE IF NOT EXISTS jobs (
+    id           TEXT    PRIMARY KEY,
+    kind         TEXT    NOT NULL,
+    params       TEXT    NOT NULL,
+    source       TEXT    NOT NULL,
+    state        TEXT    NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed', 'rolled_back',
+                                                   'cancelled')),
+    step         TEXT,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    not_before   TEXT,
+    created_at   TEXT    NOT NULL,
+    started_at   TEXT,
+    finished_at  TEXT,
+    result       TEXT,
+    error        TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
+CREATE TABLE IF NOT EXISTS job_steps (
+    job_id  TEXT    NOT NULL,
+    n       INTEGER NOT NULL,
+    step    TEXT    NOT NULL,
+    data    TEXT    NOT NULL,
+    at      TEXT    NOT NULL,
+    PRIMARY KEY (job_id, n)
+);
+-- Reports to the operator's backend (report_url), delivered at least once, in order of creation.
+CREATE TABLE IF NOT EXISTS reports (
+    id            TEXT    PRIMARY KEY,
+    job_id        TEXT,
+    body          TEXT    NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    next_attempt_at TEXT,
+    created_at    TEXT    NOT NULL,
+    delivered_at  TEXT
 );
 """
 

@@ -1,7 +1,8 @@
 """TLS trust policy for ES9+ (and the other RSP HTTPS interfaces).
 
-TLS is always verified (DESIGN "never trust by default"; lpac's disabled
-verification is a known complaint, landscape.md §3 item 14).  What we trust:
+TLS is always verified (DESIGN "never trust by default"; docs/protocol.md §3.8;
+an LPA that switches verification off is a standing complaint of its users).
+What we trust:
 
 * the CI certificates from ``--ca FILE`` or the configured ``ca_bundle``
   (PEM or DER, one or more certificates, or a directory of such files), else
@@ -9,11 +10,11 @@ verification is a known complaint, landscape.md §3 item 14).  What we trust:
   error (``no_trusted_ci``), never a silent fallback to the system web PKI;
 * narrowed, when the eUICC's ``euiccCiPKIdListForVerification`` is known, to
   the CIs whose SubjectKeyIdentifier the eUICC lists (the CI PKID is the SKI,
-  protocol.md §4 "CI PKID").  If none of them is in the bundle we keep the
+  docs/protocol.md §4.8).  If none of them is in the bundle we keep the
   whole bundle and record a warning rather than fail, so a card with an
   unusual CI list still works against a correctly configured bundle.
 
-The server certificate (CERT.DP.TLS, protocol.md §3 "TLS") must chain to a
+The server certificate (CERT.DP.TLS, docs/protocol.md §3.8) must chain to a
 trusted CI, name the host, and be within validity; OpenSSL checks all three
 through an SSLContext that holds only our CIs (never the system store) with
 TLS >= 1.2 and SNI.  After the handshake, before any request byte is sent, we

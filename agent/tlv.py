@@ -3,7 +3,7 @@
 asn1tools does the full encode/decode; these helpers exist for the places
 where the exact bytes matter and must not be re-encoded: splitting a Bound
 Profile Package into its ES10 commands (SGP.22 §2.5.5), extracting signed
-blobs byte-for-byte (signatures cover exact DER, protocol.md §0), and the
+blobs byte-for-byte (signatures cover exact DER, docs/protocol.md §0.6), and the
 simulated eUICC's streaming LoadBoundProfilePackage state machine.
 """
 from __future__ import annotations

@@ -14,6 +14,21 @@ import pytest
 ISDR_AID = bytes.fromhex("A0000005591010FFFFFFFF8900000100")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_lock_dir(tmp_path_factory):
+    """Port lock files of this test run in a directory of its own: pty numbers are reused,
+    and a lock left in /run/lock by another run (or a leaked process) must not make a
+    test's fresh pty look busy. Child processes (daemon, CLI) inherit it."""
+    d = tmp_path_factory.mktemp("locks")
+    old = os.environ.get("ESIM_AGENT_LOCK_DIR")
+    os.environ["ESIM_AGENT_LOCK_DIR"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("ESIM_AGENT_LOCK_DIR", None)
+    else:
+        os.environ["ESIM_AGENT_LOCK_DIR"] = old
+
+
 class FakeEuicc:
     """A tiny ISO 7816-4 card for transport tests (no ES10, no crypto).
 

@@ -1,4 +1,4 @@
-"""Activation code parsing and reading (SGP.22 §4.1, protocol.md §5)."""
+"""Activation code parsing and reading (SGP.22 §4.1, docs/protocol.md §5)."""
 from __future__ import annotations
 
 import io

@@ -1,4 +1,4 @@
-"""Unit tests for agent/apdu.py: the ISO 7816-4 layer under ES10 (protocol.md §1).
+"""Unit tests for agent/apdu.py: the ISO 7816-4 layer under ES10 (docs/protocol.md §1).
 
 Everything runs against scripted fakes: a raw ``transmit`` callable for the
 channel helpers and an ``ApduTransport``-shaped class for ``Isdr``. Each fake

@@ -1,6 +1,6 @@
 """Our SGP.22 ASN.1 transcription (asn1/rsp.asn, asn1/pkix.asn) and agent.codec.
 
-Expected bytes are written out here from the SGP.22 tag layout (protocol.md §0,
+Expected bytes are written out here from the SGP.22 tag layout (docs/protocol.md §0,
 §2, §4, §6, §8); where a message mixes automatic and universal tags (X.680
 §25.3), the test names which components keep their universal tag.
 """

@@ -270,3 +270,10 @@ def test_direct_transport_max_apdu_quirk():
     with pytest.raises(TransportError) as ei:
         t.transmit(bytes(11))
     assert ei.value.code == "apdu_too_long"
+
+
+def test_port_lost_error_is_a_transport_error():
+    from agent.transport.at import PortLostError, Reply
+    e = PortLostError("gone")
+    assert isinstance(e, TransportError) and e.code == "port_lost" and e.exit_code == 3
+    assert Reply("AT", [], [], []).echoed is False                     # set by AtPort.command

@@ -1,4 +1,4 @@
-"""agent/bsp.py: SCP03t-style protection of 86/87/88 (protocol.md §4 "BSP")."""
+"""agent/bsp.py: SCP03t-style protection of 86/87/88 (docs/protocol.md §4.6)."""
 from __future__ import annotations
 
 import os

@@ -43,7 +43,6 @@ def agent_env(tmp_path, monkeypatch):
     state = tmp_path / "agent-state"
     monkeypatch.setenv("ESIM_AGENT_STATE_DIR", str(state))
     monkeypatch.setenv("ESIM_AGENT_CONFIG", str(tmp_path / "no-such-agent.toml"))
-    monkeypatch.delenv("ESIM_AGENT_FAULT", raising=False)
     return state
 
 
@@ -266,7 +265,7 @@ def test_enable_nickname_disable(modem, run, tr):
     a, b = iccids(server)
     d = [*dev(server, tr), "--json"]
     r = run(*d, "profile", "enable", b, "--no-notifications")
-    assert r.rc == 0 and r.data == {"enabled": b}
+    assert r.rc == 0 and r.data["enabled"] == b and r.data["attached"] is True and r.data["previous"] == a
     assert card_states(server) == {a: "disabled", b: "enabled"}
     assert server.card.isdr.last_refresh_flag is True
     states = {p["iccid"]: p["state"] for p in run(*d, "profile", "list").data["profiles"]}
@@ -500,7 +499,7 @@ def test_delay_beyond_the_deadline_is_a_timeout(modem, run):
 def test_max_apdu_long_store_data(modem, run, tmp_path, tr):
     """max-apdu=64: short ES10 commands pass (test_tolerated_fault); one whose
     STORE DATA block is longer is refused by the modem with CME 3, and the APDU
-    layer resends the command with smaller blocks (modem.md §2); it also works
+    layer resends the command with smaller blocks (docs/protocol.md §1.3); it also works
     with a smaller --segment-size or with the max_apdu quirk in the config."""
     server = modem("max-apdu=64")
     a, b = iccids(server)

@@ -358,7 +358,9 @@ def test_failed_status_mapped(server, pki, subject, reason, code):
     with pytest.raises(Es9pError) as ei:
         client(srv, pki).authenticate_client(TXID, AUTH_SERVER_RESP)
     e = ei.value
-    assert e.code == code and e.exit_code == 1 and isinstance(e, ServerError)
+    # exit 1 (refused), except "confirmation code required": a usage error whatever says it
+    assert e.code == code and e.exit_code == (2 if code == "confirmation_code_required" else 1)
+    assert isinstance(e, ServerError)
     assert e.details["subject_code"] == subject and e.details["reason_code"] == reason
     assert e.details["server_message"] == "server says no" and e.details["function"] == "authenticateClient"
     assert f"subject {subject} reason {reason}" in e.message and "server says no" in e.message

@@ -1,4 +1,4 @@
-"""Identifier codings (protocol.md §8, SGP.22 §4.2)."""
+"""Identifier codings (docs/protocol.md §8.2, SGP.22 §4.2)."""
 import pytest
 
 from agent.errors import InputError

@@ -780,7 +780,7 @@ def test_pysim_connect_and_timing(sim_modem, faults):
 
 
 def test_pysim_echo_off_detection(sim_modem):
-    """A modem left in ATE0 (e.g. by ModemManager or our agent): pySim sees [b'OK'] for AT.
+    """A modem left in ATE0 (e.g. by ModemManager; our agent restores echo on close): pySim sees [b'OK'] for AT.
     Its next step, ATZ, restores the stored profile (E1) — V.250 behaviour real modems share —
     so pySim's exact ``== [b'OK']`` check for AT+CSIM=? then sees the echo and refuses the
     modem. Recorded as a pySim-vs-real-modem hazard (workaround: ATE0 after ATZ, or AT&W)."""

@@ -1,13 +1,14 @@
 """Notification delivery (agent.flows.notifications + the SQLite outbox) against the real
 local SM-DP+ and the simulated eUICC (tests/testbed.py).
 
-The rule under test (protocol.md §6, store.py): a notification leaves the eUICC only after
+The rule under test (docs/protocol.md §6.3, store.py): a notification leaves the eUICC only after
 the SM-DP+ accepted it, and a crash at the worst moment (accepted, not yet removed) loses
 nothing: the next run finishes the job.
 """
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 
@@ -16,6 +17,25 @@ from agent.es8p import split_bpp
 from testbed import Spy, bed, make_bed, testbed_pki  # noqa: F401 (pytest fixtures)
 
 FAULT_EXIT = 86
+
+# Run by the crash test instead of `python -m agent`: the CLI, except that the process
+# dies right after the SM-DP+ accepted a notification, before any bookkeeping or removal:
+# the worst moment for a crash.
+CRASH_AFTER_SEND = """\
+import os, sys
+sys.path.insert(0, {repo!r})
+from agent import es9p
+from agent.cli import main
+
+accept = es9p.Es9pClient.handle_notification
+
+def accept_then_die(self, *args, **kw):
+    accept(self, *args, **kw)
+    os._exit({exit})
+
+es9p.Es9pClient.handle_notification = accept_then_die
+sys.exit(main())
+"""
 
 
 def installed(bed, *, deliver: bool = True):
@@ -153,14 +173,17 @@ def test_cli_unknown_sequence_number(bed):
     assert bed.es9_calls("handleNotification") == []
 
 
-def test_crash_between_send_and_remove_loses_nothing(bed):
+def test_crash_between_send_and_remove_loses_nothing(bed, tmp_path):
     """Kill the process right after the SM-DP+ accepted the first of two notifications."""
     order, res = installed(bed, deliver=False)
     bed.es10.enable_profile(order["iccid"])
     seqs = sorted(n.seq_number for n in bed.notifications())
     assert len(seqs) == 2                                # install (PIR) + enable
 
-    run = bed.cli("--json", "notification", "process", "--ca", bed.ca, env={"ESIM_AGENT_FAULT": "after-send"})
+    script = tmp_path / "crash_after_send.py"
+    script.write_text(CRASH_AFTER_SEND.format(repo=str(pathlib.Path(__file__).resolve().parents[1]),
+                                              exit=FAULT_EXIT))
+    run = bed.cli("--json", "notification", "process", "--ca", bed.ca, entry=[str(script)])
     assert run.rc == FAULT_EXIT, run
     # The server has the first one (the PIR: the order is installed) …
     assert len(bed.es9_calls("handleNotification")) == 1

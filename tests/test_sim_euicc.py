@@ -1,5 +1,5 @@
 """Simulated eUICC: ISO 7816-4 layer, ES10a/b/c functions, state rules, notifications,
-persistence, and the eUICC side of a profile download (protocol.md §1, §2, §4, §6, §8)."""
+persistence, and the eUICC side of a profile download (docs/protocol.md §1, §2, §4, §6, §8)."""
 from __future__ import annotations
 
 import hashlib
@@ -119,7 +119,7 @@ def test_manage_channel_and_select(card):
     # unknown AID
     assert tx(card, "01 A4 04 00 10 A0000005591010FFFFFFFF8900000200 00")[1] == 0x6A88
     # close, then the channel is gone
-    assert tx(card, "00 70 80 01 00")[1] == 0x9000       # protocol.md §1 form, Le 00
+    assert tx(card, "00 70 80 01 00")[1] == 0x9000       # docs/protocol.md §1.2 form, Le 00
     assert tx(card, "81 E2 91 00 03 BF 2E 00")[1] == 0x6881
     assert tx(card, "00 70 80 01")[1] == 0x6881          # closing it twice
     assert tx(card, "00 70 80 00")[1] == 0x6A86          # the basic channel stays
@@ -291,7 +291,7 @@ def test_eid_info1_info2_addresses(card, es, pki):
     assert i2.free_nvm == card.state.free_nvm and i2.installed_applications == 3
     assert i2.euicc_category == "mediumEuicc" and i2.pp_version and i2.sas_accreditation_number
     assert 3 in i2.rsp_capability and 1 in i2.uicc_capability
-    # exact DER for the start of BF22 (tags per protocol.md §2)
+    # exact DER for the start of BF22 (tags per docs/protocol.md §2.2)
     raw = i2.raw
     assert raw[:2] == b"\xBF\x22" and b"\x81\x03\x02\x03\x01\x82\x03\x02\x02\x02" in raw
     addrs = es.get_configured_addresses()
@@ -425,7 +425,7 @@ def test_notifications_signed_and_sequenced(card, es):
     for n in pend:
         md = _verify_other_notification(card, n.der)
         assert md["seqNumber"] == n.seq_number
-    # exact encoding of an enable event: 81 02 06 40 (protocol.md §6)
+    # exact encoding of an enable event: 81 02 06 40 (docs/protocol.md §6.2)
     assert b"\x81\x02\x06\x40" in pend[1].der
     # filters
     assert [n.operation for n in es.list_notifications("disable")] == ["disable", "disable"]

@@ -2,7 +2,7 @@
 
 The eUICC side is hand-rolled here from the test PKI (pki.issue_euicc) so each
 message can be built correctly *or* broken on purpose: every signature the
-server checks is made with a real key over the exact DER bytes (protocol.md §4),
+server checks is made with a real key over the exact DER bytes (docs/protocol.md §4.3),
 and everything the server returns is verified with its certificates.
 """
 from __future__ import annotations

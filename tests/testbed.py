@@ -469,12 +469,15 @@ class Bed:
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
-    def cli(self, *args, env: dict | None = None, timeout: float = 60.0, stdin: str | None = None) -> CliRun:
+    def cli(self, *args, env: dict | None = None, timeout: float = 60.0, stdin: str | None = None,
+            entry: list[str] | None = None) -> CliRun:
         """``python -m agent --sim <card> ARGS…`` with this bed's state dir; the card is released
-        first and re-read afterwards."""
+        first and re-read afterwards.  ``entry`` replaces ``-m agent`` (e.g. a test's own
+        script that patches something, then calls ``agent.cli.main()``)."""
         self.release_card()
         try:
-            p = subprocess.run([sys.executable, "-m", "agent", "--sim", str(self.card_path), *map(str, args)],
+            p = subprocess.run([sys.executable, *(entry or ["-m", "agent"]), "--sim", str(self.card_path),
+                                *map(str, args)],
                                cwd=REPO, env=self.cli_env(**(env or {})), capture_output=True, text=True,
                                timeout=timeout, input=stdin if stdin is not None else "")
         finally:

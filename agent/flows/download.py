@@ -1,4 +1,4 @@
-"""Profile download, LPA side (SGP.22 §3.1.3, protocol.md §4).
+"""Profile download, LPA side (SGP.22 §3.1.3, docs/protocol.md §4.1).
 
 GetEUICCInfo1 + GetEUICCChallenge → ES9+ initiateAuthentication →
 ES10b AuthenticateServer → ES9+ authenticateClient → consent (+ confirmation
@@ -7,7 +7,7 @@ ES10b LoadBoundProfilePackage (segmented per SGP.22 §2.5.5) → result.
 
 Every blob the eUICC or the server signed is relayed byte for byte: requests
 to the eUICC are assembled by concatenating the exact TLVs received, never by
-decoding and re-encoding (protocol.md §0).
+decoding and re-encoding (docs/protocol.md §0.6).
 
 After authentication, any failure or Ctrl-C cancels the session on both
 sides (ES10b CancelSession, then ES9+ cancelSession with the eUICC's signed
@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import codec, tlv
-from ..errors import AgentError, CardError, InputError, ProtocolError, TimeoutError_
+from ..cancel import Cancelled
+from ..errors import AgentError, CardError, InputError, ProtocolError, TimeoutError_, code_for
 from ..es10 import (AUTH_SERVER_ERRORS, PREPARE_DOWNLOAD_ERRORS, PROFILE_CLASSES, Es10, Es10Error,
-                    ProfileInfo, _snake)
+                    ProfileInfo)
 from ..ids import iccid_from_bytes, imei_to_bytes, tac_from_imei
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,11 @@ class DownloadOptions:
     long_timeout: float | None = None
     # SM-DP+ OID from the activation code (SGP.22 §4.1): must match CERT.DPauth.
     smdp_oid: str | None = None
+    # CancelToken checked between steps (Ctrl-C, SIGTERM, a daemon client's cancel).
+    cancel: object = None
+    # record(step, **data): called before a step runs, with what a restarted daemon needs
+    # to reconcile (the transaction ID, the ICCID); the daemon's job journal.
+    record: Callable[..., None] | None = None
 
 
 def hash_confirmation_code(code: str, transaction_id: bytes) -> bytes:
@@ -156,8 +162,14 @@ class Downloader:
 
     def _progress(self, step: str, done: int = 0, total: int = 0) -> None:
         self.step = step
+        if self.opts.cancel is not None:
+            self.opts.cancel.check()
         if self.opts.progress:
             self.opts.progress(step, done, total)
+
+    def _record(self, step: str, **data) -> None:
+        if self.opts.record is not None:
+            self.opts.record(step, **data)
 
     # --- cancellation (SGP.22 §3.1.3 / §5.6.5) -------------------------------
     def cancel(self, reason: int, *, server: bool = True) -> None:
@@ -194,12 +206,14 @@ class Downloader:
         except AgentError as e:   # no session yet on either side: nothing to cancel
             raise DownloadError("initiateAuthentication", e) from e
         self.txid = ia.transaction_id
+        self._record("authenticating", transaction_id=self.txid)
         self._check_server_signed1(ia.server_signed1, challenge, o.address)
         if o.smdp_oid:
             self._check_smdp_oid(ia.server_certificate, o.smdp_oid)
         try:
             return self._after_initiate(ia)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Cancelled):
+            # Stopped by the user or the service manager: the order stays usable (postponed).
             self.cancel(REASON_POSTPONED)
             raise
         except DownloadError as e:
@@ -260,6 +274,7 @@ class Downloader:
         ac = self.es9.authenticate_client(self.txid, asr)
 
         meta = parse_metadata(ac.profile_metadata)
+        self._record("metadata", transaction_id=self.txid, iccid=meta.iccid)
         self._progress("consent")
         if o.consent is not None and not o.consent(meta):
             raise DownloadError("consent", CardError("declined by the user", code="user_rejected"),
@@ -312,6 +327,7 @@ class Downloader:
         total = sum(len(c) for c in commands)
         done = 0
         pir_raw = b""
+        self._record("loading", transaction_id=self.txid, iccid=meta.iccid)
         self._progress("loading profile", 0, total)
         for cmd in commands:
             resp = self.es10.call_raw(cmd, what="LoadBoundProfilePackage", timeout=o.long_timeout)
@@ -334,11 +350,11 @@ class Downloader:
         kind, res = data["finalResult"]
         if kind != "successResult":
             cmd = BPP_COMMAND_NAMES.get(res["bppCommandId"], str(res["bppCommandId"]))
-            reason = ERROR_REASON_NAMES.get(res["errorReason"], str(res["errorReason"]))
+            reason = ERROR_REASON_NAMES.get(res["errorReason"], "unknownError")
             # The eUICC ended the session itself; its signed result is a pending
             # notification that tells the SM-DP+ (processed by the caller).
             err = CardError(f"the eUICC refused the profile package at {cmd}: {reason}",
-                            code=f"install_{_snake(reason)}", details={"bpp_command": cmd, "error_reason": reason,
+                            code=f"install_{code_for(reason)}", details={"bpp_command": cmd, "error_reason": reason,
                                                                       "notification_seq": seq})
             self.txid = None  # nothing left to cancel
             raise DownloadError("loading profile", err)

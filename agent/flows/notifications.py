@@ -1,4 +1,4 @@
-"""Notification delivery (SGP.22 §3.5, protocol.md §6) through the durable outbox.
+"""Notification delivery (SGP.22 §3.5, docs/protocol.md §6.3) through the durable outbox.
 
 Order of operations, so a crash anywhere loses nothing (store.py explains the
 recovery): reconcile the outbox with the card → record every notification's
@@ -9,7 +9,6 @@ eUICC only after its server accepted it.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -17,11 +16,6 @@ from ..errors import AgentError
 from ..es10 import Es10
 
 log = logging.getLogger(__name__)
-
-#: Fault injection for the crash-safety tests: when set to "after-send", the
-#: process dies right after the server accepted a notification, before any
-#: bookkeeping or removal — the worst moment for a crash.
-FAULT_ENV = "ESIM_AGENT_FAULT"
 
 
 @dataclass
@@ -42,8 +36,11 @@ class Delivery:
 
 
 def process(es10: Es10, outbox, client_for: Callable[[str], object], *, eid: str,
-            seqs: Iterable[int] | None = None) -> list[Delivery]:
-    """Deliver pending notifications (all, or those in ``seqs``) and remove them from the card."""
+            seqs: Iterable[int] | None = None, cancel=None) -> list[Delivery]:
+    """Deliver pending notifications (all, or those in ``seqs``) and remove them from the card.
+
+    ``cancel`` (a CancelToken) is checked before each delivery: a stop between two
+    notifications leaves the rest pending in the outbox, nothing half-done."""
     wanted = set(seqs) if seqs is not None else None
     on_card = es10.list_notifications()
     rec = outbox.reconcile(eid, [n.seq_number for n in on_card])
@@ -94,6 +91,8 @@ def process(es10: Es10, outbox, client_for: Callable[[str], object], *, eid: str
     for n in queue:
         if n is None:
             continue
+        if cancel is not None:
+            cancel.check()
         try:
             client_for(n.address).handle_notification(n.der)
         except AgentError as e:
@@ -101,8 +100,6 @@ def process(es10: Es10, outbox, client_for: Callable[[str], object], *, eid: str
             log.info("notification %d to %s not delivered: %s", n.seq_number, n.address, e.message)
             results.append(Delivery(n.seq_number, n.operation, n.address, n.iccid, "failed", e.to_json()))
             continue
-        if os.environ.get(FAULT_ENV) == "after-send":
-            os._exit(86)
         outbox.mark_sent(eid, n.seq_number)
         on_card = card_der.get(n.seq_number)
         # Remove only the very notification that was sent: a card can reuse a sequence

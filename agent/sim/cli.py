@@ -17,7 +17,13 @@ def add_parsers(sub) -> None:
     m.add_argument("--baud", type=int, metavar="N", help="emulate a UART at N baud")
     m.add_argument("--fault", action="append", default=[], metavar="SPEC",
                    help="inject a fault (repeatable): echo, urc, lowercase, no-prefix, no-test-forms, refresh, error@N, "
-                        "cme=CODE@N, silent@N, delay=SECONDS, garbage, max-apdu=BYTES")
+                        "cme=CODE@N, silent@N, delay=SECONDS[@N], garbage, max-apdu=BYTES, opaque-session, "
+                        "reenumerate[=SECONDS] (AT+CFUN=0 / AT+CFUN=1,1 make the port vanish and come back "
+                        "as a new pty)")
+    m.add_argument("--network", action="append", default=[], metavar="ICCID:MODE",
+                   help="how the network treats a profile (repeatable; default ok): ok (registered at once), "
+                        "roaming, never (searching for ever), denied, after=SECONDS (searching, then registered); "
+                        "the modem's +CEREG/+CREG/+C5GREG follow the enabled profile")
     _identity_args(m)
     m.set_defaults(func=cmd_sim_modem)
 
@@ -60,7 +66,7 @@ def cmd_sim_modem(args, out) -> int:
     kw = euicc_kwargs(args)
     pki_dir = kw.pop("pki_dir")
     serve_modem(args.state, link=args.link, preload=args.preload, baud=args.baud, faults=args.fault,
-                pki_dir=pki_dir, euicc_kwargs=kw)
+                pki_dir=pki_dir, euicc_kwargs=kw, network=args.network)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Simulated SGP.22 eUICC: the ISO 7816-4 card layer (protocol.md §1).
+"""Simulated SGP.22 eUICC: the ISO 7816-4 card layer (docs/protocol.md §1).
 
 ``SimEuicc.apdu(capdu) -> rapdu`` behaves like the card behind a modem's
 AT+CSIM / AT+CGLA or a PC/SC reader:
@@ -7,7 +7,7 @@ AT+CSIM / AT+CGLA or a PC/SC reader:
   and close (``00 70 80 ch``); CLA carries the channel in b2–b1 for 0–3
   (``0x00``–``0x03``, ``0x80``–``0x83``) and as ``0x40 | (ch − 4)`` (``0xC0`` with the
   proprietary bit) for 4–19 (ISO 7816-4 §5.4.1);
-* SELECT by DF name of the ISD-R (FCI ``6F`` template, SGP.22 §2.2.1.3 / protocol.md §1);
+* SELECT by DF name of the ISD-R (FCI ``6F`` template, SGP.22 §2.2.1.3 / docs/protocol.md §1.1);
 * ES10 STORE DATA (GlobalPlatform: ``80|ch E2``, P1 ``11`` more blocks / ``91`` last
   block, P2 the block number from 00 for each ES10 command, Lc ≤ 255), reassembled
   and handed to the ISD-R (``isdr.Isdr``);
@@ -405,7 +405,7 @@ PRELOAD_OWNER = {"mcc_mnc": "00F110"}
 
 def random_eid_body(prefix: str = "") -> str:
     """30 digits for an EID: 89 + country 049 + issuer 032 + platform/version digits +
-    random individual digits (protocol.md §8 "EID" layout), or ``prefix`` + random digits."""
+    random individual digits (docs/protocol.md §8.2), or ``prefix`` + random digits."""
     base = prefix or "89049032" + "0010020000"
     if len(base) > 30 or not base.isdigit():
         raise InputError(f"EID prefix {prefix!r} must be at most 30 digits", code="bad_eid")

@@ -1,24 +1,24 @@
-"""The simulated eUICC's ISD-R: ES10a/b/c functions (SGP.22 §5.7, protocol.md §2, §4, §6, §8).
+"""The simulated eUICC's ISD-R: ES10a/b/c functions (SGP.22 §5.7, docs/protocol.md §2, §4, §6, §8).
 
 ``Isdr.handle(request) -> response`` takes one reassembled ES10 command (a DER
 TLV, or one LoadBoundProfilePackage segment) and returns the response data.
 Card-level refusals (malformed TLV, unknown function, out-of-sequence BPP
 segment) raise ``SwError`` carrying the ISO status word; function-level errors
-are SGP.22 response values with ``90 00`` (protocol.md §1).
+are SGP.22 response values with ``90 00`` (docs/protocol.md §1.3, §2.3).
 
 Requests are decoded and plain responses encoded with ``agent.codec``.  Signed
 structures are assembled from raw TLVs because the signature covers exact
-bytes and some parts must be copied verbatim (protocol.md §0, §4): euiccSigned1
+bytes and some parts must be copied verbatim (docs/protocol.md §0.6, §4.3): euiccSigned1
 carries ctxParams1 exactly as received, euiccSignature2 covers the received
 smdpSignature2 TLV, and every 5F37 is the plain r||s form.
 
-State rules (protocol.md §8): at most one enabled profile; enabling B disables
+State rules (docs/protocol.md §8.1): at most one enabled profile; enabling B disables
 A; only a disabled profile can be deleted; PPR1 forbids disabling and PPR2
 deleting (disallowedByPolicy).  Enable, disable and delete produce signed
 notifications to each address the profile's notificationConfigurationInfo
 lists for that event; every LoadBoundProfilePackage ends in a signed
 ProfileInstallationResult that is also kept as the install notification
-(protocol.md §6).
+(docs/protocol.md §6.1).
 """
 from __future__ import annotations
 
@@ -50,18 +50,18 @@ UICC_CAPABILITY_BITS = (1, 2, 4, 6, 10, 14, 16)
 RSP_CAPABILITY_BITS = (0, 3)
 #: bytes of NVM an ISD-P costs beyond its profile package
 PROFILE_OVERHEAD = 2048
-#: SGP.32 compact PIR comment: one EUICCResponse saying "ok" (protocol.md §1)
+#: One EUICCResponse saying "ok", as quoted with SGP.32's compact PIR (docs/protocol.md §1.7)
 SIMA_RESPONSE_OK = bytes.fromhex("30 07 A0 05 30 03 80 01 00")
 
-# NotificationEvent / PMO bits (protocol.md §6)
+# NotificationEvent / PMO bits (docs/protocol.md §6.2)
 PMO_BITS = {"install": 0, "enable": 1, "disable": 2, "delete": 3}
 PMO_NAMES = {v: k for k, v in PMO_BITS.items()}
 PPR1, PPR2 = 1, 2
 
-# BPP segment leading tags handled by the LoadBoundProfilePackage state machine (protocol.md §1)
+# BPP segment leading tags handled by the LoadBoundProfilePackage state machine (docs/protocol.md §1.6)
 BPP_TAGS = (0xBF36, 0xA0, 0xA1, 0xA2, 0xA3, 0x86, 0x87, 0x88)
 
-# ProfileInfo tags -> ASN.1 field names (protocol.md §8)
+# ProfileInfo tags -> ASN.1 field names (docs/protocol.md §8.1)
 PROFILE_INFO_TAGS = {
     0x5A: "iccid", 0x4F: "isdpAid", 0x9F70: "profileState", 0x90: "profileNickname",
     0x91: "serviceProviderName", 0x92: "profileName", 0x93: "iconType", 0x94: "icon",
@@ -69,7 +69,7 @@ PROFILE_INFO_TAGS = {
     0xB8: "dpProprietaryData", 0x99: "profilePolicyRules",
 }
 
-# AuthenticateServer / PrepareDownload error codes (protocol.md §4)
+# AuthenticateServer / PrepareDownload error codes (docs/protocol.md §4.3)
 AUTH_INVALID_CERTIFICATE = 1
 AUTH_INVALID_SIGNATURE = 2
 AUTH_UNSUPPORTED_CURVE = 3
@@ -135,7 +135,7 @@ def parse_tag_list(data: bytes) -> list[int]:
 @dataclass
 class DownloadSession:
     """RSP session state between AuthenticateServer and the end of LoadBoundProfilePackage
-    (protocol.md §4).  Lives in RAM only: a card reset drops it."""
+    (docs/protocol.md §4.3).  Lives in RAM only: a card reset drops it."""
 
     transaction_id: bytes
     server_address: str
@@ -204,7 +204,7 @@ class Isdr:
         self.session = None
 
     def fci(self) -> bytes:
-        """ISD-R FCI: 6F{84 AID, A5{9F65 max command data}, E0{82 svn}} (protocol.md §1)."""
+        """ISD-R FCI: 6F{84 AID, A5{9F65 max command data}, E0{82 svn}} (docs/protocol.md §1.1)."""
         prop = tlv.encode(0xA5, tlv.encode(0x9F65, b"\xff"))
         isdr_template = tlv.encode(0xE0, tlv.encode(0x82, SVN))
         return tlv.encode(0x6F, tlv.encode(0x84, ISDR_AID) + prop + isdr_template)
@@ -482,7 +482,7 @@ class Isdr:
             result = 1              # nothingToDelete
         return self._enc("EuiccMemoryResetResponse", {"resetResult": result})
 
-    # --- notifications (protocol.md §6) --------------------------------------------------
+    # --- notifications (docs/protocol.md §6) ---------------------------------------------
     def _metadata(self, n: Notification) -> dict:
         md = {"seqNumber": n.seq, "profileManagementOperation": make_bits([PMO_BITS[n.operation]]),
               "notificationAddress": n.address}
@@ -525,7 +525,7 @@ class Isdr:
                 ns = [n for n in ns if n.seq == val]
             else:
                 ns = self._pmo_filter(ns, val)
-        # the stored signed DER goes out byte for byte (protocol.md §0)
+        # the stored signed DER goes out byte for byte (docs/protocol.md §0.6)
         return tlv.encode(0xBF2B, tlv.encode(0xA0, b"".join(n.der_bytes for n in ns)))
 
     def remove_notification(self, req: bytes) -> bytes:
@@ -599,7 +599,7 @@ class Isdr:
             return None, AUTH_INVALID_CERTIFICATE
         return cert, 0
 
-    # --- ES10b AuthenticateServer (protocol.md §4) --------------------------------------
+    # --- ES10b AuthenticateServer (docs/protocol.md §4.3) --------------------------------
     def authenticate_server(self, req: bytes) -> bytes:
         v = self._dec("AuthenticateServerRequest", req)
         parts = tlv.children(tlv.parse_single(req))
@@ -644,7 +644,7 @@ class Isdr:
         ok = euicc_signed1 + sig1_tlv + ident.euicc_cert_der + ident.eum_cert_der()
         return tlv.encode(0xBF38, tlv.encode(0xA0, ok))
 
-    # --- ES10b PrepareDownload (protocol.md §4) --------------------------------------------
+    # --- ES10b PrepareDownload (docs/protocol.md §4.3) --------------------------------------
     def prepare_download(self, req: bytes) -> bytes:
         v = self._dec("PrepareDownloadRequest", req)
         parts = tlv.children(tlv.parse_single(req))
@@ -699,7 +699,7 @@ class Isdr:
         self._save()
         return key
 
-    # --- ES10b LoadBoundProfilePackage (protocol.md §1, §4) ----------------------------------
+    # --- ES10b LoadBoundProfilePackage (docs/protocol.md §1.6, §4.6) --------------------------
     def load_bpp_segment(self, tag: int, request: bytes) -> bytes:
         from .. import es8p
         s = self.session

@@ -1,29 +1,61 @@
 """Simulated cellular modem: an AT command interpreter in front of the simulated
 eUICC, served on a real pseudo-terminal (DESIGN.md "The simulated modem
-exposes a real pseudo-terminal path"), with fault injection (modem.md §7).
+exposes a real pseudo-terminal path"), with fault injection (docs/modem.md §7).
 
 Commands: AT, ATE0/ATE1, ATZ, ATI, AT+CMEE, AT+CGMI/CGMM/CGMR (+GMI/GMM/GMR),
 AT+CGSN/GSN, AT+CCID, AT+CSIM, AT+CCHO/CGLA/CCHC (and their ``=?`` forms),
-AT+CFUN, AT+CPIN?, AT+CREG?/CEREG?/COPS?. Like a real modem, echo is on until
-ATE0 and errors are plain ``ERROR`` until AT+CMEE=1/2.
+AT+CFUN, AT+CPIN?, AT+CREG/CEREG/C5GREG (set and read), AT+COPS?. Like a real
+modem, echo is on until ATE0 and errors are plain ``ERROR`` until AT+CMEE=1/2.
+
+Network registration (``--network ICCID:MODE``, repeatable) follows the profile
+ENABLED on the card and the time since it became enabled (or since the radio
+came back: AT+CFUN=1 after 0/4, AT+CFUN=1,1, a card REFRESH, a re-enumeration):
+
+====================  ==========================================================
+``ok``                registered, home network (stat 1) at once (the default for
+                      every ICCID not named)
+``roaming``           registered, roaming (stat 5) at once
+``never``             stat 2 "not registered, searching" for ever: what a modem
+                      shows while it keeps looking for a network it can attach
+                      to (3 "denied" needs an explicit reject from the network)
+``denied``            stat 3 "registration denied" at once
+``after=S``           stat 2 until S seconds have passed, then 1
+====================  ==========================================================
+
+No enabled profile, or AT+CFUN=0/4: stat 0. AT+CREG?, AT+CEREG? and AT+C5GREG?
+all report the same stat (a simplification: a real LTE-only modem answers
+``+C5GREG: 0,0``), as ``+CEREG: <n>,<stat>[,<tac>,<ci>,<AcT>]`` (TS 27.007
+§10.1.22; location only with n=2 and registered). ``AT+CEREG=<n>`` (0-2, also
+CREG/C5GREG; power-on default 0) with n≥1 makes the modem send ``+CEREG: <stat>``
+(n=2: ``+CEREG: <stat>[,<tac>,<ci>,<AcT>]``) when the stat changes: after the
+answer to the command that changed it, or on its own at the moment an
+``after=S`` timer runs out (the server loop wakes up for it).
 
 Faults (``--fault``, repeatable):
 
-==================  ==========================================================
-``echo``            echo stays on whatever ATE0 says
-``urc``             unsolicited lines before every reply and between the
-                    response line and the final result
-``lowercase``       hex in CSIM/CGLA/CCHO answers in lower case
-``no-prefix``       CCHO/CGLA/CSIM answers without ``+XXX: `` (FM350 style)
-``no-test-forms``   every ``=?`` test command answers ERROR
-``error@N``         the N-th APDU-carrying command answers ERROR
-``cme=CODE@N``      ... answers ``+CME ERROR: CODE`` (number or text)
-``silent@N``        ... gets no answer at all (and never reaches the card)
-``delay=S[@N]``     answers to APDU-carrying commands (or only the N-th) come S s late
-``garbage``         binary junk (NUL, 0xFF, broken UTF-8) before every reply
-``max-apdu=BYTES``  APDUs longer than BYTES → ``+CME ERROR: 3``
-``opaque-session``  AT+CCHO hands out 64-bit handles (Sierra MC7455 style)
-==================  ==========================================================
+====================  ==========================================================
+``echo``              echo stays on whatever ATE0 says
+``urc``               unsolicited lines before every reply and between the
+                      response line and the final result
+``lowercase``         hex in CSIM/CGLA/CCHO answers in lower case
+``no-prefix``         CCHO/CGLA/CSIM answers without ``+XXX: `` (FM350 style)
+``no-test-forms``     every ``=?`` test command answers ERROR
+``error@N``           the N-th APDU-carrying command answers ERROR
+``cme=CODE@N``        ... answers ``+CME ERROR: CODE`` (number or text)
+``silent@N``          ... gets no answer at all (and never reaches the card)
+``delay=S[@N]``       answers to APDU-carrying commands (or only the N-th) come S s late
+``garbage``           binary junk (NUL, 0xFF, broken UTF-8) before every reply
+``max-apdu=BYTES``    APDUs longer than BYTES → ``+CME ERROR: 3``
+``opaque-session``    AT+CCHO hands out 64-bit handles (Sierra MC7455 style)
+``refresh``           act on the card's REFRESH after enable/disable (card reset,
+                      SIM busy for a moment)
+``reenumerate[=S]``   AT+CFUN=0 and AT+CFUN=1,1 make the port vanish as a USB
+                      modem re-enumerates: after the OK the pty is closed (the
+                      host's reads and writes fail), the ``--link`` is removed,
+                      and S seconds later (default 1) a NEW pty appears and the
+                      link is pointed at it. The modem is then at power-on
+                      defaults (CFUN=1, ATE1, CMEE=0, CEREG=0, card reset).
+====================  ==========================================================
 
 "APDU-carrying command" means AT+CSIM and AT+CGLA (not their ``=?`` forms).
 AT+CCHO/AT+CCHC are not counted: they manage a channel and carry no APDU of
@@ -84,16 +116,22 @@ class Faults:
     delay_at: dict = field(default_factory=dict)    # N -> seconds
     max_apdu: int | None = None
     refresh: bool = False
+    reenumerate: float | None = None                # seconds the port is gone; None: no re-enumeration
 
 
 #: How long the modem answers SIM busy after a REFRESH (fault "refresh").
 REFRESH_BUSY_S = 0.5
+#: How long the port is gone when the modem re-enumerates (fault "reenumerate").
+REENUMERATE_S = 1.0
+#: After the answer to the command that makes it re-enumerate, the modem waits this
+#: long before the port vanishes (the host can read the OK, as from a real modem).
+REENUMERATE_GRACE_S = 0.1
 
 _FLAGS = {"echo": "echo", "urc": "urc", "lowercase": "lowercase", "no-prefix": "no_prefix",
           "no-test-forms": "no_test_forms", "garbage": "garbage", "opaque-session": "opaque_session",
           "refresh": "refresh"}
 FAULT_HELP = ("echo, urc, lowercase, no-prefix, no-test-forms, garbage, opaque-session, refresh, error@N, "
-              "cme=CODE@N, silent@N, delay=SECONDS[@N], max-apdu=BYTES")
+              "cme=CODE@N, silent@N, delay=SECONDS[@N], max-apdu=BYTES, reenumerate[=SECONDS]")
 
 
 def _pos_int(text: str, spec: str) -> int:
@@ -134,6 +172,15 @@ def parse_faults(specs: Iterable[str] | Faults | None) -> Faults:
                 f.delay_at[_pos_int(n, spec)] = d
             else:
                 f.delay = d
+        elif key == "reenumerate" or key.startswith("reenumerate="):
+            secs = spec[12:] if "=" in spec else str(REENUMERATE_S)
+            try:
+                d = float(secs)
+            except ValueError:
+                d = -1.0
+            if not 0 <= d <= 60:
+                raise UsageError(f"fault {spec!r}: reenumerate wants seconds (0..60)", code="bad_fault")
+            f.reenumerate = d
         elif key.startswith("max-apdu="):
             f.max_apdu = _pos_int(spec[9:], spec)
             if f.max_apdu < 4:
@@ -141,6 +188,92 @@ def parse_faults(specs: Iterable[str] | Faults | None) -> Faults:
         else:
             raise UsageError(f"unknown modem fault {spec!r}; known: {FAULT_HELP}", code="bad_fault")
     return f
+
+
+# --------------------------------------------------------------------------- network behaviour per profile
+
+#: TS 27.007 <stat> values the simulated modem reports.
+STAT_NOT_REGISTERED, STAT_HOME, STAT_SEARCHING, STAT_DENIED, STAT_ROAMING = 0, 1, 2, 3, 5
+NETWORK_HELP = "ICCID:ok|roaming|never|denied|after=SECONDS"
+#: Longest after=S accepted (a day): anything longer is a typo, not a test.
+MAX_AFTER_S = 86400.0
+
+
+@dataclass(frozen=True)
+class NetworkMode:
+    """How the network treats one profile: ``kind`` is ok, roaming, never, denied or after."""
+
+    kind: str = "ok"
+    after: float = 0.0
+
+    def stat(self, elapsed: float) -> int:
+        """The registration stat ``elapsed`` seconds after the radio started on this profile."""
+        if self.kind == "ok":
+            return STAT_HOME
+        if self.kind == "roaming":
+            return STAT_ROAMING
+        if self.kind == "denied":
+            return STAT_DENIED
+        if self.kind == "after" and elapsed >= self.after:
+            return STAT_HOME
+        return STAT_SEARCHING
+
+    def change_in(self, elapsed: float) -> float | None:
+        """Seconds until ``stat`` changes on its own, or None."""
+        if self.kind == "after" and elapsed < self.after:
+            return self.after - elapsed
+        return None
+
+
+NETWORK_OK = NetworkMode()
+_NETWORK_KINDS = ("ok", "roaming", "never", "denied")
+
+
+def normalise_iccid(text: str) -> str | None:
+    """``8944...158`` (18-20 digits, F padding allowed) → the digits; anything else → None."""
+    t = str(text).strip().upper().rstrip("F")
+    return t if re.fullmatch(r"[0-9]{18,20}", t) else None
+
+
+def parse_network(specs: Iterable[str] | dict | None) -> dict[str, NetworkMode]:
+    """``["8944...158:never", "8944...166:after=5"]`` → {iccid: NetworkMode}.
+
+    A bad ICCID, an unknown mode, a bad or negative number of seconds, or the same
+    ICCID given twice with different modes is a UsageError (``bad_network``)."""
+    if isinstance(specs, dict):
+        return dict(specs)
+    out: dict[str, NetworkMode] = {}
+    for raw in specs or ():
+        spec = str(raw).strip()
+        iccid_text, sep, mode_text = spec.partition(":")
+        if not sep:
+            raise UsageError(f"--network {spec!r}: write {NETWORK_HELP}", code="bad_network")
+        iccid = normalise_iccid(iccid_text)
+        if iccid is None:
+            raise UsageError(f"--network {spec!r}: {iccid_text.strip()!r} is not an ICCID (18 to 20 digits)",
+                             code="bad_network")
+        m = mode_text.strip().lower()
+        if m in _NETWORK_KINDS:
+            mode = NetworkMode(m)
+        elif m.startswith("after="):
+            secs = m[6:].strip()
+            try:
+                after = float(secs)
+            except ValueError:
+                raise UsageError(f"--network {spec!r}: after= wants a number of seconds, not {secs!r}",
+                                 code="bad_network") from None
+            if after != after or after < 0:
+                raise UsageError(f"--network {spec!r}: after= wants seconds >= 0, not {secs}", code="bad_network")
+            if after > MAX_AFTER_S:
+                raise UsageError(f"--network {spec!r}: after= is at most {MAX_AFTER_S:g} s", code="bad_network")
+            mode = NetworkMode("after", after)
+        else:
+            raise UsageError(f"--network {spec!r}: unknown mode {mode_text.strip()!r}; write {NETWORK_HELP}",
+                             code="bad_network")
+        if out.get(iccid, mode) != mode:
+            raise UsageError(f"--network: ICCID {iccid} is given twice with different modes", code="bad_network")
+        out[iccid] = mode
+    return out
 
 
 # --------------------------------------------------------------------------- the AT interpreter (no I/O)
@@ -162,6 +295,13 @@ _CSIM = re.compile(r'^(\d+)\s*,\s*"?([0-9A-Fa-f]*)"?$')
 _CGLA = re.compile(r'^"?([0-9A-Za-z]+)"?\s*,\s*(\d+)\s*,\s*"?([0-9A-Fa-f]*)"?$')
 
 
+#: The registrations the modem answers, and the location it reports for each with n=2
+#: (tac/lac, cell id, AcT: 7 E-UTRAN, 11 NR connected to 5GCN).
+REG_PREFIXES = ("+CREG", "+CEREG", "+C5GREG")
+REG_LOCATION = {"+CREG": ',"1A2B","01C2D3E4",7', "+CEREG": ',"1A2B","01C2D3E4",7',
+                "+C5GREG": ',"001A2B","0001C2D3E4",11'}
+
+
 @dataclass
 class Answer:
     """What to send back for one command line."""
@@ -171,17 +311,22 @@ class Answer:
     after: list = field(default_factory=list)   # URCs after the final result
     silent: bool = False
     delay: float = 0.0
+    reenumerate: bool = False                    # the port vanishes after this answer (fault "reenumerate")
 
 
 class ModemLogic:
     """Parses one command line, drives the card, builds the answer (no I/O)."""
 
-    def __init__(self, card, faults: Faults | None = None):
+    def __init__(self, card, faults: Faults | None = None, *, network: dict | Iterable[str] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.card = card
         self.f = faults or Faults()
+        self.network = parse_network(network)
+        self.clock = clock
         self.echo = True          # factory default E1
         self.cmee = 0
         self.cfun = 1
+        self.reg_n = dict.fromkeys(REG_PREFIXES, 0)   # AT+CREG=<n> ... (power-on default 0)
         self.sessions: dict[str, int] = {}    # AT+CCHO session id -> logical channel
         self.apdu_count = 0
         self._urc_i = 0
@@ -190,22 +335,39 @@ class ModemLogic:
         self.imei = imei_for(card.eid)
         # Fault "refresh": like a real modem, act on the card's REFRESH after an enable or
         # disable with refreshFlag: reset the UICC (all logical channels close) and answer
-        # SIM busy for a moment (modem.md §3).
+        # SIM busy for a moment (docs/modem.md §3).
         self._refresh_pending = False
         self._busy_until = 0.0
-        if self.f.refresh and hasattr(card, "on_profile_change"):
+        # Registration: the profile the radio runs on and since when (see reg_stat).
+        self._net_iccid = self._enabled_iccid()
+        self._net_since = self.clock()
+        self._last_stat = self.reg_stat()
+        if hasattr(card, "on_profile_change"):
             card.on_profile_change = self._profile_changed
 
     def _profile_changed(self, iccid) -> None:
+        self._restart_network()          # the radio starts over on the new profile
         isdr = getattr(self.card, "isdr", None)
-        if getattr(isdr, "last_refresh_flag", False):
+        if self.f.refresh and getattr(isdr, "last_refresh_flag", False):
             self._refresh_pending = True
 
     def _after_card(self) -> None:
         if self._refresh_pending:
             self._refresh_pending = False
             self._reset_card()
+            self._restart_network()
             self._busy_until = time.monotonic() + REFRESH_BUSY_S
+
+    def power_on(self) -> None:
+        """State after a power cycle / USB re-enumeration: factory E1, CMEE=0, CFUN=1,
+        no registration URCs, the card reset (channels closed), registration starting over."""
+        self.echo, self.cmee, self.cfun = True, 0, 1
+        self.reg_n = dict.fromkeys(REG_PREFIXES, 0)
+        self._refresh_pending = False
+        self._busy_until = 0.0
+        self._reset_card()
+        self._restart_network()
+        self._last_stat = self.reg_stat()
 
     def _sim_busy(self) -> bool:
         return time.monotonic() < self._busy_until
@@ -288,7 +450,8 @@ class ModemLogic:
 
     def _test_form(self, name: str) -> Answer:
         forms = {"CSIM": [], "CCHO": [], "CGLA": [], "CCHC": [], "CMEE": ["+CMEE: (0-2)"],
-                 "CFUN": ["+CFUN: (0,1,4),(0,1)"], "CGSN": [], "CCID": []}
+                 "CFUN": ["+CFUN: (0,1,4),(0,1)"], "CGSN": [], "CCID": [], "CREG": ["+CREG: (0-2)"],
+                 "CEREG": ["+CEREG: (0-2)"], "C5GREG": ["+C5GREG: (0-2)"]}
         if name in forms:
             return Answer(forms[name])
         return Answer(final="ERROR")
@@ -332,8 +495,60 @@ class ModemLogic:
         return Answer([f"+CCID: {iccid}"])
 
     # --- network ------------------------------------------------------------------------
+    def _enabled_iccid(self) -> str | None:
+        try:
+            iccid = self.card.enabled_iccid()
+        except Exception:  # the card must not take the modem down
+            log.exception("simulated card failed to say which profile is enabled")
+            return None
+        return normalise_iccid(iccid) if iccid else None
+
+    def _restart_network(self) -> None:
+        self._net_iccid = self._enabled_iccid()
+        self._net_since = self.clock()
+
+    def _radio(self) -> tuple[NetworkMode | None, float]:
+        """(mode of the profile the radio runs on, seconds since it started), or (None, 0)
+        when there is nothing to register with (CFUN 0/4, no enabled profile)."""
+        iccid = self._enabled_iccid()
+        if iccid != self._net_iccid:      # changed behind our back (a card without the callback)
+            self._net_iccid, self._net_since = iccid, self.clock()
+        if self.cfun != 1 or not iccid:
+            return None, 0.0
+        return self.network.get(iccid, NETWORK_OK), max(0.0, self.clock() - self._net_since)
+
+    def reg_stat(self) -> int:
+        """TS 27.007 <stat> now (the same for CREG, CEREG and C5GREG)."""
+        mode, elapsed = self._radio()
+        return STAT_NOT_REGISTERED if mode is None else mode.stat(elapsed)
+
+    def next_change(self) -> float | None:
+        """Seconds until the stat changes without any command (an after=S timer), or None."""
+        mode, elapsed = self._radio()
+        return None if mode is None else mode.change_in(elapsed)
+
+    def poll_urcs(self) -> list[str]:
+        """Unsolicited ``+CEREG: <stat>`` ... lines for a stat change since the last call
+        (only for the registrations switched on with n>=1)."""
+        stat = self.reg_stat()
+        if stat == self._last_stat:
+            return []
+        self._last_stat = stat
+        out = []
+        for prefix in ("+CEREG", "+C5GREG", "+CREG"):
+            n = self.reg_n[prefix]
+            if n >= 1:
+                loc = self._location(prefix, stat) if n == 2 else ""
+                out.append(f"{prefix}: {stat}{loc}")
+        return out
+
+    def _location(self, prefix: str, stat: int) -> str:
+        if stat not in (STAT_HOME, STAT_ROAMING):
+            return ""
+        return REG_LOCATION[prefix]
+
     def _registered(self) -> bool:
-        return self.cfun == 1 and bool(self.card.enabled_iccid())
+        return self.reg_stat() in (STAT_HOME, STAT_ROAMING)
 
     def _at_cfun(self, arg, query):
         if query:
@@ -342,6 +557,7 @@ class ModemLogic:
         if not parts[0] in ("0", "1", "4") or len(parts) > 2 or (len(parts) == 2 and parts[1] not in ("0", "1")):
             return self._err(4)
         new, rst = int(parts[0]), len(parts) == 2 and parts[1] == "1"
+        old = self.cfun
         after = []
         if rst or (new != 0 and self.cfun == 0):
             self._reset_card()
@@ -350,7 +566,10 @@ class ModemLogic:
         elif new == 0:
             self.sessions.clear()
         self.cfun = new
-        return Answer(after=after)
+        if new == 1 and (old != 1 or rst):
+            self._restart_network()          # the radio starts searching again
+        reenumerate = self.f.reenumerate is not None and (new == 0 or rst)
+        return Answer(after=[] if reenumerate else after, reenumerate=reenumerate)
 
     def _reset_card(self) -> None:
         self.sessions.clear()
@@ -371,10 +590,20 @@ class ModemLogic:
     def _at_cereg(self, arg, query):
         return self._reg("+CEREG", arg, query)
 
+    def _at_c5greg(self, arg, query):
+        return self._reg("+C5GREG", arg, query)
+
     def _reg(self, prefix, arg, query):
         if query:
-            return Answer([f"{prefix}: 0,{1 if self._registered() else 0}"])
-        return Answer() if arg in ("0", "1", "2") else self._err(4)
+            n, stat = self.reg_n[prefix], self.reg_stat()
+            loc = self._location(prefix, stat) if n == 2 else ""
+            return Answer([f"{prefix}: {n},{stat}{loc}"])
+        if arg == "":
+            arg = "0"                     # TS 27.007: an omitted <n> is 0
+        if arg not in ("0", "1", "2"):
+            return self._err(4)
+        self.reg_n[prefix] = int(arg)
+        return Answer()
 
     def _at_cops(self, arg, query):
         if not query:
@@ -521,21 +750,26 @@ class _Stop(Exception):
 # --------------------------------------------------------------------------- the pty server
 
 class ModemServer:
-    """Serves one ModemLogic on a pseudo-terminal. ``serve()`` blocks until ``stop()``."""
+    """Serves one ModemLogic on a pseudo-terminal. ``serve()`` blocks until ``stop()``.
+
+    With the fault "reenumerate" the pty is replaced by a new one (``path`` changes,
+    ``enumerations`` counts the re-enumerations, ``on_new_port(server)`` is called
+    in the serving thread when the new port is there)."""
 
     def __init__(self, logic: ModemLogic, *, link: str | None = None, baud: int | None = None):
         self.logic = logic
         self.card = logic.card
         self.baud = baud
-        self.master, self._slave = os.openpty()
-        tty.setraw(self._slave)                  # no line discipline: bytes pass as they are
-        os.set_blocking(self.master, False)
-        self.path = os.ttyname(self._slave)
+        self.master, self._slave = -1, -1
+        self._open_pty()
         self.link = os.path.abspath(link) if link else None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._stop = threading.Event()
         self._line_free = 0.0                    # when the emulated UART finishes the last reply
+        self._back_at: float | None = None       # while re-enumerating: when the new port appears
+        self.enumerations = 0
+        self.on_new_port: Callable[["ModemServer"], None] | None = None
         if self.link:
             try:
                 self._make_link()
@@ -545,14 +779,74 @@ class ModemServer:
                 raise
 
     # --- life cycle -------------------------------------------------------------------
+    def _open_pty(self) -> None:
+        master, slave = os.openpty()
+        try:
+            tty.setraw(slave)                    # no line discipline: bytes pass as they are
+            os.set_blocking(master, False)
+            self.path = os.ttyname(slave)
+        except BaseException:
+            os.close(master)
+            os.close(slave)
+            raise
+        self.master, self._slave = master, slave
+
+    def _close_pty(self) -> None:
+        """Close our ends: the host's open file on the slave is hung up (reads end, writes fail
+        with EIO) and the /dev/pts node goes away."""
+        for fd in (self.master, self._slave):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.master, self._slave = -1, -1     # never close a reused descriptor number later
+
     def _make_link(self) -> None:
         parent = os.path.dirname(self.link)
         os.makedirs(parent, exist_ok=True)
         if os.path.lexists(self.link) and not os.path.islink(self.link):
             raise UsageError(f"{self.link} exists and is not a symlink; not replacing it", code="link_exists")
         tmp = f"{self.link}.{os.getpid()}.{threading.get_ident()}.tmp"
+        if os.path.lexists(tmp):
+            os.unlink(tmp)                       # left over from a crash
         os.symlink(self.path, tmp)
         os.replace(tmp, self.link)               # atomically replaces a stale link
+
+    def _remove_link(self) -> None:
+        if self.link:
+            try:
+                if os.path.islink(self.link) and os.readlink(self.link) == self.path:
+                    os.unlink(self.link)
+            except OSError:
+                pass
+
+    def _vanish(self, gone_for: float) -> None:
+        """The USB device goes away: the port closes and the link disappears."""
+        self._sleep_until(time.monotonic() + REENUMERATE_GRACE_S)
+        log.info("simulated modem re-enumerating: %s goes away for %g s", self.path, gone_for)
+        self._remove_link()
+        self._close_pty()
+        self._back_at = time.monotonic() + gone_for
+
+    def _come_back(self) -> None:
+        """The device is back: a new pty, the link pointed at it, the modem at power-on state."""
+        self._back_at = None
+        self._open_pty()
+        self._line_free = 0.0
+        self.logic.power_on()
+        self.enumerations += 1
+        if self.link:
+            try:
+                self._make_link()
+            except (OSError, UsageError) as e:
+                log.error("cannot point %s at the new port %s: %s", self.link, self.path, e)
+        log.info("simulated modem is back on %s", self.path)
+        if self.on_new_port is not None:
+            try:
+                self.on_new_port(self)
+            except Exception:
+                log.exception("on_new_port callback failed")
 
     def stop(self) -> None:
         self._stop.set()
@@ -562,13 +856,9 @@ class ModemServer:
             pass
 
     def _cleanup(self) -> None:
-        if self.link:
-            try:
-                if os.path.islink(self.link) and os.readlink(self.link) == self.path:
-                    os.unlink(self.link)
-            except OSError:
-                pass
-        for fd in (self.master, self._slave, self._wake_r, self._wake_w):
+        self._remove_link()
+        self._close_pty()
+        for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
             except OSError:
@@ -623,14 +913,31 @@ class ModemServer:
         self._line_free = t0 + len(data) * per
 
     # --- main loop ---------------------------------------------------------------------------
+    def _wait(self) -> float:
+        """How long the loop may sleep: at most 1 s, less when a registration change is due."""
+        due = self.logic.next_change()
+        if due is None:
+            return 1.0
+        return min(1.0, due + 0.005)      # wake just after the change, not just before
+
+    def _send_urcs(self) -> None:
+        for u in self.logic.poll_urcs():
+            self._write(f"\r\n{u}\r\n".encode())
+
     def serve(self) -> None:
         buf = b""
         first = None                # arrival time of the current command's first byte
         try:
             while not self._stop.is_set():
-                r, _, _ = select.select([self.master, self._wake_r], [], [], 1.0)
+                if self._back_at is not None:            # re-enumerating: no port at all
+                    self._sleep_until(self._back_at)
+                    self._come_back()
+                    buf, first = b"", None
+                    continue
+                r, _, _ = select.select([self.master, self._wake_r], [], [], self._wait())
                 if self._wake_r in r or self._stop.is_set():
                     break
+                self._send_urcs()                        # e.g. an after=S timer ran out
                 if self.master not in r:
                     continue
                 try:
@@ -656,15 +963,20 @@ class ModemServer:
                         break
                     raw, buf = buf[:m.start()], buf[m.end():]
                     if raw.strip():
-                        self._command(raw, first or now, len(raw) + 1)
+                        answer = self._command(raw, first or now, len(raw) + 1)
+                        if answer is not None and answer.reenumerate:
+                            self._vanish(self.logic.f.reenumerate or 0.0)
+                            buf, first = b"", None    # whatever else was sent is lost with the port
+                            break
+                        self._send_urcs()             # a change this command caused
                     first = time.monotonic() if buf.strip(b"\r\n") else None
         except _Stop:
             pass
 
-    def _command(self, raw: bytes, first: float, nbytes: int) -> None:
+    def _command(self, raw: bytes, first: float, nbytes: int) -> Answer | None:
         if len(raw) > MAX_INPUT_LINE:
             self._write(b"\r\nERROR\r\n")
-            return
+            return None
         if self.baud:
             self._sleep_until(first + nbytes * 10.0 / self.baud)
         line = raw.decode("ascii", "replace")
@@ -674,29 +986,34 @@ class ModemServer:
         if echo:
             self._write(raw + b"\r")
         if answer is None or answer.silent:
-            return
+            return answer
         if answer.delay:
             self._sleep_until(time.monotonic() + answer.delay)
         self._write(logic.render(answer))
+        return answer
 
 
 # --------------------------------------------------------------------------- entry point
 
 def serve_modem(state_path, *, link: str | None = None, preload: int = 0, baud: int | None = None,
                 faults=(), pki_dir=None, ready: Callable[[ModemServer], None] | None = None,
-                euicc_kwargs: dict | None = None, card=None) -> None:
+                euicc_kwargs: dict | None = None, card=None, network=()) -> None:
     """Serve a simulated modem + eUICC on a new pseudo-terminal until SIGTERM/SIGINT
     (or ``server.stop()``, e.g. from the ``ready`` callback's argument).
 
-    Prints the pty path on stdout; symlinks it at ``link`` (removed on exit).
+    Prints the pty path on stdout (again after every re-enumeration); symlinks it at
+    ``link`` (removed on exit). ``network``: ``--network`` specs (see parse_network).
     ``card`` replaces the SimEuicc (tests)."""
     f = parse_faults(faults)
+    net = parse_network(network)
     if baud is not None and baud <= 0:
         raise UsageError("--baud wants a positive number", code="bad_baud")
     if card is None:
         from .euicc import SimEuicc
         card = SimEuicc.open(state_path, preload=preload, pki_dir=pki_dir, **(euicc_kwargs or {}))
-    server = ModemServer(ModemLogic(card, f), link=link, baud=baud)
+    _warn_unknown_iccids(card, net)
+    server = ModemServer(ModemLogic(card, f, network=net), link=link, baud=baud)
+    server.on_new_port = lambda s: print(s.path, flush=True)
     old = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -712,6 +1029,22 @@ def serve_modem(state_path, *, link: str | None = None, preload: int = 0, baud: 
         server._cleanup()
 
 
+def _warn_unknown_iccids(card, network: dict) -> None:
+    """A --network ICCID that is not on the card is allowed (it may be downloaded later),
+    but is most often a typo: say so."""
+    state = getattr(card, "state", None)
+    profiles = getattr(state, "profiles", None)
+    if not network or profiles is None:
+        return
+    try:
+        known = {normalise_iccid(p.iccid) for p in profiles}
+    except Exception:
+        return
+    for iccid in network:
+        if iccid not in known:
+            log.warning("--network names ICCID %s, which is not on the card (yet)", iccid)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     p = argparse.ArgumentParser(prog="python -m agent.sim.modem",
@@ -722,11 +1055,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baud", type=int, metavar="N", help="emulate a UART at N baud")
     p.add_argument("--pki", metavar="DIR", help="take the eUICC identity from a test PKI")
     p.add_argument("--fault", action="append", default=[], metavar="SPEC", help=f"repeatable: {FAULT_HELP}")
+    p.add_argument("--network", action="append", default=[], metavar=NETWORK_HELP,
+                   help="repeatable: how the network treats the profile with ICCID (default ok)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
         serve_modem(args.state, link=args.link, preload=args.preload, baud=args.baud, faults=args.fault,
-                    pki_dir=args.pki)
+                    pki_dir=args.pki, network=args.network)
     except UsageError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2

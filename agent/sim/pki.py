@@ -6,7 +6,7 @@
                                    └─ DP TLS (…1.3, serverAuth, SAN dNSName/iPAddress)
 
 Every certificate carries SKI and (below the CI) AKI = issuer SKI; the CI's SKI
-is the CI PKID used in euiccCiPKIdList… (protocol.md §4 "CI PKID and role OIDs").
+is the CI PKID used in euiccCiPKIdList… (docs/protocol.md §4.8).
 
 Criticality: the GSMA SGP.26 test certificates mark certificatePolicies
 critical on CI, DPauth and DPpb.  We do that for certificates that never

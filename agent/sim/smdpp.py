@@ -3,16 +3,16 @@
 One HTTPS server on loopback (TLS >= 1.2 with CERT.DP.TLS from the test PKI) serves
 
 * ``POST /gsma/rsp2/es9plus/{initiateAuthentication, authenticateClient,
-  getBoundProfilePackage, handleNotification, cancelSession}`` — protocol.md §3, §4, §6;
+  getBoundProfilePackage, handleNotification, cancelSession}`` — docs/protocol.md §3, §4, §6;
 * ``/v1/ESimProfiles`` and ``/v1/Sims`` — the Super SIM-style reservation API
   (``agent.sim.twin``), which is also where download orders come from.
 
 The ES9+ side (:class:`Es9Service`) is I/O free: JSON-decoded request in, (HTTP status,
 JSON body) out. Signed eUICC data is always taken byte-for-byte out of the TLVs it
-arrived in (protocol.md §0) — nothing is decoded and re-encoded before verification.
+arrived in (docs/protocol.md §0.6) — nothing is decoded and re-encoded before verification.
 
 Business errors are HTTP 200 with ``header.functionExecutionStatus.status = "Failed"``
-and ``statusCodeData`` (SGP.22 subjectCode/reasonCode, protocol.md §3 table); malformed
+and ``statusCodeData`` (SGP.22 subjectCode/reasonCode, docs/protocol.md §3.5); malformed
 requests that are not JSON at all get HTTP 400 with the same envelope.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ MAX_SESSIONS = 1000
 CC_ATTEMPTS = 3                    # wrong Confirmation Codes before the order fails (8.2.7/6.4)
 SOCKET_TIMEOUT = 30.0
 
-# NotificationEvent bits (protocol.md §6): DER BIT STRING contents with trailing zeros dropped.
+# NotificationEvent bits (docs/protocol.md §6.2): DER BIT STRING contents with trailing zeros dropped.
 PMO_BITS = {"install": b"\x07\x80", "enable": b"\x06\x40", "disable": b"\x05\x20", "delete": b"\x04\x10"}
 # The same events as codec BIT STRING values (bytes, number of bits).
 PMO_VALUES = {"install": (b"\x80", 1), "enable": (b"\x40", 2), "disable": (b"\x20", 3), "delete": (b"\x10", 4)}
@@ -273,7 +273,7 @@ class Es9Service:
         with self._lock:
             self.sessions.pop(s.txid, None)
 
-    # initiateAuthentication (protocol.md §4) -------------------------------------------------
+    # initiateAuthentication (docs/protocol.md §4) --------------------------------------------
 
     def _initiateAuthentication(self, req: dict) -> dict:
         challenge = self._b64(req, "euiccChallenge")
@@ -369,7 +369,7 @@ class Es9Service:
         if len(kids) != 3:
             raise _fail("8.1", "2.2", "authenticateResponseOk must carry euiccSigned1, CERT.EUICC and CERT.EUM")
         euicc_cert, eid = self._verify_euicc_chain(kids[1].raw, kids[2].raw)
-        # euiccSignature1 covers euiccSigned1 exactly as the eUICC encoded it (protocol.md §4).
+        # euiccSignature1 covers euiccSigned1 exactly as the eUICC encoded it (docs/protocol.md §4.3).
         if not crypto.verify_raw(euicc_cert, signed1.raw, sig1.value):
             raise _fail("8.1", "6.1", "euiccSignature1 does not verify with CERT.EUICC")
         f1 = _fields(signed1, "euiccSigned1")
@@ -395,13 +395,13 @@ class Es9Service:
         s.cc_required = bool(order.get("_cc"))
         s.profile_metadata = self.profile_metadata(order)
         signed2 = codec.encode("SmdpSigned2", {"transactionId": s.txid, "ccRequiredFlag": s.cc_required})
-        # smdpSignature2 covers smdpSigned2 followed by the eUICC's 5F37 TLV (protocol.md §4).
+        # smdpSignature2 covers smdpSigned2 followed by the eUICC's 5F37 TLV (docs/protocol.md §4.3).
         sig2 = crypto.sign_raw(self.pki.dppb.key, signed2 + sig1.raw)
         s.smdp_signature2_tlv = _sig_tlv(sig2)
         s.stage = "authenticated"
         log(f"authenticateClient {s.txid.hex().upper()}: EID {eid} -> order {order['sid']} "
             f"(ICCID {order['iccid']}{', CC required' if s.cc_required else ''})")
-        return {"transactionId": req["transactionId"],   # echoed verbatim (protocol.md §3)
+        return {"transactionId": req["transactionId"],   # echoed verbatim (docs/protocol.md §3.2)
                 "profileMetadata": _b64e(s.profile_metadata),
                 "smdpSigned2": _b64e(signed2),
                 "smdpSignature2": _b64e(s.smdp_signature2_tlv),
@@ -411,7 +411,7 @@ class Es9Service:
         """StoreMetadataRequest BF25 (SGP.22 §5.5.3): what the LPA shows and the eUICC stores.
 
         notificationConfigurationInfo asks for enable/disable/delete notifications to this
-        SM-DP+ (the install PIR always comes here anyway, protocol.md §6).
+        SM-DP+ (the install PIR always comes here anyway, docs/protocol.md §6.1).
         """
         iccid = order["iccid"]
         value = {
@@ -451,7 +451,7 @@ class Es9Service:
         ok = _fields(alt, "downloadResponseOk")
         signed2 = _need(ok, 0x30, "downloadResponseOk.euiccSigned2")
         sig2 = _need(ok, 0x5F37, "downloadResponseOk.euiccSignature2")
-        # euiccSignature2 covers euiccSigned2 followed by our smdpSignature2 TLV (protocol.md §4).
+        # euiccSignature2 covers euiccSigned2 followed by our smdpSignature2 TLV (docs/protocol.md §4.3).
         if not crypto.verify_raw(s.euicc_cert, signed2.raw + s.smdp_signature2_tlv, sig2.value):
             raise _fail("8.1", "6.1", "euiccSignature2 does not verify with CERT.EUICC")
         f2 = _decode("EUICCSigned2", signed2.raw, "euiccSigned2")
@@ -497,7 +497,7 @@ class Es9Service:
         log(f"getBoundProfilePackage {s.txid.hex().upper()}: {len(bpp)} bytes for ICCID {s.iccid}")
         return {"transactionId": req["transactionId"], "boundProfilePackage": _b64e(bpp)}
 
-    # handleNotification (protocol.md §6) -----------------------------------------------------------
+    # handleNotification (docs/protocol.md §6.3) ----------------------------------------------------
 
     def _handleNotification(self, req: dict) -> None:
         t = self._tlv(req, "pendingNotification", (0xBF37, 0x30))
@@ -535,7 +535,7 @@ class Es9Service:
                 f"{d['smdpOid']}, not ours ({self.smdp_oid}); ignored")
             return
         if s is not None:
-            self._drop(s)  # the SM-DP+ discards the session on the PIR (protocol.md §6)
+            self._drop(s)  # the SM-DP+ discards the session on the PIR (docs/protocol.md §6.3)
         if order is None:
             log(f"PIR for transaction {txid.hex().upper()} matches no order; ignored")
             return

@@ -3,9 +3,9 @@ state ... lives in one file, so a simulated card survives restarts like a real o
 
 Holds the EID, the card's identity (eUICC key and certificate, EUM and CI
 certificates, all PEM), the installed profiles, the pending notifications (each
-with the exact signed DER the eUICC produced, protocol.md §6), the counters,
+with the exact signed DER the eUICC produced, docs/protocol.md §6), the counters,
 the configured addresses (SGP.22 ES10a), the free-NVM budget and the stored
-one-time ECKA key pair kept for a BPP retry (protocol.md §4 PrepareDownload).
+one-time ECKA key pair kept for a BPP retry (docs/protocol.md §4.3).
 
 The file is written atomically after every change (temporary file in the same
 directory, fsync, rename).  Loading parses JSON only: keys and certificates
@@ -23,7 +23,7 @@ from ..errors import AgentError
 
 STATE_VERSION = 1
 
-#: GSMA root SM-DS (protocol.md §3 ES11); every eUICC is configured with it.
+#: GSMA root SM-DS (docs/protocol.md §3.9); every eUICC is configured with it.
 DEFAULT_ROOT_DS = "lpa.ds.gsma.com"
 #: Free non-volatile memory of a new card, in bytes (reported in EUICCInfo2 extCardResource).
 DEFAULT_FREE_NVM = 512 * 1024
@@ -44,7 +44,7 @@ class StateError(AgentError):
 
 @dataclass
 class Profile:
-    """One installed profile (SGP.22 ProfileInfo, protocol.md §8)."""
+    """One installed profile (SGP.22 ProfileInfo, docs/protocol.md §8.1)."""
 
     iccid: str
     isdp_aid: str                         # hex, 16 bytes
@@ -70,7 +70,7 @@ class Profile:
         return self.state == PROFILE_ENABLED
 
     def notify_addresses(self, op_bit: int) -> list[str]:
-        """Addresses whose NCI entry lists the operation bit (protocol.md §6)."""
+        """Addresses whose NCI entry lists the operation bit (docs/protocol.md §6.1)."""
         return [e["address"] for e in self.nci if op_bit in e.get("ops", [])]
 
 
@@ -187,7 +187,7 @@ class CardState:
 
     # --- allocators -----------------------------------------------------------
     def take_seq(self) -> int:
-        """eUICC-wide, strictly increasing notification sequence number (protocol.md §6)."""
+        """eUICC-wide, strictly increasing notification sequence number (docs/protocol.md §6.1)."""
         n = self.next_seq
         self.next_seq += 1
         return n

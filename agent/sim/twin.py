@@ -26,7 +26,7 @@ only 200 for the fetch operations.
 
 Twin extensions (not in Twilio's API) on POST /v1/ESimProfiles: ``ConfirmationCode``
 (the order then needs that CC, SGP.22 ccRequiredFlag) and ``UsePpk=true`` (the BPP
-carries ReplaceSessionKeys, protocol.md §4).
+carries ReplaceSessionKeys, docs/protocol.md §4.7).
 """
 from __future__ import annotations
 

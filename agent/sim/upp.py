@@ -2,7 +2,7 @@
 
 A UPP is a DER concatenation of Profile Elements (TCA "eUICC Profile Package:
 Interoperable Format Technical Specification", module PEDefinitions, AUTOMATIC
-TAGS).  The SM-DP+ binds one into the BPP's 86 segments (protocol.md §4); the
+TAGS).  The SM-DP+ binds one into the BPP's 86 segments (docs/protocol.md §4.6); the
 simulated eUICC reads the ICCID (iccidMismatch check against StoreMetadata)
 and the IMSI back out.  We emit only what the test bed needs, relying on the
 TCA file templates for every file we do not override:

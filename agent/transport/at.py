@@ -1,4 +1,4 @@
-"""The AT line protocol over a serial port (modem.md §2 "Framing and parsing", §6).
+"""The AT line protocol over a serial port (docs/modem.md §2.1, §6).
 
 ``AtPort`` sends one command at a time and collects its answer:
 
@@ -15,10 +15,17 @@
   anything else is an unsolicited result code, kept in a bounded list;
 * every command has a deadline; the port is read in short slices so nothing
   blocks forever. After a time-out the port is re-synchronised (input drained,
-  ``AT`` until ``OK``) before ``TimeoutError_`` is raised.
+  ``AT`` until ``OK``) before ``TimeoutError_`` is raised;
+* a port that goes away (USB modem reset or re-enumerated, unplugged: EIO on
+  write, end of file or EIO on read) raises ``PortLostError``; reopen the
+  device path to go on.
+
+``start()`` switches echo off and numeric CME errors on; ``close()`` puts both
+back as they were (see ``start``), so the next program on the port finds the
+modem as we found it.
 
 Opening takes the port exclusively (pyserial ``exclusive=True``) and a lock
-file keyed by the device's real path (modem.md §2 "Locking").
+file keyed by the device's real path (docs/modem.md §2.4).
 
 This module only imports the standard library at load time (pyserial is
 imported when a port is opened) so in-process transports can share ``Stats``
@@ -36,7 +43,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from ..errors import PortBusyError, ProtocolError, TimeoutError_, TransportError
+from ..errors import AgentError, PortBusyError, ProtocolError, TimeoutError_, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +77,7 @@ _LEN_HEX = re.compile(r'^(\d+)\s*,\s*("?)([0-9A-Fa-f]*)("?)$')
 _JUNK = bytes(b for b in range(256) if not (0x20 <= b <= 0x7E or b == 0x09))
 _SPLIT = re.compile(rb"[\r\n]")
 
-# TS 27.007 §9.2 codes seen with SIM access (modem.md §1 and §2).
+# TS 27.007 §9.2 codes seen with SIM access (docs/modem.md §1.4).
 CME_TEXT = {
     3: "operation not allowed", 4: "operation not supported", 10: "SIM not inserted",
     11: "SIM PIN required", 12: "SIM PUK required", 13: "SIM failure", 14: "SIM busy",
@@ -100,6 +107,13 @@ class ModemCmeError(ModemError):
         super().__init__(message, command=command, result=result)
         self.cme = cme
         self.details["cme"] = cme
+
+
+class PortLostError(TransportError):
+    """The port went away under us (EIO / hang-up: modem reset, re-enumerated or unplugged).
+    The device path may come back (a new tty): close this AtPort and open the path again."""
+
+    code = "port_lost"
 
 
 class ModemCmsError(ModemError):
@@ -206,6 +220,7 @@ class Reply:
     bare: list             # unprefixed candidate lines (see ``bare=``)
     urcs: list             # everything else
     final: str = ""
+    echoed: bool = False   # the modem echoed the command line (its echo was on when it read it)
 
     @property
     def ok(self) -> bool:
@@ -213,7 +228,7 @@ class Reply:
 
 
 class Collector:
-    """Sorts the lines that follow a command (modem.md §6 item 4).
+    """Sorts the lines that follow a command (docs/modem.md §6 item 4).
 
     ``prefix`` is the expected response prefix (``+CSIM:``) or None;
     ``bare`` is None (no unprefixed answer expected), ``"hex"`` (accept an
@@ -254,7 +269,7 @@ def parse_len_hex(value: str, what: str) -> bytes:
     """``<len>,"<hex>"`` (quotes optional) or a bare hex string → bytes.
 
     ``<len>`` counts hex characters (TS 27.007 §8.17/§8.43); a mismatch is a
-    ProtocolError naming both numbers (modem.md §2 "Length check")."""
+    ProtocolError naming both numbers (docs/modem.md §2.1)."""
     v = value.strip()
     m = _LEN_HEX.match(v)
     if m:
@@ -277,6 +292,9 @@ def parse_len_hex(value: str, what: str) -> bytes:
 # --------------------------------------------------------------------------- locking
 
 def _lock_dirs(lock_dir: str | None) -> list[str]:
+    """Where port lock files go: the caller's choice, $ESIM_AGENT_LOCK_DIR (systems where
+    /run/lock is not shared or not writable), else /run/lock (FHS), $XDG_RUNTIME_DIR, /tmp."""
+    lock_dir = lock_dir or os.environ.get("ESIM_AGENT_LOCK_DIR")
     if lock_dir:
         return [lock_dir]
     dirs = ["/run/lock"]
@@ -289,7 +307,8 @@ def _lock_dirs(lock_dir: str | None) -> list[str]:
 def _busy_hint(device: str) -> str:
     return (f"another program is using {device} — often ModemManager. Keep ModemManager off this port "
             "with a udev rule setting ENV{ID_MM_PORT_IGNORE}=\"1\" for it (or `systemctl stop ModemManager`), "
-            "and make sure no other esim-agent runs")
+            "and make sure no other esim-agent runs. If the esim-agent daemon owns the port, run the command "
+            "without --direct: it goes through the daemon's socket")
 
 
 class PortLock:
@@ -344,7 +363,7 @@ class AtPort:
     """
 
     def __init__(self, device: str, *, baud: int = 115200, timeout: float = 10.0, trace: Trace | None = None,
-                 lock_dir: str | None = None, stats: Stats | None = None):
+                 lock_dir: str | None = None, stats: Stats | None = None, lock: bool = True):
         if timeout is None or timeout <= 0:
             raise ValueError("timeout must be > 0")
         self.device = device
@@ -357,6 +376,10 @@ class AtPort:
         self._ser = None
         self._lock: PortLock | None = None
         self._cmee_before: str | None = None
+        self._echo_before: bool | None = None     # True: echo was on when start() switched it off
+        self._resync_echoed: bool | None = None   # the last successful resync's AT came back echoed
+        self._cancel = None           # CancelToken watched while waiting for an answer (see watch())
+        self._cancel_raised = False
         self.pending = False          # a command was interrupted before its final result
         self.dead = False             # the port stopped answering even AT
         if not os.path.exists(device):
@@ -365,11 +388,14 @@ class AtPort:
                                  "the path (ls -l /dev/serial/by-id/)", code="device_not_found")
         real = os.path.realpath(device)
         self.realpath = real
-        self._lock = PortLock(real, lock_dir)
+        # lock=False: the caller's parent process (the daemon) holds the port's lock file and
+        # hands the port to this process (its card worker).
+        self._lock = PortLock(real, lock_dir) if lock else None
         try:
             self._ser = self._open_serial(real, baud)
         except BaseException:
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
             raise
 
     def _open_serial(self, real: str, baud: int):
@@ -405,8 +431,8 @@ class AtPort:
                                 code="write_timeout") from None
         except (serial.SerialException, OSError) as e:
             self.dead = True
-            raise TransportError(f"lost the modem port {self.device} while writing: {e} "
-                                 "(modem reset or unplugged?)", code="port_lost") from None
+            raise PortLostError(f"lost the modem port {self.device} while writing: {e} "
+                                "(modem reset or unplugged?)") from None
         self.stats.bytes_out += len(data)
 
     def _read_some(self) -> bytes:
@@ -416,8 +442,8 @@ class AtPort:
             data = self._ser.read(self._ser.in_waiting or 1)
         except (serial.SerialException, OSError) as e:
             self.dead = True
-            raise TransportError(f"lost the modem port {self.device} while reading: {e} "
-                                 "(modem reset or unplugged?)", code="port_lost") from None
+            raise PortLostError(f"lost the modem port {self.device} while reading: {e} "
+                                "(modem reset or unplugged?)") from None
         if data:
             self.stats.bytes_in += len(data)
             for line in self._split.feed(data):
@@ -465,7 +491,7 @@ class AtPort:
 
         Returns the Reply on OK; raises ModemError (ERROR / CME / CMS),
         TimeoutError_ (after re-synchronising the port unless resync=False),
-        TransportError (port lost)."""
+        PortLostError (the port went away), TransportError (port closed)."""
         if self._ser is None:
             raise TransportError(f"modem port {self.device} is closed", code="port_closed")
         limit = self.timeout if timeout is None else float(timeout)
@@ -484,6 +510,7 @@ class AtPort:
                 self._trace("AT<", line)
                 if coll.add(line):
                     self.pending = False
+                    coll.reply.echoed = coll.echoes > 0
                     for u in coll.reply.urcs:
                         self._note_urc(u)
                     if not coll.reply.ok:
@@ -491,6 +518,13 @@ class AtPort:
                     return coll.reply
             if time.monotonic() >= deadline:
                 break
+            if self._cancel is not None and not self._cancel_raised and self._cancel.cancelled:
+                # Stop waiting (the command stays pending: its late answer is dropped before the
+                # next command). Raised once per token, so the clean-up that follows
+                # (CancelSession, closing the channel) can still use the port.
+                self._cancel_raised = True
+                from ..cancel import Cancelled
+                raise Cancelled(self._cancel.reason or "cancelled", f"while waiting for {command_name(cmd)}")
             self._read_some()
         # Deadline passed without a final result code.
         for u in coll.reply.urcs:
@@ -506,6 +540,10 @@ class AtPort:
             msg = (f"modem did not answer {name} within {float(limit)} s and then did not answer AT either "
                    f"({RESYNC_TRIES} tries); check the modem and that {self.device} is its AT port")
         raise TimeoutError_(msg, details={"command": name, "timeout_s": limit, "resynced": ok})
+
+    def watch(self, token) -> None:
+        """Abort a wait for an answer when ``token`` (a CancelToken) is cancelled."""
+        self._cancel, self._cancel_raised = token, False
 
     def _finish_interrupted(self) -> None:
         """The previous command was interrupted (Ctrl-C, SIGTERM) before its final result.
@@ -539,7 +577,7 @@ class AtPort:
             self.stats.at_commands += 1
             self._trace("AT>", "AT")
             end = time.monotonic() + each
-            got = False
+            got = echoed = False
             while not got and time.monotonic() < end:
                 try:
                     self._read_some()
@@ -548,9 +586,13 @@ class AtPort:
                 while self._queue:
                     line = self._queue.popleft()
                     self._trace("AT<", line)
-                    if line.upper() == "OK":
+                    up = line.upper()
+                    if up == "OK":
                         got = True
+                    elif up == "AT":
+                        echoed = True
             if got:
+                self._resync_echoed = echoed
                 # The OK may have been the timed-out command's late final result; its own
                 # OK then follows: stay until the line is quiet for a while (not 0.1 s).
                 self._quiet(window=RESYNC_QUIET)
@@ -592,11 +634,17 @@ class AtPort:
         return vals[0].strip().strip('"').strip() if vals else None
 
     def start(self) -> None:
-        """Session start (modem.md §6 item 3): AT until OK, ATE0, AT+CMEE=1."""
+        """Session start (docs/modem.md §6 item 3): AT until OK, ATE0, AT+CMEE=1.
+
+        ``close()`` restores what this changes. ATE has no query form, but a modem
+        echoes a command line as it reads it, before acting on it: the answer to our
+        ATE0 came back echoed exactly when echo was on. (Without an answer to ATE0,
+        the ``AT`` of the resynchronisation before it tells the same.)"""
         if not self.resync(tries=5, deadline=min(self.timeout, 1.5)):
             raise TimeoutError_(f"no answer to AT on {self.device} (5 tries): is this the modem's AT port? "
                                 "(QMI, diag and NMEA ports stay silent)", code="modem_not_responding")
-        self.try_command("ATE0")
+        r = self.try_command("ATE0")
+        self._echo_before = r.echoed if r is not None else self._resync_echoed
         # Remember the error-report mode to restore it on close: other tools that share
         # the port (lpac's AT driver) treat only OK/ERROR as final and would hang on the
         # "+CME ERROR" we switch on.
@@ -605,11 +653,23 @@ class AtPort:
         self.try_command("AT+CMEE=1")
 
     # --- life cycle ---------------------------------------------------------------
+    def _restore_settings(self) -> None:
+        """Put back what start() changed: the AT+CMEE mode, then echo (ATE1 if it was on)."""
+        cmee, echo = self._cmee_before, self._echo_before
+        self._cmee_before = self._echo_before = None
+        todo = ([f"AT+CMEE={cmee}"] if cmee not in (None, "1") else []) + (["ATE1"] if echo else [])
+        for cmd in todo:
+            if self.dead:                 # not answering (or gone): nothing left to restore
+                return
+            try:
+                self.try_command(cmd, timeout=0.5)
+            except AgentError as e:       # the port went away meanwhile (or a cancel): close anyway
+                log.debug("not restoring %s: %s", cmd, e)
+                return
+
     def close(self) -> None:
-        restore = self._cmee_before
-        if self._ser is not None and restore not in (None, "1"):
-            self._cmee_before = None
-            self.try_command(f"AT+CMEE={restore}", timeout=0.5)
+        if self._ser is not None:
+            self._restore_settings()
         ser, self._ser = self._ser, None
         if ser is not None:
             try:
@@ -631,7 +691,7 @@ class AtPort:
         self.close()
 
 
-# --------------------------------------------------------------------------- identity reads (modem.md §4)
+# --------------------------------------------------------------------------- identity reads (docs/modem.md §4)
 
 @dataclass
 class ModemInfo:

@@ -1,4 +1,4 @@
-"""APDUs over AT+CCHO / AT+CGLA / AT+CCHC (TS 27.007 §8.45, §8.43, §8.46; modem.md §1).
+"""APDUs over AT+CCHO / AT+CGLA / AT+CCHC (TS 27.007 §8.45, §8.43, §8.46; docs/modem.md §1.2).
 
 The modem opens the logical channel itself (MANAGE CHANNEL + SELECT) and
 hands back a *session id*. That id is an opaque string — a Sierra MC7455
@@ -72,7 +72,7 @@ class CglaTransport(CsimTransport):
             raise
         except ModemError as e:
             # comma/lpac experience: any CCHO error on the ISD-R AID means "not here"
-            # (modem.md §2 "Non-eUICC detection"). 6A88 lets the caller try another AID.
+            # (docs/modem.md §2.5). 6A88 lets the caller try another AID.
             raise StatusWordError(0x6A88, f"the modem could not open a logical channel to {aid.hex().upper()}: "
                                   f"{e.message} (no such application on the card, or this modem's AT+CCHO "
                                   "does not work: try --transport csim)", code="channel_open_refused") from None

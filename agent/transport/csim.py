@@ -1,4 +1,4 @@
-"""APDUs over AT+CSIM (TS 27.007 §8.17; modem.md §1 "MANAGE CHANNEL over AT+CSIM").
+"""APDUs over AT+CSIM (TS 27.007 §8.17; docs/modem.md §1.1).
 
 ``AT+CSIM=<len>,"<hex>"`` carries any APDU on any channel, so logical
 channels are opened with real MANAGE CHANNEL and SELECT APDUs (the shared
@@ -118,7 +118,7 @@ class CsimTransport:
 
     # --- extras -------------------------------------------------------------------
     def modem_info(self) -> ModemInfo:
-        """IMEI, active ICCID, manufacturer, model, revision (modem.md §4)."""
+        """IMEI, active ICCID, manufacturer, model, revision (docs/modem.md §4)."""
         self._check_open()
         return read_modem_info(self.port, self.manufacturer, self.model)
 
@@ -128,7 +128,7 @@ class CsimTransport:
 
     def send_terminal_capability(self) -> None:
         """TERMINAL CAPABILITY with eUICC support (LPM + profile download) on the
-        basic channel, for modems that do not send it themselves (modem.md §4).
+        basic channel, for modems that do not send it themselves (docs/modem.md §4).
         Best effort: a refusal is logged, not raised."""
         apdu = quirks_mod.TERMINAL_CAPABILITY_APDU
         try:
@@ -145,7 +145,7 @@ class CsimTransport:
         return self._csim(apdu, timeout)
 
     def _csim(self, apdu: bytes, timeout: float, *, resync: bool = True) -> bytes:
-        hx = apdu.hex().upper()     # always upper case (Qualcomm/Foxconn, modem.md §2)
+        hx = apdu.hex().upper()     # always upper case (Qualcomm/Foxconn, docs/modem.md §2.1)
         self.stats.apdus += 1
         r = self.port.command(f'AT+CSIM={len(hx)},"{hx}"', prefix="+CSIM:", bare="hex", timeout=timeout,
                               resync=resync)
@@ -202,7 +202,7 @@ class CsimTransport:
 
     def _recover(self, e: TimeoutError_) -> TimeoutError_:
         """After a time-out the port was re-synchronised by AtPort; re-open the
-        logical channel(s) so a daemon can carry on (modem.md §2 "Timeouts")."""
+        logical channel(s) so a daemon can carry on (docs/modem.md §2.3)."""
         msg = e.message
         if e.details.get("resynced") and self._channels:
             for ch, st in list(self._channels.items()):

@@ -1,4 +1,4 @@
-"""Open a modem's AT port as an ApduTransport (modem.md §6 items 2–3).
+"""Open a modem's AT port as an ApduTransport (docs/modem.md §6 items 2–3).
 
 1. open the port exclusively + lock file, ``AT`` until ``OK``, ``ATE0``, ``AT+CMEE=1``;
 2. read AT+CGMI / AT+CGMM and look up the quirks table, then apply forced quirks;
@@ -27,7 +27,7 @@ PROBE_DEADLINE = 2.0
 
 def open_transport(device: str, *, transport: str = "auto", timeout: float = 10.0, long_timeout: float = 300.0,
                    quirks: dict | None = None, trace: Trace | None = None, baud: int = 115200,
-                   lock_dir: str | None = None):
+                   lock_dir: str | None = None, lock: bool = True):
     """The modem at ``device`` as an ApduTransport (CsimTransport or CglaTransport).
 
     Raises TransportError (``device_not_found``, ``port_lost`` ...), PortBusyError,
@@ -38,7 +38,7 @@ def open_transport(device: str, *, transport: str = "auto", timeout: float = 10.
     if not timeout or timeout <= 0 or not long_timeout or long_timeout <= 0:
         raise UsageError("timeouts must be positive numbers of seconds", code="bad_timeout")
     user_quirks = quirks_mod.normalise(quirks)          # validate before touching the port
-    port = AtPort(device, baud=baud or 115200, timeout=timeout, trace=trace, lock_dir=lock_dir)
+    port = AtPort(device, baud=baud or 115200, timeout=timeout, trace=trace, lock_dir=lock_dir, lock=lock)
     try:
         port.start()
         manufacturer = port.query("AT+CGMI", "+CGMI:")

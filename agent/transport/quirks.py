@@ -1,4 +1,4 @@
-"""Per-modem behaviour knobs ("quirks"), modem.md §1 table and §2.
+"""Per-modem behaviour knobs ("quirks"), docs/modem.md §1.5 and §2.
 
 Modems interpret TS 27.007 differently; rather than sprinkling model checks
 through the AT code, every deviation is a named quirk. The effective quirks
@@ -24,13 +24,13 @@ DEFAULTS: dict = {
     # prefixed line came, and remember that the modem does this.
     "no_prefix": None,
     # "=?" test commands answer ERROR or nothing although the real command works
-    # (Fibocom FG132-GL, Quectel EM05-G; modem.md §1): skip the probe, try the real command.
+    # (Fibocom FG132-GL, Quectel EM05-G; docs/modem.md §1.3): skip the probe, try the real command.
     "no_test_forms": False,
     # Qualcomm/Foxconn firmware rejects lower-case hex (lpac#428). We always send
     # upper case; kept so the table documents it.
     "uppercase_hex": True,
     # Put the AT+CCHO session id into the CLA channel bits when it is 1..19
-    # (Quectel EG25 accepts/needs 81..; modem.md §1 "Recommendation").
+    # (Quectel EG25 accepts/needs 81..; docs/modem.md §1.2).
     # None = auto (small integer ids go to CLA, opaque handles give channel 0),
     # True = always when it is 1..19, False = never (channel bits 0, the MT patches CLA).
     "cgla_channel_in_cla": None,
@@ -42,17 +42,22 @@ DEFAULTS: dict = {
     # The APDU layer sizes STORE DATA blocks from it.
     "max_apdu": None,
     # Send TERMINAL CAPABILITY (eUICC: LPM + profile download, ETSI TS 102 221
-    # §11.1.19.2.4) once after opening, for modems that do not (modem.md §4).
+    # §11.1.19.2.4) once after opening, for modems that do not (docs/modem.md §4).
     "terminal_capability": False,
+    # After a profile switch the modem does not re-read the SIM by itself: cycle
+    # AT+CFUN=0 / AT+CFUN=1 (Quectel EG916Q without a SIM-detect pin; docs/modem.md §3).
+    # CFUN=0 can make a USB modem re-enumerate: the agent waits for the port to come back.
+    "cfun_after_switch": False,
 }
 
 #: (manufacturer regex, model regex, quirks) — matched case-insensitively
-#: against AT+CGMI / AT+CGMM. Sources: modem.md §1 table.
+#: against AT+CGMI / AT+CGMM. Sources: docs/modem.md §1.5.
 TABLE: list[tuple[str, str, dict]] = [
     (r"fibocom", r"fm350", {"no_prefix": True, "no_test_forms": True}),
     (r"fibocom", r"fg132", {"no_test_forms": True}),
     (r"quectel", r"em05", {"no_test_forms": True}),
     (r"quectel", r"eg25|ec2[05]|eg9[15]|eg916", {"cgla_channel_in_cla": True}),
+    (r"quectel", r"eg916", {"cfun_after_switch": True}),
     (r"quectel", r"ec800g", {"max_get_response": 8}),
     (r"foxconn|qualcomm|dell", r".*", {"uppercase_hex": True}),
     (r"sierra", r"mc7455", {"cgla_channel_in_cla": False}),

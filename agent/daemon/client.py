@@ -1,0 +1,129 @@
+"""The CLI's side of the daemon's socket: when a daemon answers, commands become
+jobs in its queue (it owns the modem), with the same output and exit codes."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+
+from ..errors import AgentError, TransportError
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("agent", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self._path)
+        except BaseException:
+            s.close()
+            raise
+        self.sock = s
+
+
+def socket_path(cfg) -> str:
+    return getattr(cfg, "socket", None) or "/run/esim-agent/agent.sock"
+
+
+def daemon_answers(cfg) -> bool:
+    """A daemon listens on the configured socket (a file left by a killed one does not count)."""
+    import os
+    path = socket_path(cfg)
+    if not os.path.exists(path):
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class DaemonLost(TransportError):
+    code = "daemon_lost"
+
+
+class DaemonClient:
+    def __init__(self, path: str, timeout: float = 30.0):
+        self.path = path
+        self.timeout = timeout
+
+    @classmethod
+    def for_config(cls, cfg) -> "DaemonClient":
+        return cls(socket_path(cfg))
+
+    def request(self, method: str, url: str, body: dict | None = None, *, timeout: float | None = None) -> tuple[int, dict]:
+        conn = _UnixConnection(self.path, timeout or self.timeout)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            conn.request(method, url, body=data,
+                         headers={"Content-Type": "application/json"} if data is not None else {})
+            resp = conn.getresponse()
+            raw = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise DaemonLost(f"the esim-agent daemon on {self.path} went away ({e}); check "
+                             "`systemctl status esim-agent` (its jobs resume when it restarts)") from None
+        finally:
+            conn.close()
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise DaemonLost(f"the daemon on {self.path} answered something that is not JSON") from None
+        return resp.status, doc
+
+    def _data(self, status: int, doc: dict) -> dict:
+        if doc.get("ok"):
+            return doc.get("data") or {}
+        err = doc.get("error") or {}
+        raise AgentError(err.get("message", f"the daemon answered HTTP {status}"),
+                         code=err.get("code", "daemon_error"), details=err.get("details"))
+
+    def status(self) -> dict:
+        return self._data(*self.request("GET", "/status"))
+
+    def submit(self, op: str, params: dict, device: str | None = None) -> dict:
+        return self._data(*self.request("POST", "/jobs", {"op": op, "params": params, "device": device}))
+
+    def run(self, op: str, params: dict, *, cancel=None, device: str | None = None, info=None,
+            direct_fallback=None) -> dict:
+        """Submit ``op`` as a job and wait for its end; Ctrl-C/SIGTERM asks the daemon to
+        cancel it and waits for that. Returns the job's data or raises its error."""
+        try:
+            job = self.submit(op, params, device)["job"]
+        except AgentError as e:
+            if e.code == "other_device" and direct_fallback is not None:
+                return direct_fallback()
+            raise
+        jid = job["id"]
+        asked_cancel = False
+        while True:
+            if cancel is not None and cancel.cancelled and not asked_cancel:
+                asked_cancel = True
+                try:
+                    self.request("POST", f"/jobs/{jid}/cancel", {})
+                except AgentError:
+                    pass
+            status, doc = self.request("GET", f"/jobs/{jid}?wait=1&full=1", timeout=10.0)
+            job = self._data(status, doc)["job"]
+            if job["state"] not in ("queued", "running"):
+                break
+            if cancel is None:
+                time.sleep(0.05)
+        if job["state"] == "done":
+            return job.get("result") or {}
+        if job["state"] == "cancelled" and asked_cancel:
+            from ..cancel import Cancelled
+            raise Cancelled(cancel.reason or "cancelled", f"job {jid} was stopped by the daemon")
+        err = dict(job.get("error") or {"code": "job_failed", "message": f"job {jid} ended {job['state']}"})
+        e = AgentError(err.get("message", ""), code=err.get("code", "job_failed"), details=err.get("details"))
+        if "exit_code" in err:
+            e.exit_code = err["exit_code"]
+        raise e

@@ -1,0 +1,461 @@
+"""`esim-agent daemon`: the gateway service (systemd Type=notify, runs in the foreground).
+
+What it does, and why it is split the way it is:
+* holds the modem port's lock for its whole life, so no other tool (nor a
+  technician's `esim-agent --direct`) interleaves commands with it; the CLI talks
+  to it through its socket instead (server.py);
+* keeps the job journal (journal.py): every operation is a job, recorded
+  before it runs; at start-up the jobs a crash left open are queued again and
+  the card worker reconciles them with the eUICC and the SM-DP+;
+* runs jobs one at a time in the card worker process (worker.py), started when
+  there is work and gone when idle, so the idle service stays small;
+* discovery: at start-up, every ``discovery_interval`` and on `esim-agent sync`,
+  a ``sync`` job asks the default SM-DP+ whether a profile waits for this eUICC;
+* retries notifications left in the outbox with back-off, and delivers reports
+  to ``report_url`` (report.py);
+* tells systemd READY=1, STATUS= and WATCHDOG=1 (sdnotify.py).
+
+Logs: one ``key=value`` line per event on stdout (journald); no secrets.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from ..errors import AgentError, TransportError, UsageError
+from .server import HttpError, UnixHttpServer, socket_in_use
+
+log = logging.getLogger("esim-agent.daemon")
+
+VERSION = "0.3.0"
+RECENT_JOBS = 20
+JOB_KINDS = {"chip.info", "chip.set_default_dp", "chip.reset", "profile.list", "profile.enable", "profile.disable",
+             "profile.delete", "profile.nickname", "profile.download", "notification.list", "notification.remove",
+             "notification.process", "sync"}
+
+
+def kv(event: str, **fields) -> str:
+    """One structured log line: event=NAME key=value … (values with spaces quoted)."""
+    parts = [f"event={event}"]
+    for k, v in fields.items():
+        if v is None:
+            continue
+        s = str(v)
+        if not s or any(c in s for c in ' "=\n\t'):
+            s = json.dumps(s)
+        parts.append(f"{k}={s}")
+    return " ".join(parts)
+
+
+def emit(event: str, level: int = logging.INFO, **fields) -> None:
+    log.log(level, "%s", kv(event, **fields))
+
+
+class Daemon:
+    def __init__(self, cfg, *, config_path: str | None = None, verbose: int = 0, worker_idle: float | None = None):
+        from .. import config as config_mod
+        from ..journal import Journal
+        self.cfg = cfg
+        self.config_path = config_path
+        self.verbose = verbose
+        self.worker_idle = worker_idle
+        self.started = time.time()
+        self.state_dir = config_mod.state_dir(cfg)
+        self.journal = Journal(self.state_dir)
+        self.lock = threading.Condition()
+        self.stop_reason: str | None = None
+        self.worker: subprocess.Popen | None = None
+        self.worker_busy: str | None = None        # job id being run
+        self.sent_to_worker: set[str] = set()
+        self.snapshot: dict = {}
+        self.port_lock = None
+        self.locked_path: str | None = None
+        self.next_discovery = 0.0
+        self.notif_failures = 0
+        self.next_notifications: float | None = None
+        self.reporter = None
+        self.server: UnixHttpServer | None = None
+
+    # --- start-up -----------------------------------------------------------------
+    def take_port(self) -> None:
+        """The port's lock file for the daemon's life: other esim-agent processes see the port busy."""
+        from ..transport.at import PortLock
+        dev = self.cfg.device
+        if not dev:
+            raise UsageError(f"config {self.cfg.source or '(none)'}: device is not set: the daemon needs the "
+                             "modem's AT port", code="config_invalid")
+        if not os.path.exists(dev):
+            raise TransportError(f"modem port {dev} not found", code="device_not_found")
+        self.port_lock = PortLock(os.path.realpath(dev))
+        self.locked_path = os.path.realpath(dev)
+
+    def follow_port(self) -> None:
+        """A USB modem that re-enumerated (after AT+CFUN or a SIM reset) may come back as
+        another ttyUSBn behind the same /dev/serial/by-id link: lock that node instead."""
+        from ..transport.at import PortLock
+        dev = self.cfg.device
+        real = os.path.realpath(dev)
+        if self.port_lock is None or real == self.locked_path or not os.path.exists(real):
+            return
+        try:
+            new = PortLock(real)
+        except AgentError as e:
+            emit("port_lock_failed", logging.WARNING, device=dev, node=real, error=e.message)
+            return
+        self.port_lock.release()
+        self.port_lock, self.locked_path = new, real
+        emit("port_moved", device=dev, node=real)
+
+    def recover(self) -> None:
+        """Jobs a crash (or a stop) left running go back to the queue; the worker
+        reconciles them with the card and the SM-DP+ before anything else."""
+        for job in self.journal.jobs(states=("running",), limit=1000):
+            emit("job_recovered", job=job.id, kind=job.kind, step=job.step)
+            self.journal.requeue(job.id, dt.datetime.now(dt.timezone.utc), job.error)
+
+    def open_socket(self) -> None:
+        path = self.cfg.socket
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if os.path.exists(path):
+            if socket_in_use(path):
+                raise UsageError(f"another esim-agent daemon answers on {path}", code="daemon_running")
+            os.unlink(path)         # left by a killed daemon
+        old = os.umask(0o117)       # the socket is born 0660 (no window with wider access)
+        try:
+            self.server = UnixHttpServer(path, self)
+        finally:
+            os.umask(old)
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 3600}, daemon=True,
+                         name="socket").start()
+
+    # --- the worker ---------------------------------------------------------------------
+    def _worker_cmd(self) -> list[str]:
+        cmd = [sys.executable, "-m", "agent.daemon.worker"]
+        if self.config_path:
+            cmd += ["--config", os.path.abspath(self.config_path)]
+        if self.worker_idle is not None:
+            cmd += ["--idle-exit", str(self.worker_idle)]
+        if self.verbose:
+            cmd.append("-v")
+        return cmd
+
+    def _ensure_worker(self) -> subprocess.Popen:
+        if self.worker is not None and self.worker.poll() is None:
+            return self.worker
+        env = dict(os.environ)
+        env["ESIM_AGENT_STATE_DIR"] = str(self.state_dir)
+        self.worker = subprocess.Popen(self._worker_cmd(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       text=True, bufsize=1, env=env)
+        self.sent_to_worker.clear()
+        self.worker_busy = None
+        emit("worker_started", pid=self.worker.pid)
+        threading.Thread(target=self._read_worker, args=(self.worker,), daemon=True, name="worker-out").start()
+        return self.worker
+
+    def _read_worker(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            ev = msg.get("event")
+            with self.lock:
+                if ev == "started":
+                    self.worker_busy = msg["job"]
+                    emit("job_started", job=msg["job"])
+                elif ev == "finished":
+                    self.worker_busy = None
+                    self.sent_to_worker.discard(msg["job"])
+                    self._job_finished(msg["job"])
+                elif ev == "snapshot":
+                    self.snapshot = msg.get("data") or {}
+                    self._after_snapshot()
+                    self.follow_port()
+                self.lock.notify_all()
+        proc.wait()
+        with self.lock:
+            if self.worker is proc:
+                if self.worker_busy:
+                    # The worker died mid-job (a bug, or killed): the job is reconciled on the next run.
+                    emit("worker_died", logging.WARNING, job=self.worker_busy, rc=proc.returncode)
+                    job = self.journal.get(self.worker_busy)
+                    if job is not None and job.state == "running":
+                        self.journal.requeue(job.id, dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=5),
+                                             {"code": "worker_died", "message": f"card worker exited {proc.returncode}"})
+                self.worker, self.worker_busy = None, None
+                self.sent_to_worker.clear()
+                emit("worker_stopped", rc=proc.returncode)
+            self.lock.notify_all()
+
+    def _job_finished(self, jid: str) -> None:
+        job = self.journal.get(jid)
+        if job is None:
+            return
+        fields = {"job": jid, "kind": job.kind, "state": job.state}
+        if job.error:
+            fields["error"] = job.error.get("code")
+        emit("job_finished", logging.WARNING if job.state in ("failed", "rolled_back") else logging.INFO, **fields)
+        if job.state in ("done", "failed", "rolled_back", "cancelled") and self.reporter is not None \
+                and job.kind not in ("chip.info", "profile.list", "notification.list"):
+            self.reporter.queue_job(job, self.snapshot)
+        if job.kind == "sync" and job.state == "done" and isinstance(job.result, dict):
+            if job.result.get("outcome") == "nothing_waiting":
+                emit("discovery", outcome="nothing_waiting", smdp=job.result.get("smdp_address"))
+        if job.kind == "notification.process":
+            if job.state == "done" and not any(n.get("status") == "failed"
+                                               for n in (job.result or {}).get("notifications", [])):
+                self.notif_failures = 0
+            else:
+                self.notif_failures += 1
+
+    def _after_snapshot(self) -> None:
+        pending = self.snapshot.get("outbox_pending") or 0
+        if pending and self.next_notifications is None:
+            from .worker import backoff
+            delay = backoff(self.notif_failures + 1) if self.notif_failures else 30.0
+            self.next_notifications = time.monotonic() + delay
+            emit("notifications_waiting", count=pending, retry_in_s=round(delay))
+        elif not pending:
+            self.next_notifications = None
+            self.notif_failures = 0
+
+    # --- jobs ---------------------------------------------------------------------------
+    def submit(self, kind: str, params: dict, source: str):
+        if kind not in JOB_KINDS:
+            raise HttpError(400, "unknown_operation", f"unknown operation {kind!r}")
+        job = self.journal.create(kind, params, source=source)
+        emit("job_queued", job=job.id, kind=kind, source=source)
+        with self.lock:
+            self.lock.notify_all()
+        return job
+
+    def _open_of_kind(self, kind: str) -> bool:
+        return any(j.kind == kind for j in self.journal.jobs(states=("queued", "running")))
+
+    def _dispatch(self) -> float | None:
+        """Hand the next due job to the worker. Returns seconds until a queued job becomes due."""
+        if self.stop_reason:
+            return None
+        if self.worker_busy or (self.sent_to_worker and self.worker is not None and self.worker.poll() is None):
+            return None
+        job, later = self.journal.next_due()
+        if job is None:
+            if later is None:
+                return None
+            t = dt.datetime.fromisoformat(later)
+            return max(0.1, (t - dt.datetime.now(dt.timezone.utc)).total_seconds())
+        w = self._ensure_worker()
+        try:
+            w.stdin.write(json.dumps({"run": job.id}) + "\n")
+            w.stdin.flush()
+            self.sent_to_worker.add(job.id)
+        except (BrokenPipeError, OSError):
+            pass
+        return None
+
+    def cancel(self, jid: str) -> None:
+        job = self.journal.get(jid)
+        if job is None:
+            raise HttpError(404, "unknown_job", f"no job {jid}")
+        if job.state == "queued" and jid not in self.sent_to_worker:
+            self.journal.finish(jid, "cancelled", error={"code": "cancelled", "message": "cancelled on request",
+                                                         "exit_code": 1})
+            return
+        if self.worker is not None and self.worker.poll() is None:
+            try:
+                self.worker.stdin.write(json.dumps({"cancel": jid}) + "\n")
+                self.worker.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass
+
+    # --- the socket API ---------------------------------------------------------------------
+    def handle(self, method: str, parts: list[str], query: dict, body: dict):
+        if method == "GET" and parts == ["status"]:
+            return 200, self.status()
+        if method == "GET" and parts == ["jobs"]:
+            return 200, {"jobs": [j.to_json() for j in self.journal.jobs(limit=RECENT_JOBS)]}
+        if method == "GET" and len(parts) == 2 and parts[0] == "jobs":
+            wait = min(float(query.get("wait") or 0), 30.0)
+            end = time.monotonic() + wait
+            with self.lock:
+                while True:
+                    job = self.journal.get(parts[1])
+                    if job is None:
+                        raise HttpError(404, "unknown_job", f"no job {parts[1]}")
+                    left = end - time.monotonic()
+                    if not job.open or left <= 0:
+                        break
+                    self.lock.wait(left)
+            return 200, {"job": job.to_json(full=bool(query.get("full")))}
+        if method == "POST" and parts == ["jobs"]:
+            op, params = body.get("op"), body.get("params") or {}
+            if not isinstance(params, dict):
+                raise HttpError(400, "bad_request", "params must be an object")
+            dev = body.get("device")
+            if dev and os.path.realpath(dev) != os.path.realpath(self.cfg.device or ""):
+                raise HttpError(409, "other_device", f"this daemon owns {self.cfg.device}, not {dev}")
+            return 202, {"job": self.submit(op, params, "cli").to_json()}
+        if method == "POST" and len(parts) == 3 and parts[0] == "jobs" and parts[2] == "cancel":
+            self.cancel(parts[1])
+            return 202, {"job": self.journal.get(parts[1]).to_json()}
+        if method == "POST" and parts == ["downloads"]:
+            ac = body.get("activation_code")
+            if not isinstance(ac, str) or not ac:
+                raise HttpError(400, "ac_missing", "activation_code (a string LPA:1$…) is required")
+            from ..ac import parse_activation_code
+            try:
+                parse_activation_code(ac.strip())
+            except AgentError as e:
+                raise HttpError(400, e.code, e.message) from None
+            params = {"activation_code": ac.strip(), "yes": True}
+            if body.get("confirmation_code"):
+                params["confirmation_code"] = str(body["confirmation_code"])
+            return 202, {"job": self.submit("profile.download", params, "api").to_json()}
+        if method == "POST" and parts == ["sync"]:
+            return 202, {"job": self.submit("sync", {}, "api").to_json()}
+        raise HttpError(404, "not_found", f"no endpoint {method} /{'/'.join(parts)}")
+
+    def status(self) -> dict:
+        snap = dict(self.snapshot)
+        jobs = self.journal.jobs(limit=RECENT_JOBS)
+        open_jobs = self.journal.jobs(states=("queued", "running"), limit=100)
+        seen = {j.id for j in jobs}
+        listed = [j.to_json() for j in open_jobs if j.id not in seen] + [j.to_json() for j in jobs]
+        outbox = {}
+        try:
+            from ..store import Outbox
+            with Outbox(self.journal.path) as ob:
+                outbox = {"pending": len(ob.pending()), "delivered": len(ob.list(status="removed"))
+                          + len(ob.list(status="sent"))}
+        except AgentError:
+            pass
+        return {
+            "daemon": {"pid": os.getpid(), "version": VERSION, "uptime_s": round(time.time() - self.started, 1),
+                       "socket": self.cfg.socket, "state_dir": str(self.state_dir), "config": self.cfg.source,
+                       "worker_pid": self.worker.pid if self.worker is not None and self.worker.poll() is None
+                       else None},
+            "modem": ({**(snap.get("modem") or {}), "device": self.cfg.device, "transport": snap.get("transport")}
+                      if snap else {"device": self.cfg.device}),
+            "euicc": {"eid": snap.get("eid"), "free_nvm": snap.get("free_nvm")} if snap else None,
+            "profiles": snap.get("profiles"),
+            "enabled_iccid": next((p["iccid"] for p in snap.get("profiles") or [] if p.get("state") == "enabled"),
+                                  None),
+            "registration": snap.get("registration"),
+            "snapshot_age_s": round(time.time() - snap["at"], 1) if snap.get("at") else None,
+            "jobs": listed,
+            "job_counts": self.journal.counts(),
+            "outbox": outbox,
+            "reports": self.journal.report_counts(),
+        }
+
+    # --- the main loop -------------------------------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        with self.lock:
+            if not self.stop_reason:
+                self.stop_reason = reason
+            self.lock.notify_all()
+
+    def run(self) -> int:
+        from .. import sdnotify
+        self.take_port()
+        self.journal.prune()
+        self.recover()
+        self.open_socket()
+        if self.cfg.report_url:
+            from .report import Reporter
+            self.reporter = Reporter(self.cfg, self.journal)
+            self.reporter.start()
+        emit("started", pid=os.getpid(), version=VERSION, device=self.cfg.device, socket=self.cfg.socket,
+             state_dir=self.state_dir)
+        sdnotify.ready(f"idle; modem {self.cfg.device}")
+        wd = sdnotify.watchdog_interval()
+        next_wd = time.monotonic() + wd if wd else None
+        # Discovery at start-up, then every discovery_interval (0: only at start-up and on `sync`).
+        self.next_discovery = time.monotonic()
+        last_status = None
+        with self.lock:
+            while not self.stop_reason:
+                now = time.monotonic()
+                if self.next_discovery is not None and now >= self.next_discovery:
+                    if not self._open_of_kind("sync"):
+                        self.journal.create("sync", {}, source="discovery")
+                    iv = float(self.cfg.discovery_interval or 0)
+                    self.next_discovery = now + iv if iv > 0 else None
+                if self.next_notifications is not None and now >= self.next_notifications:
+                    self.next_notifications = None
+                    if not self._open_of_kind("notification.process"):
+                        self.journal.create("notification.process", {}, source="outbox")
+                due_in = self._dispatch()
+                if next_wd is not None and now >= next_wd:
+                    sdnotify.watchdog()
+                    next_wd = now + wd
+                st = f"busy: job {self.worker_busy}" if self.worker_busy else "idle"
+                if st != last_status:
+                    sdnotify.status(st)
+                    last_status = st
+                waits = [t - now for t in (self.next_discovery, self.next_notifications, next_wd) if t is not None]
+                if due_in is not None:
+                    waits.append(due_in)
+                self.lock.wait(max(0.05, min(waits)) if waits else None)
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        from .. import sdnotify
+        sdnotify.stopping()
+        emit("stopping", reason=self.stop_reason)
+        w = self.worker
+        if w is not None and w.poll() is None:
+            try:
+                w.stdin.write(json.dumps({"stop": True, "reason": "terminated"}) + "\n")
+                w.stdin.flush()
+                w.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
+            try:
+                w.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
+        if self.reporter is not None:
+            self.reporter.stop()
+        if self.server is not None:
+            # No shutdown(): serve_forever polls once an hour (an idle daemon does not spin);
+            # closing the listening socket is enough, its thread is a daemon thread.
+            self.server.server_close()
+        if self.port_lock is not None:
+            self.port_lock.release()
+        self.journal.close()
+        emit("stopped")
+        return 0
+
+
+def run_daemon(cfg, *, verbose: int = 0) -> int:
+    """Entry point of `esim-agent daemon`: exit 2 on a bad config (refuses to start)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    level = logging.DEBUG if verbose or getattr(cfg, "log_level", "info") == "debug" else logging.INFO
+    root.setLevel(level)
+    _validate(cfg)
+    d = Daemon(cfg, config_path=cfg.source, verbose=verbose)
+    signal.signal(signal.SIGTERM, lambda *_: d.request_stop("terminated"))
+    signal.signal(signal.SIGINT, lambda *_: d.request_stop("interrupted"))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return d.run()
+
+
+def _validate(cfg) -> None:
+    where = cfg.source or "(no config file)"
+    if not cfg.device:
+        raise UsageError(f"config {where}: device is not set (the modem's AT port, e.g. "
+                         "/dev/serial/by-id/usb-…-if02-port0)", code="config_invalid")
+    if not getattr(cfg, "socket", None):
+        raise UsageError(f"config {where}: socket is empty", code="config_invalid")

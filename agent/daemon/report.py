@@ -1,0 +1,136 @@
+"""Report-back: after each job, a JSON report to the operator's ``report_url``.
+
+The report (EID, IMEI, enabled ICCID, profile list, job id/kind/outcome/error,
+timestamps) is written to the journal's ``reports`` table first, then POSTed
+with ``Authorization: Bearer <report_token>`` over verified TLS; it stays
+queued until a 2xx answer, retried with exponential back-off and jitter. The
+``Idempotency-Key`` header carries the report's id, so a delivery repeated
+after a lost answer or a crash is harmless to the receiver.
+
+Plain http.client + ssl on purpose: the daemon process stays small (the
+requests stack lives only in the card worker).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+import logging
+import ssl
+import threading
+import time
+from urllib.parse import urlsplit
+
+from .main import emit
+
+log = logging.getLogger("esim-agent.daemon")
+
+
+def report_body(job, snap: dict) -> dict:
+    profiles = snap.get("profiles") or []
+    err = dict(job.error) if job.error else None
+    if err:
+        err.pop("details", None)
+    return {
+        "eid": snap.get("eid"),
+        "imei": (snap.get("modem") or {}).get("imei"),
+        "enabled_iccid": next((p.get("iccid") for p in profiles if p.get("state") == "enabled"), None),
+        "profiles": [{"iccid": p.get("iccid"), "state": p.get("state"), "profile_name": p.get("profile_name"),
+                      "service_provider_name": p.get("service_provider_name")} for p in profiles],
+        "job": {"id": job.id, "kind": job.kind, "source": job.source, "outcome": job.state, "error": err,
+                "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at},
+        "reported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+    }
+
+
+class Reporter:
+    def __init__(self, cfg, journal, *, timeout: float | None = None):
+        self.url = cfg.report_url
+        self.token = cfg.report_token
+        self.insecure_http = bool(getattr(cfg, "report_insecure_http", False))
+        self.ca = getattr(cfg, "report_ca", None)
+        self.timeout = float(timeout or getattr(cfg, "http_timeout", 30) or 30)
+        self.journal = journal
+        self.failures = 0
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def queue_job(self, job, snap: dict) -> str:
+        rid = self.journal.add_report(job.id, report_body(job, snap))
+        self._wake.set()
+        return rid
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="reports")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout + 1)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            wait = self.deliver_due()
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def deliver_due(self) -> float | None:
+        """Send what is due; returns seconds until the next try (None: nothing waiting)."""
+        from .worker import backoff
+        for r in self.journal.due_reports():
+            if self._stop:
+                return None
+            try:
+                self.post(r["id"], r["body"])
+            except ReportError as e:
+                self.failures += 1
+                delay = backoff(r["attempts"] + 1)
+                self.journal.report_failed(r["id"], str(e), dt.datetime.now(dt.timezone.utc)
+                                           + dt.timedelta(seconds=delay))
+                emit("report_failed", logging.WARNING, report=r["id"], job=r["job_id"], error=str(e),
+                     retry_in_s=round(delay))
+                break       # keep the order: later reports wait for this one
+            self.journal.report_delivered(r["id"])
+            self.failures = 0
+            emit("report_delivered", report=r["id"], job=r["job_id"])
+        t = self.journal.next_report_time()
+        if t is None:
+            return None
+        return max(0.5, (dt.datetime.fromisoformat(t) - dt.datetime.now(dt.timezone.utc)).total_seconds())
+
+    def post(self, rid: str, body: dict) -> None:
+        u = urlsplit(self.url)
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", "Idempotency-Key": rid,
+                   "User-Agent": "esim-agent"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        start = time.monotonic()
+        try:
+            if u.scheme == "https":
+                ctx = ssl.create_default_context(cafile=self.ca) if self.ca else ssl.create_default_context()
+                conn = http.client.HTTPSConnection(u.hostname, u.port or 443, timeout=self.timeout, context=ctx)
+            elif u.scheme == "http" and self.insecure_http:
+                conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=self.timeout)
+            else:
+                raise ReportError(f"report_url {self.url!r} is not https:// (plain HTTP needs report_insecure_http)")
+            try:
+                conn.request("POST", (u.path or "/") + (f"?{u.query}" if u.query else ""), body=data,
+                             headers=headers)
+                resp = conn.getresponse()
+                resp.read(64 * 1024)
+            finally:
+                conn.close()
+        except ReportError:
+            raise
+        except (OSError, http.client.HTTPException, ssl.SSLError) as e:
+            raise ReportError(f"{u.hostname}: {type(e).__name__}: {e} after {time.monotonic() - start:.1f} s") from None
+        if not 200 <= resp.status < 300:
+            raise ReportError(f"{u.hostname} answered HTTP {resp.status}")
+
+
+class ReportError(Exception):
+    pass

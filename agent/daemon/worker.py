@@ -1,0 +1,317 @@
+"""The card worker: the one process that talks to the modem for the daemon.
+
+The daemon (main.py) stays small — socket, timers, journal, reports — and
+starts this worker when there is work, sending it job IDs on stdin, one JSON
+object a line (``{"run": ID}``, ``{"cancel": ID}``); it answers on stdout
+(``{"event": "started"|"finished"|"snapshot", ...}``). Jobs run one at a
+time, so jobs queue for the port. The worker exits when stdin closes or after
+it was idle for a while (the parsed ASN.1 modules, TLS and HTTP code cost tens
+of MB that an idle gateway should not hold), and dies with the daemon
+(PR_SET_PDEATHSIG): a killed daemon never leaves a worker holding the port.
+
+Job execution, with the journal as the source of truth:
+* ``start`` (attempts + 1) → recovery when the job ran before (a crash or a
+  stop): a download whose RSP session may still be open is cancelled on the
+  eUICC and at the SM-DP+ (reason postponed, so the order stays usable); then
+  the operation runs, reading ``seen()`` steps so nothing that already took
+  effect is done twice;
+* outcome: ``done`` / ``rolled_back`` / ``failed`` (with the error) /
+  ``cancelled``; a stop by SIGTERM or a transient failure of an unattended job
+  puts it back in the queue (the daemon adds back-off).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+
+log = logging.getLogger("esim-agent.worker")
+
+IDLE_EXIT_S = 15.0
+#: Unattended jobs are retried this many times on transient failures (network, modem).
+MAX_ATTEMPTS = 5
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG(SIGKILL): the kernel kills us when the daemon dies."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    except Exception:   # not Linux: stdin EOF still stops us
+        pass
+
+
+class Worker:
+    def __init__(self, cfg, *, out=sys.stdout, idle_exit: float = IDLE_EXIT_S):
+        from .. import config as config_mod
+        from ..journal import Journal
+        self.cfg = cfg
+        self.out = out
+        self.idle_exit = idle_exit
+        self.journal = Journal(config_mod.state_dir(cfg))
+        self.card = None
+        self.inbox: queue.Queue = queue.Queue()
+        self.current: tuple[str, object] | None = None      # (job id, CancelToken)
+        self.stopping: str | None = None
+        self._lock = threading.Lock()
+
+    # --- messages -------------------------------------------------------------------
+    def emit(self, **msg) -> None:
+        try:
+            self.out.write(json.dumps(msg, default=str) + "\n")
+            self.out.flush()
+        except (BrokenPipeError, ValueError):
+            self.stop("terminated")
+
+    def stop(self, reason: str = "terminated") -> None:
+        with self._lock:
+            self.stopping = reason
+            if self.current is not None:
+                self.current[1].cancel(reason)
+        self.inbox.put(None)
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            if self.current is not None and self.current[0] == job_id:
+                self.current[1].cancel("cancelled")
+
+    def read_stdin(self, stream=sys.stdin) -> None:
+        for line in stream:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if "run" in msg:
+                self.inbox.put(msg["run"])
+            elif "cancel" in msg:
+                self.cancel(msg["cancel"])
+            elif msg.get("stop"):
+                self.stop(msg.get("reason", "terminated"))
+        self.stop("terminated")     # the daemon went away
+
+    # --- the card ---------------------------------------------------------------------
+    def card_settings(self):
+        from ..ops.card import CardSettings
+        c = self.cfg
+        return CardSettings(device=c.device, transport=c.transport, timeout=c.timeout, long_timeout=c.long_timeout,
+                            segment_size=c.segment_size, baud=c.baud, aids=list(c.aids or []),
+                            quirks=dict(c.quirks or {}), lock=False).validate()
+
+    def ensure_card(self, token):
+        from ..ops.card import Card
+        if self.card is None or not self.card.is_open:
+            card = Card(self.card_settings(), cancel=token)
+            card.open()
+            self.card = card
+        else:
+            self.card.watch(token)
+        return self.card
+
+    def drop_card(self) -> None:
+        if self.card is not None:
+            try:
+                self.card.close()
+            except Exception as e:
+                log.debug("closing the card failed: %s", e)
+            self.card = None
+
+    # --- jobs -----------------------------------------------------------------------
+    def context(self, job, token):
+        from .. import config as config_mod
+        from ..journal import JournalSteps
+        from ..ops import Context, ServerSettings
+        c = self.cfg
+        return Context(servers=ServerSettings(config_ca=c.ca_bundle), state_dir=config_mod.state_dir(c),
+                       notifications=c.process_notifications, refresh=c.refresh,
+                       rollback_after=float(c.rollback_after), default_smdp=c.default_smdp,
+                       auto_enable=bool(c.auto_enable), cancel=token,
+                       steps=JournalSteps(self.journal, job.id),
+                       warn=lambda m: log.warning("job=%s warning=%s", job.id, json.dumps(m)))
+
+    def run_job(self, job_id: str) -> None:
+        from .. import ops
+        from ..cancel import CancelToken, Cancelled
+        from ..errors import AgentError, TransportError, UsageError
+        from ..ops.switch import RolledBack
+        job = self.journal.get(job_id)
+        if job is None or job.state != "queued":
+            return
+        token = CancelToken()
+        with self._lock:
+            if self.stopping:
+                return
+            self.current = (job_id, token)
+        resumed = job.attempts > 0
+        self.journal.start(job_id)
+        self.emit(event="started", job=job_id)
+        state, result, error = "failed", None, None
+        try:
+            card = self.ensure_card(token)
+            ctx = self.context(job, token)
+            if resumed and job.kind in ("profile.download", "sync"):
+                recover_download(ctx, card)
+            result = ops.run(job.kind, ctx, card, job.params)
+            state = "done"
+        except RolledBack as e:
+            state, error, result = "rolled_back", e.to_json(), e.details
+        except Cancelled as e:
+            error = e.to_json()
+            if e.reason == "terminated" and job.kind not in ops.READ_ONLY:
+                state = "requeue"       # the service is stopping: finish it on the next start
+            else:
+                state = "cancelled"
+        except AgentError as e:
+            error = e.to_json()
+            error["exit_code"] = e.exit_code
+            if isinstance(e, TransportError) or getattr(e, "exit_code", 1) == 3:
+                self.drop_card()        # reopen the port before the next job
+            transient = e.exit_code == 3 and not isinstance(e, UsageError)
+            if transient and job.source != "cli" and job.attempts + 1 < MAX_ATTEMPTS:
+                state = "requeue"
+        except Exception as e:   # a bug: the job fails with it, the worker lives on
+            log.exception("job %s: internal error", job_id)
+            error = {"code": "internal_error", "message": f"internal error: {type(e).__name__}: {e}"}
+            self.drop_card()
+        if error is not None and "exit_code" not in error:
+            error["exit_code"] = {"rolled_back": 1, "cancelled": _cancel_exit(error)}.get(state, 1)
+        with self._lock:
+            self.current = None
+        if state == "requeue":
+            import datetime as dt
+            # Stopped by the service manager: resume at the next start. Transient failure: back off.
+            delay = 0.0 if (error or {}).get("code") == "terminated" else backoff(job.attempts + 1)
+            self.journal.requeue(job_id, dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=delay), error)
+        else:
+            self.journal.finish(job_id, state, result=result, error=error)
+        self.snapshot()             # before "finished": the report of this job shows the state after it
+        self.emit(event="finished", job=job_id, state=state)
+
+    def snapshot(self) -> None:
+        """What `status` shows about the modem and the card, refreshed after every job."""
+        if self.card is None or not self.card.is_open or self.stopping:
+            return
+        from ..errors import AgentError
+        snap: dict = {"at": time.time()}
+        try:
+            card = self.card
+            snap["eid"] = card.eid
+            m = card.modem_info()
+            snap["modem"] = m.to_json() if m else None
+            snap["transport"] = getattr(card.transport, "name", None) or type(card.transport).__name__
+            snap["profiles"] = [p.to_json() for p in card.es10.get_profiles_info()]
+            try:
+                snap["free_nvm"] = card.es10.get_euicc_info2().free_nvm
+            except AgentError:
+                pass
+            if card.at_port is not None:
+                from ..network import query_registration
+                reg = query_registration(card.at_port)
+                snap["registration"] = reg.to_json() if reg else None
+        except AgentError as e:
+            snap["error"] = e.to_json()
+        except Exception as e:  # never let status reading kill the worker
+            snap["error"] = {"code": "internal_error", "message": str(e)}
+        try:
+            from ..store import Outbox
+            with Outbox(self.journal.path) as ob:
+                pend = ob.pending(snap.get("eid")) if snap.get("eid") else ob.pending()
+                snap["outbox_pending"] = len(pend)
+        except Exception:
+            pass
+        self.emit(event="snapshot", data=snap)
+
+    def loop(self) -> int:
+        last = time.monotonic()
+        while not self.stopping:
+            try:
+                item = self.inbox.get(timeout=1.0)
+            except queue.Empty:
+                if time.monotonic() - last > self.idle_exit:
+                    break
+                continue
+            if item is None:
+                break
+            self.run_job(item)
+            last = time.monotonic()
+        self.drop_card()
+        self.journal.close()
+        return 0
+
+
+def _cancel_exit(error: dict) -> int:
+    return {"interrupted": 130, "terminated": 143, "deadline_exceeded": 3}.get(error.get("code"), 1)
+
+
+def backoff(attempt: int, base: float = 30.0, cap: float = 3600.0) -> float:
+    """Exponential back-off with ±20 % jitter (a fleet coming back online must not
+    hit the servers in one wave)."""
+    import random
+    d = min(cap, base * (2 ** max(0, attempt - 1)))
+    return d * random.uniform(0.8, 1.2)
+
+
+def recover_download(ctx, card) -> None:
+    """A download job that ran before and did not finish: if its RSP session may still
+    be open, cancel it on the eUICC and at the SM-DP+ with reason postponed (SGP.22
+    §3.1.3 / §5.6.5), so the card holds no half session and the operator's order goes
+    back to available for the retry that follows. Best effort: a card that lost the
+    session answers invalidTransactionId and the server times its session out."""
+    from ..errors import AgentError
+    from ..flows.download import REASON_POSTPONED
+    steps = ctx.steps
+    auth = steps.seen("authenticating")
+    if auth is None or steps.seen("installed") is not None:
+        return
+    meta = steps.seen("metadata")
+    if meta is not None:
+        from ..ops.profiles import find_profile
+        if find_profile(card, meta["iccid"]) is not None:
+            return                      # installed before the crash: the operation's resume path reports it
+    txid = auth.get("transaction_id")
+    start = steps.seen("start") or {}
+    log.info("recovering download: cancelling transaction %s", txid)
+    steps.step("recover", transaction_id=txid)
+    try:
+        resp = card.es10.cancel_session(bytes.fromhex(txid), REASON_POSTPONED)
+    except AgentError as e:
+        log.info("the eUICC has no session %s any more (%s)", txid, e.message)
+        return
+    if not start.get("address"):
+        return
+    pool = ctx.servers.pool()
+    try:
+        pool(start["address"]).cancel_session(txid, resp)
+    except AgentError as e:
+        log.info("ES9+ cancelSession for %s failed: %s", txid, e.message)
+    finally:
+        pool.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .. import config
+    _die_with_parent()
+    p = argparse.ArgumentParser(prog="esim-agent-worker")
+    p.add_argument("--config")
+    p.add_argument("--idle-exit", type=float, default=IDLE_EXIT_S)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(message)s")
+    cfg = config.load(a.config)
+    w = Worker(cfg, idle_exit=a.idle_exit)
+    signal.signal(signal.SIGTERM, lambda *_: w.stop("terminated"))
+    signal.signal(signal.SIGINT, lambda *_: w.stop("interrupted"))
+    threading.Thread(target=w.read_stdin, daemon=True, name="stdin").start()
+    return w.loop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The operations layer: every user-visible operation as a function with plain
+arguments, called by the CLI (direct mode), the daemon's card worker, the demo
+and the benchmarks alike.
+
+An operation is ``op(ctx, card, **params) -> dict``: ``card`` is an open
+``Card``, ``params`` are JSON-able values (so a request over the daemon's
+socket carries them unchanged), the result is the ``data`` of the CLI's
+``--json`` envelope. Errors are ``AgentError``s. Nothing here parses
+command lines or prints.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..cancel import CancelToken
+from .card import Card, CardSettings  # noqa: F401 - re-exported
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSettings:
+    """Trust and deadlines for the HTTPS servers (SM-DP+)."""
+    ca: str | None = None               # --ca: trusted CI certificate(s)
+    config_ca: str | None = None        # ca_bundle from the config file
+    insecure_http: bool = False
+
+    def pool(self, ci_pkids=None):
+        from ..flows.notifications import ClientPool
+        return ClientPool(ca=self.ca, config_ca=self.config_ca, insecure_http=self.insecure_http, ci_pkids=ci_pkids)
+
+
+class Steps:
+    """Where an operation records its steps before it runs them. The daemon's job
+    journal implements it durably; direct CLI use records nothing."""
+
+    def step(self, name: str, **data: Any) -> None:
+        pass
+
+    def seen(self, name: str) -> dict | None:
+        """The data recorded with step ``name`` in an earlier run of the same job, if any."""
+        return None
+
+    def child(self, prefix: str) -> "Steps":
+        """Steps of a sub-operation (an enable inside a sync), kept apart by a name prefix."""
+        return Steps()
+
+
+@dataclass
+class Context:
+    servers: ServerSettings = field(default_factory=ServerSettings)
+    state_dir: Path | None = None
+    notifications: bool = True          # send the notifications an operation causes right away
+    refresh: bool = True                # refreshFlag for enable/disable
+    rollback_after: float = 420.0       # seconds to wait for network registration after a switch
+    registration_poll: float = 2.0
+    default_smdp: str | None = None     # `sync` asks this SM-DP+ instead of the eUICC's default
+    auto_enable: bool = False           # `sync` enables what it installed (checked switch)
+    cancel: CancelToken = field(default_factory=CancelToken)
+    steps: Steps = field(default_factory=Steps)
+    # For people: progress(step, done, total) and warnings. Both may be None.
+    progress: Callable[[str, int, int], None] | None = None
+    warn: Callable[[str], None] | None = None
+    # consent(metadata) -> bool, when the user must see the profile before it is installed.
+    consent: Callable[[Any], bool] | None = None
+    ask_confirmation_code: Callable[[], str | None] | None = None
+
+    def warning(self, msg: str) -> None:
+        if self.warn:
+            self.warn(msg)
+        else:
+            log.warning("%s", msg)
+
+    def outbox_path(self) -> Path:
+        from .. import config
+        from ..store import DB_NAME
+        return (self.state_dir or config.state_dir()) / DB_NAME
+
+
+def registry() -> dict[str, Callable[..., dict]]:
+    """Operation name → function. Names are what the daemon's socket API takes."""
+    from . import chip, download, notifications, profiles, switch
+    return {
+        "chip.info": chip.info,
+        "chip.set_default_dp": chip.set_default_dp,
+        "chip.reset": chip.reset,
+        "profile.list": profiles.list_profiles,
+        "profile.enable": switch.enable,
+        "profile.disable": switch.disable,
+        "profile.delete": profiles.delete,
+        "profile.nickname": profiles.nickname,
+        "profile.download": download.download,
+        "notification.list": notifications.list_notifications,
+        "notification.remove": notifications.remove,
+        "notification.process": notifications.process_op,
+        "sync": download.sync,
+    }
+
+
+#: Operations that only read: the daemon does not journal their steps and never retries them.
+READ_ONLY = frozenset({"chip.info", "profile.list", "notification.list"})
+
+
+def run(name: str, ctx: Context, card: Card, params: dict) -> dict:
+    ops = registry()
+    if name not in ops:
+        from ..errors import UsageError
+        raise UsageError(f"unknown operation {name!r}", code="unknown_operation")
+    ctx.cancel.check()
+    params = dict(params)
+    # Per-request server trust and notification choice (CLI options) belong to the context.
+    if params.get("ca"):
+        ctx.servers.ca = params.pop("ca")
+    params.pop("ca", None)
+    if params.pop("insecure_http", False):
+        ctx.servers.insecure_http = True
+    if params.pop("no_notifications", False):
+        ctx.notifications = False
+    return ops[name](ctx, card, **params)
