@@ -101,12 +101,18 @@ class Journal(_Db):
         return [(r["step"], json.loads(r["data"]), r["at"])
                 for r in self._query("SELECT step, data, at FROM job_steps WHERE job_id = ? ORDER BY n", (jid,))]
 
-    def finish(self, jid: str, state: str, *, result: Any = None, error: dict | None = None) -> None:
+    def finish(self, jid: str, state: str, *, result: Any = None, error: dict | None = None,
+               report: dict | None = None) -> None:
+        """End a job; ``report`` (for report_url) is queued in the same transaction, so a
+        power cut can never leave a finished job without its report."""
         assert state in FINAL_STATES, state
         with self._tx() as c:
             c.execute("UPDATE jobs SET state = ?, finished_at = ?, result = ?, error = ? WHERE id = ?",
                       (state, self._now(), json.dumps(result) if result is not None else None,
                        json.dumps(error) if error else None, jid))
+            if report is not None:
+                c.execute("INSERT INTO reports (id, job_id, body, created_at) VALUES (?, ?, ?, ?)",
+                          ("r" + new_id()[1:], jid, json.dumps(report, sort_keys=True), self._now()))
 
     def requeue(self, jid: str, not_before: _dt.datetime, error: dict | None) -> None:
         """Back to the queue (transient failure): runs again not before ``not_before``."""

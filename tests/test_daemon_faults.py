@@ -484,8 +484,9 @@ def _download_in_process(bed) -> str:
 def world_factory(make_bed):
     made: list[World] = []
 
-    def make(*, switch: bool = False, never: bool = False, rollback_after: float = 20.0):
-        bed = make_bed()
+    def make(*, switch: bool = False, never: bool = False, rollback_after: float = 20.0,
+             session_ttl: float | None = None):
+        bed = make_bed(**({"session_ttl": session_ttl} if session_ttl else {}))
         info = {"bed": bed}
         network: tuple[str, ...] = ()
         if switch:
@@ -623,6 +624,14 @@ def _check_download(w: World, order: dict, jid: str, *, after_modem_cut: bool = 
     assert len(on_card) <= 1, on_card
     held = bool(on_card)
     reservation_before = w.bed.order(order["sid"])["status"]      # before any explicit notification run
+    if after_modem_cut and not held and reservation_before == "downloaded":
+        # The eUICC lost its session with the modem's power: no signed cancel can come. The
+        # SM-DP+ gives the order back when the session expires (session_ttl of this world).
+        es9 = w.bed.server.es9
+        time.sleep(max(0.0, es9.session_ttl - (time.monotonic() - min(s.created for s in es9.sessions.values()))
+                       if es9.sessions else 0.0) + 0.2)
+        with es9._lock:
+            es9._expire()
     delivered = _deliver_all_notifications(w)
     _assert_twin_saw(w, delivered["outbox"])
     _assert_reports(w)
@@ -745,21 +754,12 @@ def test_kill_points_cover_at_least_twelve_steps():
 
 # --------------------------------------------------------------------------- modem cut
 
-STUCK_DOWNLOADED = (
-    "modem cut after getBoundProfilePackage: the eUICC lost its RSP session with the modem's power, so neither "
-    "the job nor recover_download can get a signed CancelSession for the SM-DP+; the local SM-DP+ "
-    "(agent/sim/smdpp.py Es9Service._expire / twin.py TwinStore) never releases a `downloaded` order whose "
-    "session died without a PIR, and refuses the retry (8.8.5/6.4): the reservation stays `downloaded`, "
-    "the card has no profile, and the activation code is dead")
-
-MODEM_DOWNLOAD_POINTS = ["authenticating", "metadata",
-                         pytest.param("loading", marks=pytest.mark.xfail(strict=True, reason=STUCK_DOWNLOADED)),
-                         "installed"]
+MODEM_DOWNLOAD_POINTS = ["authenticating", "metadata", "loading", "installed"]
 
 
 @pytest.mark.parametrize("point", MODEM_DOWNLOAD_POINTS)
 def test_modem_cut_during_download(world_factory, point, request):
-    w = world_factory()
+    w = world_factory(session_ttl=15.0)
     order = _reserve(w.bed)
     w.start_daemon(_fault(point, "profile.download", "modem-cut"))
     jid = w.submit("profile.download", {"activation_code": order["ac"], "yes": True})
@@ -798,10 +798,6 @@ def test_modem_cut_during_switch(world_factory, point, request):
     _note(request, text)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent/daemon/worker.py Worker.ensure_card reuses self.card while card.is_open, but a transport failure "
-    "that an operation swallowed (ops/notifications.after_change turns it into notifications_error, the job "
-    "ends done) never reaches run_job's drop_card(): the next job runs on the dead port and fails port_lost"))
 def test_first_job_after_modem_cut_in_notifications_succeeds(world_factory):
     """Modem cut after the profile was installed, while its notification was being sent: the
     download job ends done (with notifications_error); the modem comes back; the user's next
@@ -821,11 +817,6 @@ def test_first_job_after_modem_cut_in_notifications_succeeds(world_factory):
 
 # --------------------------------------------------------------------------- reports
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent/daemon/main.py Daemon._job_finished queues a job's report only when the worker's `finished` "
-    "line arrives; the worker commits Journal.finish() first (worker.py run_job), so a power cut between "
-    "the two leaves a finished job with no row in `reports`, and Daemon.recover() only looks at running "
-    "jobs: that report is never sent"))
 def test_power_cut_between_job_end_and_report_loses_no_report(world_factory):
     w = world_factory()
     order = _reserve(w.bed)

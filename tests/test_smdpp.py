@@ -388,6 +388,35 @@ def test_downloaded_order_is_single_use(srv, pki_dir):
     failed(r, "8.2.5", "4.3")
 
 
+def test_expired_session_after_bpp_gives_the_order_back(srv, pki_dir):
+    """The eUICC lost its session while loading (modem power cut): no signed cancel can come.
+    When the session expires without a result the order is available again for the same EID,
+    and a late PIR of an install that did happen still marks it installed."""
+    pki = simpki.load_pki(pki_dir)
+    o = order(srv, generate_matching_id=True)
+    _, _, r = download(srv, Card(pki, EID_A), o["matching_id"])
+    ok(r)
+    assert srv.store.get(o["sid"])["status"] == "downloaded"
+    srv.es9.session_ttl = 0.0
+    with srv.es9._lock:
+        srv.es9._expire()
+    assert srv.store.get(o["sid"])["status"] == "available" and not srv.es9.sessions
+    srv.es9.session_ttl = 600.0
+    _, _, r = download(srv, Card(pki, EID_A), o["matching_id"])   # the retry gets the order
+    ok(r)
+    assert srv.store.get(o["sid"])["status"] == "downloaded"
+
+
+def test_unexpired_bound_session_keeps_the_order(srv, pki_dir):
+    pki = simpki.load_pki(pki_dir)
+    o = order(srv, generate_matching_id=True)
+    _, _, r = download(srv, Card(pki, EID_A), o["matching_id"])
+    ok(r)
+    with srv.es9._lock:
+        srv.es9._expire()
+    assert srv.store.get(o["sid"])["status"] == "downloaded"
+
+
 def test_two_sessions_race_for_one_order(srv, pki_dir):
     pki = simpki.load_pki(pki_dir)
     o = order(srv, generate_matching_id=True)

@@ -30,6 +30,7 @@ import threading
 import time
 
 from ..errors import AgentError, TransportError, UsageError
+from .log import emit
 from .server import HttpError, UnixHttpServer, socket_in_use
 
 log = logging.getLogger("esim-agent.daemon")
@@ -39,23 +40,6 @@ RECENT_JOBS = 20
 JOB_KINDS = {"chip.info", "chip.set_default_dp", "chip.reset", "profile.list", "profile.enable", "profile.disable",
              "profile.delete", "profile.nickname", "profile.download", "notification.list", "notification.remove",
              "notification.process", "sync"}
-
-
-def kv(event: str, **fields) -> str:
-    """One structured log line: event=NAME key=value … (values with spaces quoted)."""
-    parts = [f"event={event}"]
-    for k, v in fields.items():
-        if v is None:
-            continue
-        s = str(v)
-        if not s or any(c in s for c in ' "=\n\t'):
-            s = json.dumps(s)
-        parts.append(f"{k}={s}")
-    return " ".join(parts)
-
-
-def emit(event: str, level: int = logging.INFO, **fields) -> None:
-    log.log(level, "%s", kv(event, **fields))
 
 
 class Daemon:
@@ -202,9 +186,8 @@ class Daemon:
         if job.error:
             fields["error"] = job.error.get("code")
         emit("job_finished", logging.WARNING if job.state in ("failed", "rolled_back") else logging.INFO, **fields)
-        if job.state in ("done", "failed", "rolled_back", "cancelled") and self.reporter is not None \
-                and job.kind not in ("chip.info", "profile.list", "notification.list"):
-            self.reporter.queue_job(job, self.snapshot)
+        if self.reporter is not None:
+            self.reporter.wake()    # the worker wrote this job's report with its end (one transaction)
         if job.kind == "sync" and job.state == "done" and isinstance(job.result, dict):
             if job.result.get("outcome") == "nothing_waiting":
                 emit("discovery", outcome="nothing_waiting", smdp=job.result.get("smdp_address"))

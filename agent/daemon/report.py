@@ -21,24 +21,27 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from .main import emit
+from .log import emit
 
 log = logging.getLogger("esim-agent.daemon")
 
 
-def report_body(job, snap: dict) -> dict:
+def report_body(job, snap: dict, *, state: str | None = None, error: dict | None = None,
+                finished_at: str | None = None) -> dict:
+    """The report of ``job`` (a journal Job as it was when it started; ``state``, ``error``
+    and ``finished_at`` give its end) with the card's state ``snap`` after it."""
     profiles = snap.get("profiles") or []
-    err = dict(job.error) if job.error else None
-    if err:
-        err.pop("details", None)
+    error = error if error is not None else job.error
+    err = {k: v for k, v in error.items() if k not in ("details", "exit_code")} if error else None
     return {
         "eid": snap.get("eid"),
         "imei": (snap.get("modem") or {}).get("imei"),
         "enabled_iccid": next((p.get("iccid") for p in profiles if p.get("state") == "enabled"), None),
         "profiles": [{"iccid": p.get("iccid"), "state": p.get("state"), "profile_name": p.get("profile_name"),
                       "service_provider_name": p.get("service_provider_name")} for p in profiles],
-        "job": {"id": job.id, "kind": job.kind, "source": job.source, "outcome": job.state, "error": err,
-                "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at},
+        "job": {"id": job.id, "kind": job.kind, "source": job.source, "outcome": state or job.state, "error": err,
+                "created_at": job.created_at, "started_at": job.started_at,
+                "finished_at": finished_at or job.finished_at},
         "reported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
     }
 
@@ -56,10 +59,9 @@ class Reporter:
         self._stop = False
         self._thread: threading.Thread | None = None
 
-    def queue_job(self, job, snap: dict) -> str:
-        rid = self.journal.add_report(job.id, report_body(job, snap))
+    def wake(self) -> None:
+        """A new report may be waiting (the worker writes them)."""
         self._wake.set()
-        return rid
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, daemon=True, name="reports")

@@ -105,6 +105,8 @@ class Worker:
 
     def ensure_card(self, token):
         from ..ops.card import Card
+        if self.card is not None and not self.card.healthy:
+            self.drop_card()
         if self.card is None or not self.card.is_open:
             card = Card(self.card_settings(), cancel=token)
             card.open()
@@ -182,20 +184,29 @@ class Worker:
             error["exit_code"] = {"rolled_back": 1, "cancelled": _cancel_exit(error)}.get(state, 1)
         with self._lock:
             self.current = None
+        if self.card is not None and not self.card.healthy:
+            self.drop_card()        # the port died under an operation that carried on (e.g. notifications)
+        snap = self.snapshot()      # the card after the job: for status and for the job's report
         if state == "requeue":
             import datetime as dt
             # Stopped by the service manager: resume at the next start. Transient failure: back off.
             delay = 0.0 if (error or {}).get("code") == "terminated" else backoff(job.attempts + 1)
             self.journal.requeue(job_id, dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=delay), error)
         else:
-            self.journal.finish(job_id, state, result=result, error=error)
-        self.snapshot()             # before "finished": the report of this job shows the state after it
+            report = None
+            if self.cfg.report_url and job.kind not in ops.READ_ONLY:
+                import datetime as dt
+
+                from .report import report_body
+                now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+                report = report_body(self.journal.get(job_id), snap or {}, state=state, error=error, finished_at=now)
+            self.journal.finish(job_id, state, result=result, error=error, report=report)
         self.emit(event="finished", job=job_id, state=state)
 
     def snapshot(self) -> None:
         """What `status` shows about the modem and the card, refreshed after every job."""
         if self.card is None or not self.card.is_open or self.stopping:
-            return
+            return None
         from ..errors import AgentError
         snap: dict = {"at": time.time()}
         try:
@@ -225,6 +236,7 @@ class Worker:
         except Exception:
             pass
         self.emit(event="snapshot", data=snap)
+        return snap
 
     def loop(self) -> int:
         last = time.monotonic()

@@ -127,6 +127,12 @@ class Card:
     def is_open(self) -> bool:
         return self.es10 is not None
 
+    @property
+    def healthy(self) -> bool:
+        """Open, and the modem port has not been lost (a worker must not reuse a dead port)."""
+        port = self.at_port
+        return self.is_open and (port is None or not (port.closed or port.dead))
+
     def __enter__(self) -> "Card":
         return self.open()
 

@@ -41,6 +41,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--state", metavar="FILE", help="persist reservations to FILE")
     s.add_argument("--profile-size", type=int, metavar="BYTES",
                    help="pad generated profile packages to BYTES (realistic packages are 10-20 KB)")
+    s.add_argument("--session-ttl", type=float, default=600.0, metavar="SECONDS",
+                   help="forget unfinished download sessions after SECONDS; an order whose package was "
+                        "fetched but never installed becomes available again (default 600)")
     s.set_defaults(func=cmd_sim_smdpp)
 
 
@@ -89,6 +92,6 @@ def cmd_sim_smdpp(args, out) -> int:
     def ready(server) -> None:
         print(f"local SM-DP+ listening on https://127.0.0.1:{server.port} (address {server.address})", flush=True)
     serve_smdpp(args.pki, port=args.port, address=args.address, auth=auth, state_path=args.state, ready=ready,
-                profile_size=args.profile_size)
+                profile_size=args.profile_size, session_ttl=args.session_ttl)
     return 0
 

@@ -176,8 +176,9 @@ class Es9Service:
     """SM-DP+ side of ES9+; ``call(function, request_dict) -> (http_status, body | None)``."""
 
     def __init__(self, pki, store: TwinStore, *, cc_attempts: int = CC_ATTEMPTS,
-                 profile_size: int | None = None):
+                 profile_size: int | None = None, session_ttl: float = SESSION_TTL):
         self.pki = pki
+        self.session_ttl = float(session_ttl)
         self.profile_size = profile_size
         self.store = store
         self.cc_attempts = cc_attempts
@@ -197,6 +198,8 @@ class Es9Service:
                  "handleNotification", "cancelSession")
 
     def call(self, function: str, req: dict) -> tuple[int, dict | None]:
+        with self._lock:
+            self._expire()
         handler = getattr(self, "_" + function, None) if function in self.FUNCTIONS else None
         if handler is None:
             raise _fail("1.2.1", "3.1", f"unknown ES9+ function {function!r}", http_status=404)
@@ -265,9 +268,20 @@ class Es9Service:
         return s
 
     def _expire(self) -> None:
+        """Forget sessions older than ``session_ttl``. A session that handed out its BPP and
+        never got a result (the eUICC lost its session: a power cut while loading, so no
+        signed CancelSession can ever come) gives its order back: the same EID may try
+        again, since single use means one installed profile, not one HTTP answer. If the
+        profile did install, its PIR (delivered from the device's outbox) still finds the
+        order by ICCID and marks it installed."""
         now = time.monotonic()
-        for k in [k for k, s in self.sessions.items() if now - s.created > SESSION_TTL]:
-            del self.sessions[k]
+        for k in [k for k, s in self.sessions.items() if now - s.created > self.session_ttl]:
+            s = self.sessions.pop(k)
+            if s.stage == "bound" and s.order_sid:
+                rec = self.store.release(s.order_sid)
+                if rec is not None:
+                    log(f"session {k.hex().upper()} expired after its BPP without a result: "
+                        f"order {s.order_sid} is available again")
 
     def _drop(self, s: Session) -> None:
         with self._lock:
@@ -800,7 +814,8 @@ class SmdpServer:
 
     def __init__(self, pki_dir, *, port: int = 0, host: str = "127.0.0.1", address: str | None = None,
                  auth: tuple[str, str] | None = None, state_path=None, reserve_delay: float = 0.1,
-                 cc_attempts: int = CC_ATTEMPTS, profile_size: int | None = None):
+                 cc_attempts: int = CC_ATTEMPTS, profile_size: int | None = None,
+                 session_ttl: float = SESSION_TTL):
         from .pki import load_pki
         self.pki_dir = os.fspath(pki_dir)
         self.pki = load_pki(self.pki_dir)
@@ -815,7 +830,8 @@ class SmdpServer:
         self.store = TwinStore(account_sid=account, smdp_address=self.address, state_path=state_path,
                                reserve_delay=reserve_delay)
         self.twin = TwinApi(self.store, auth=tuple(auth) if auth else None)
-        self.es9 = Es9Service(self.pki, self.store, cc_attempts=cc_attempts, profile_size=profile_size)
+        self.es9 = Es9Service(self.pki, self.store, cc_attempts=cc_attempts, profile_size=profile_size,
+                              session_ttl=session_ttl)
         self._thread: threading.Thread | None = None
 
     @property
@@ -851,12 +867,12 @@ class SmdpServer:
 
 def serve_smdpp(pki_dir, *, port: int = 0, host: str = "127.0.0.1", address: str | None = None,
                 auth: tuple[str, str] | None = None, state_path=None, ready=None,
-                profile_size: int | None = None) -> None:
+                profile_size: int | None = None, session_ttl: float = SESSION_TTL) -> None:
     """Run the local SM-DP+ in the foreground until SIGINT/SIGTERM."""
     import signal
     _log_to_stderr()
     server = SmdpServer(pki_dir, port=port, host=host, address=address, auth=auth, state_path=state_path,
-                        profile_size=profile_size)
+                        profile_size=profile_size, session_ttl=session_ttl)
 
     def _term(signum, frame):
         raise KeyboardInterrupt
