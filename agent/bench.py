@@ -10,14 +10,15 @@ Performance targets are checked here, not in timed unit tests:
 from __future__ import annotations
 
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import TransportError
+
+if TYPE_CHECKING:
+    import subprocess
 
 
 def add_parsers(sub) -> None:
@@ -54,6 +55,8 @@ def wait_for_path(path: Path, proc: subprocess.Popen, timeout: float = 15.0) -> 
 
 
 def _median_run(argv: list[str], runs: int) -> float:
+    import statistics
+    import subprocess
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -67,6 +70,8 @@ def _median_run(argv: list[str], runs: int) -> float:
 
 
 def cmd_bench_startup(args, out) -> int:
+    import subprocess
+    import tempfile
     from .errors import UsageError
     from .sim.euicc import SimEuicc
     if args.runs < 1:
@@ -119,6 +124,8 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None
 
 def cmd_bench_download(args, out) -> int:
     """Servers run in child processes so the CPU figure is the agent's own."""
+    import subprocess
+    import tempfile
     import requests
 
     from . import ops

@@ -12,11 +12,9 @@ imported unless the command needs it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import AgentError, UsageError

@@ -9,11 +9,7 @@ reservations reaching `installed`; cleans up.
 """
 from __future__ import annotations
 
-import json
-import secrets
 import os
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +28,10 @@ class DemoError(AgentError):
 
 
 def cmd_demo(args, out) -> int:
+    import json
+    import secrets
+    import subprocess
+    import tempfile
     import requests
 
     from .bench import agent_cmd, wait_for_path

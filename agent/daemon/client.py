@@ -2,7 +2,6 @@
 jobs in its queue (it owns the modem), with the same output and exit codes."""
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 import time
@@ -10,20 +9,22 @@ import time
 from ..errors import AgentError, TransportError
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("agent", timeout=timeout)
-        self._path = path
+def _unix_connection(path: str, timeout: float):
+    """An http.client connection over a Unix socket (imported here: the daemon process
+    imports this module for ``socket_answers`` and must not carry http.client and ssl)."""
+    import http.client
 
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self._path)
-        except BaseException:
-            s.close()
-            raise
-        self.sock = s
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(path)
+            except BaseException:
+                s.close()
+                raise
+            self.sock = s
+    return UnixConnection("agent", timeout=timeout)
 
 
 def socket_path(cfg) -> str:
@@ -32,8 +33,11 @@ def socket_path(cfg) -> str:
 
 def daemon_answers(cfg) -> bool:
     """A daemon listens on the configured socket (a file left by a killed one does not count)."""
+    return socket_answers(socket_path(cfg))
+
+
+def socket_answers(path: str) -> bool:
     import os
-    path = socket_path(cfg)
     if not os.path.exists(path):
         return False
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -61,7 +65,8 @@ class DaemonClient:
         return cls(socket_path(cfg))
 
     def request(self, method: str, url: str, body: dict | None = None, *, timeout: float | None = None) -> tuple[int, dict]:
-        conn = _UnixConnection(self.path, timeout or self.timeout)
+        import http.client
+        conn = _unix_connection(self.path, timeout or self.timeout)
         try:
             data = json.dumps(body).encode() if body is not None else None
             conn.request(method, url, body=data,

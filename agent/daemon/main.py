@@ -31,7 +31,8 @@ import time
 
 from ..errors import AgentError, TransportError, UsageError
 from .log import emit
-from .server import HttpError, UnixHttpServer, socket_in_use
+from .client import socket_answers
+from .server import HttpError, UnixHttpServer
 
 log = logging.getLogger("esim-agent.daemon")
 
@@ -108,7 +109,7 @@ class Daemon:
         path = self.cfg.socket
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if os.path.exists(path):
-            if socket_in_use(path):
+            if socket_answers(path):
                 raise UsageError(f"another esim-agent daemon answers on {path}", code="daemon_running")
             os.unlink(path)         # left by a killed daemon
         old = os.umask(0o117)       # the socket is born 0660 (no window with wider access)
@@ -199,7 +200,7 @@ class Daemon:
                 self.notif_failures += 1
 
     def _after_snapshot(self) -> None:
-        pending = self.snapshot.get("outbox_pending") or 0
+        pending = max(self.snapshot.get("outbox_pending") or 0, self.snapshot.get("notifications_on_card") or 0)
         if pending and self.next_notifications is None:
             from .worker import backoff
             delay = backoff(self.notif_failures + 1) if self.notif_failures else 30.0

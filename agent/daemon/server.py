@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import socketserver
 from urllib.parse import parse_qs, urlsplit
 
@@ -43,19 +42,6 @@ class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
             os.unlink(self.path)
         except OSError:
             pass
-
-
-def socket_in_use(path: str) -> bool:
-    """True when something answers on ``path`` (a socket file left by a killed daemon does not)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(1.0)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 class HttpError(Exception):

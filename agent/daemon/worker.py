@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import signal
 import sys
@@ -194,7 +193,10 @@ class Worker:
             self.journal.requeue(job_id, dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=delay), error)
         else:
             report = None
-            if self.cfg.report_url and job.kind not in ops.READ_ONLY:
+            # Background outbox retries report only when they delivered (a gateway offline for a
+            # week must not queue a failure report every back-off period).
+            if self.cfg.report_url and job.kind not in ops.READ_ONLY and not (job.source == "outbox"
+                                                                               and state != "done"):
                 import datetime as dt
 
                 from .report import report_body
@@ -216,6 +218,9 @@ class Worker:
             snap["modem"] = m.to_json() if m else None
             snap["transport"] = getattr(card.transport, "name", None) or type(card.transport).__name__
             snap["profiles"] = [p.to_json() for p in card.es10.get_profiles_info()]
+            # Notifications still on the card count too: one left there by a failed send (or a
+            # cut before it was recorded) must start the daemon's retry, not wait for a user.
+            snap["notifications_on_card"] = len(card.es10.list_notifications())
             try:
                 snap["free_nvm"] = card.es10.get_euicc_info2().free_nvm
             except AgentError:

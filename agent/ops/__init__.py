@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..cancel import CancelToken
-from .card import Card, CardSettings  # noqa: F401 - re-exported
+from .card import Card, CardSettings  # noqa: F401 - re-exported for callers
 
 log = logging.getLogger(__name__)
 
