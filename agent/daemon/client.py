@@ -122,8 +122,14 @@ class DaemonClient:
                 break
             if cancel is None:
                 time.sleep(0.05)
+        result = job.get("result") or {}
+        warnings = (result.pop("warnings", None) if isinstance(result, dict) else None) \
+            or ((job.get("error") or {}).get("details") or {}).pop("warnings", None) or []
+        for w in warnings:
+            if info is not None:
+                info(f"warning: {w}")
         if job["state"] == "done":
-            return job.get("result") or {}
+            return result
         if job["state"] == "cancelled" and asked_cancel:
             from ..cancel import Cancelled
             raise Cancelled(cancel.reason or "cancelled", f"job {jid} was stopped by the daemon")

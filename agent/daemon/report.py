@@ -25,6 +25,11 @@ from .log import emit
 
 log = logging.getLogger("esim-agent.daemon")
 
+#: First retry of a refused report after about this long, doubling up to an hour: a backend
+#: that blinked (a 503 during a deploy) gets the report within seconds, one that is down
+#: for a day is asked about once an hour. Later reports wait behind the first (order kept).
+REPORT_RETRY_BASE_S = 5.0
+
 
 def report_body(job, snap: dict, *, state: str | None = None, error: dict | None = None,
                 finished_at: str | None = None) -> dict:
@@ -89,7 +94,7 @@ class Reporter:
                 self.post(r["id"], r["body"])
             except ReportError as e:
                 self.failures += 1
-                delay = backoff(r["attempts"] + 1)
+                delay = backoff(r["attempts"] + 1, base=REPORT_RETRY_BASE_S)
                 self.journal.report_failed(r["id"], str(e), dt.datetime.now(dt.timezone.utc)
                                            + dt.timedelta(seconds=delay))
                 emit("report_failed", logging.WARNING, report=r["id"], job=r["job_id"], error=str(e),

@@ -29,6 +29,8 @@ import sys
 import threading
 import time
 
+from .log import kv
+
 log = logging.getLogger("esim-agent.worker")
 
 IDLE_EXIT_S = 15.0
@@ -123,7 +125,9 @@ class Worker:
             self.card = None
 
     # --- jobs -----------------------------------------------------------------------
-    def context(self, job, token):
+    def context(self, job, token, warnings: list):
+        """The operation's context; its warnings (for people) are collected in ``warnings``
+        and travel with the job's result, so the CLI shows them as it does in direct mode."""
         from .. import config as config_mod
         from ..journal import JournalSteps
         from ..ops import Context, ServerSettings
@@ -132,8 +136,7 @@ class Worker:
                        notifications=c.process_notifications, refresh=c.refresh,
                        rollback_after=float(c.rollback_after), default_smdp=c.default_smdp,
                        auto_enable=bool(c.auto_enable), cancel=token,
-                       steps=JournalSteps(self.journal, job.id),
-                       warn=lambda m: log.warning("job=%s warning=%s", job.id, json.dumps(m)))
+                       steps=JournalSteps(self.journal, job.id), warn=warnings.append)
 
     def run_job(self, job_id: str) -> None:
         from .. import ops
@@ -152,9 +155,10 @@ class Worker:
         self.journal.start(job_id)
         self.emit(event="started", job=job_id)
         state, result, error = "failed", None, None
+        warnings: list[str] = []
         try:
             card = self.ensure_card(token)
-            ctx = self.context(job, token)
+            ctx = self.context(job, token, warnings)
             if resumed and job.kind in ("profile.download", "sync"):
                 recover_download(ctx, card)
             result = ops.run(job.kind, ctx, card, job.params)
@@ -179,6 +183,13 @@ class Worker:
             log.exception("job %s: internal error", job_id)
             error = {"code": "internal_error", "message": f"internal error: {type(e).__name__}: {e}"}
             self.drop_card()
+        for w in warnings:
+            log.warning("%s", kv("job_warning", job=job_id, warning=w))
+        if warnings:
+            if isinstance(result, dict):
+                result["warnings"] = warnings
+            if error is not None:
+                error.setdefault("details", {})["warnings"] = warnings
         if error is not None and "exit_code" not in error:
             error["exit_code"] = {"rolled_back": 1, "cancelled": _cancel_exit(error)}.get(state, 1)
         with self._lock:
@@ -310,6 +321,17 @@ def recover_download(ctx, card) -> None:
         pool.close()
 
 
+class KvFormatter(logging.Formatter):
+    """The worker's log lines in the daemon's key=value form (journald keeps both streams)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if msg.startswith("event="):
+            return msg
+        return kv("log", level=record.levelname.lower(), logger=record.name, msg=msg,
+                  traceback=self.formatException(record.exc_info) if record.exc_info else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -320,8 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-exit", type=float, default=IDLE_EXIT_S)
     p.add_argument("-v", "--verbose", action="count", default=0)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(KvFormatter())
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, handlers=[handler])
     cfg = config.load(a.config)
     w = Worker(cfg, idle_exit=a.idle_exit)
     signal.signal(signal.SIGTERM, lambda *_: w.stop("terminated"))
