@@ -22,7 +22,7 @@ from typing import Callable
 
 from .. import codec, tlv
 from ..cancel import Cancelled
-from ..errors import AgentError, CardError, InputError, ProtocolError, ServerError, TimeoutError_, code_for
+from ..errors import AgentError, CardError, InputError, ProtocolError, TimeoutError_, code_for
 from ..es10 import (AUTH_SERVER_ERRORS, PREPARE_DOWNLOAD_ERRORS, PROFILE_CLASSES, Es10, Es10Error,
                     ProfileInfo)
 from ..ids import iccid_from_bytes, imei_to_bytes, tac_from_imei
@@ -186,7 +186,10 @@ class Downloader:
         try:
             self.es9.cancel_session(self.txid, resp)
         except Exception as e:
-            log.warning("ES9+ cancelSession failed: %s", e)
+            # After a refusal the SM-DP+ has usually ended its session already and says it does
+            # not know the transaction: expected (e.g. every "nothing waiting" sync), not a warning.
+            expected = getattr(e, "code", "") == "unknown_transaction"
+            log.log(logging.DEBUG if expected else logging.WARNING, "ES9+ cancelSession failed: %s", e)
 
     # --- the flow ------------------------------------------------------------
     def run(self) -> DownloadResult:
@@ -271,12 +274,7 @@ class Downloader:
         if kind != "authenticateResponseOk":
             raise self._card_refused("AuthenticateServer", val, "authenticateErrorCode", AUTH_SERVER_ERRORS,
                                      self.es9.authenticate_client, asr)
-        try:
-            ac = self.es9.authenticate_client(self.txid, asr)
-        except ServerError as e:
-            # The SM-DP+ refused (e.g. no profile waits for this EID, 8.2.5/4.3) and has ended
-            # its session (SGP.22 §5.6.2): only the eUICC's session is left to cancel.
-            raise DownloadError("authenticateClient", e).with_cancel(REASON_UNDEFINED, server=False) from e
+        ac = self.es9.authenticate_client(self.txid, asr)
 
         meta = parse_metadata(ac.profile_metadata)
         self._record("metadata", transaction_id=self.txid, iccid=meta.iccid)
