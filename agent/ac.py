@@ -10,7 +10,7 @@ prefix ``LPA:``, compared without regard to case.
 Each defect has its own InputError code so scripts can tell them apart, and the
 message says what to fix.  Codes: ac_empty, ac_too_long, ac_bad_characters,
 ac_bad_format, ac_unsupported_format, ac_missing_fields, ac_empty_address,
-ac_bad_address, ac_bad_oid, ac_bad_cc_flag, ac_bad_ci_pkid, ac_extra_fields;
+ac_bad_address, ac_bad_matching_id, ac_bad_oid, ac_bad_cc_flag, ac_bad_ci_pkid, ac_extra_fields;
 reading: ac_missing, ac_twice, ac_file_unreadable.
 """
 from __future__ import annotations
@@ -30,6 +30,9 @@ _FIELD_NAMES = ("AC_Format", "SM-DP+ address", "AC_Token (matching ID)", "SM-DP+
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _OID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 _HEX = re.compile(r"(?:[0-9A-Fa-f]{2}){1,64}")
+_MATCHING_ID = re.compile(r"[0-9A-Z-]*")     # SGP.22 §4.1: 0-9, A-Z and "-"
+_MAX_LABEL = 63                              # RFC 1035 §2.3.4
+_MAX_HOST = 253
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,10 @@ def validate_address(address: str, *, what: str = "SM-DP+ address") -> str:
     A hostname (FQDN or single label such as ``localhost``), optionally with
     ``:port`` for local test servers; no scheme, path, or user part (the address
     goes into https://<address>/gsma/rsp2/... and is compared with serverAddress)."""
+    address = address.strip() if isinstance(address, str) else address    # surrounding blanks: not part of it
     if address is None or address == "":
         raise _fail("ac_empty_address", f"the {what} is empty")
+    _not_an_activation_code(address, what)
     bad = _bad_char(address)
     if bad:
         raise _fail("ac_bad_address", f"the {what} {address!r} contains {_describe(bad[1])}")
@@ -89,15 +94,44 @@ def validate_address(address: str, *, what: str = "SM-DP+ address") -> str:
         host, _, port = a.rpartition(":")
         if not port.isdigit() or not port.isascii() or not 1 <= int(port) <= 65535 or port.startswith("0"):
             raise _fail("ac_bad_address", f"the {what} {address!r} has a bad port (want 1-65535)")
-    if len(host) > 253:
-        raise _fail("ac_bad_address", f"the {what} is longer than 253 characters")
+    if len(host) > _MAX_HOST:
+        raise _fail("ac_bad_address", f"the {what} is {len(host)} characters long; a host name has at most "
+                                      f"{_MAX_HOST}")
     labels = host.split(".")
     for label in labels:
+        if len(label) > _MAX_LABEL:
+            raise _fail("ac_bad_address", f"the {what} has a label ({label[:12]}…) that is {len(label)} characters "
+                                          f"long; a DNS label has at most {_MAX_LABEL}")
         if not label.isascii() or not _LABEL.fullmatch(label):
             why = "an empty label (two dots, or a dot at either end)" if not label else f"the label {label!r}"
             raise _fail("ac_bad_address", f"the {what} {address!r} is not a hostname: {why} "
                                           "(letters, digits and inner hyphens only)")
     return a
+
+
+def _not_an_activation_code(address: str, what: str) -> None:
+    """`chip set-default-dp 'LPA:1$smdp.example.com$ID'`: say that an address is wanted, and
+    which one the code holds, instead of a puzzling complaint about a port."""
+    body = address[len(PREFIX):] if address[:len(PREFIX)].upper() == PREFIX else address
+    if address[:len(PREFIX)].upper() == PREFIX or "$" in body:
+        fields = body.split("$")
+        inner = fields[1] if len(fields) > 1 and fields[0] == "1" and fields[1] else None
+        raise _fail("ac_bad_address", f"this is an activation code, not an {what}: give just the address"
+                    + (f" ({inner})" if inner else ", e.g. smdp.example.com"))
+
+
+def validate_matching_id(matching_id: str, *, what: str = "matching ID") -> str:
+    """SGP.22 §4.1: a matching ID consists of the characters 0-9, A-Z and "-" only (it may be
+    empty: the SM-DP+ then finds the order by EID). Returns it unchanged: the SM-DP+ compares
+    it exactly, so it is never case-folded for the user."""
+    if not isinstance(matching_id, str):
+        raise _fail("ac_bad_matching_id", f"the {what} must be text")
+    if not _MATCHING_ID.fullmatch(matching_id):
+        i, ch = next((i, c) for i, c in enumerate(matching_id) if not _MATCHING_ID.fullmatch(c))
+        shown = f"'{ch}'" if ch.isprintable() and ch.isascii() and not ch.isspace() else _describe(ch)
+        raise _fail("ac_bad_matching_id", f"the {what} {matching_id!r} contains {shown} at position {i + 1}; "
+                                          "SGP.22 §4.1 allows only 0-9, A-Z and '-' (upper case)")
+    return matching_id
 
 
 def parse_activation_code(text: str) -> ActivationCode:
@@ -106,8 +140,9 @@ def parse_activation_code(text: str) -> ActivationCode:
         raise _fail("ac_empty", "the activation code is empty")
     body = text[len(PREFIX):] if text[:len(PREFIX)].upper() == PREFIX else text
     if len(body) > MAX_LENGTH:
-        raise _fail("ac_too_long", f"the activation code is {len(body)} characters long; at most {MAX_LENGTH} "
-                                   "are allowed")
+        prefix = f" ({len(body)} after its {text[:len(PREFIX)]} prefix)" if len(body) != len(text) else ""
+        raise _fail("ac_too_long", f"the activation code is {len(text)} characters long{prefix}; at most "
+                                   f"{MAX_LENGTH} are allowed, not counting an LPA: prefix")
     bad = _bad_char(text)
     if bad:
         raise _fail("ac_bad_characters", f"the activation code contains {_describe(bad[1])} at position "
@@ -143,6 +178,7 @@ def parse_activation_code(text: str) -> ActivationCode:
             raise _fail("ac_bad_ci_pkid", f"the CI public key ID {ci_pkid!r} is not a hex string "
                                           "(an even number of 0-9/A-F digits)")
         ci_pkid = ci_pkid.upper()
+    validate_matching_id(token, what="matching ID (AC_Token)")
     return ActivationCode(address=address, matching_id=token, oid=oid, cc_required=flag == "1",
                           ci_pkid=ci_pkid, raw=text)
 

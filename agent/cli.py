@@ -63,13 +63,56 @@ def _json_default(o: Any):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def table(rows: list[list[Any]], headers: list[str]) -> str:
-    cells = [[("" if c is None else str(c)) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*headers), fmt.format(*["-" * w for w in widths])]
-    lines += [fmt.format(*r) for r in cells]
+#: Widest a table column gets (the last one may take more: nothing follows it to misalign).
+TABLE_COLUMN_MAX = 40
+TABLE_LAST_COLUMN_MAX = 80
+
+
+def table(rows: list[list[Any]], headers: list[str], *, max_width: int = TABLE_COLUMN_MAX,
+          last_max_width: int = TABLE_LAST_COLUMN_MAX) -> str:
+    """Rows under headers, columns two spaces apart: no trailing spaces, each column at most
+    ``max_width`` characters on screen (longer values end with "…"), control characters in a
+    value (a nickname set by another LPA) shown escaped so one value cannot break the table."""
+    cells = [[_cell("" if c is None else str(c)) for c in r] for r in rows]
+    limits = [last_max_width if i == len(headers) - 1 else max_width for i in range(len(headers))]
+    cells = [[_clip(c, limits[i]) for i, c in enumerate(r)] for r in cells]
+    widths = [max([_width(h)] + [_width(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(values) -> str:
+        return "  ".join(v + " " * (w - _width(v)) for v, w in zip(values, widths)).rstrip()
+    lines = [line(headers), line(["-" * w for w in widths])]
+    lines += [line(r) for r in cells]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    import unicodedata
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or unicodedata.category(ch) == "Mn" else repr(ch)[1:-1]
+                   for ch in text)
+
+
+def _width(text: str) -> int:
+    """Columns on a terminal: wide (East Asian) characters take two, combining marks none."""
+    import unicodedata
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
+
+
+def _clip(text: str, limit: int) -> str:
+    if _width(text) <= limit:
+        return text
+    out, w = [], 0
+    for ch in text:
+        cw = _width(ch)
+        if w + cw > limit - 1:
+            break
+        out.append(ch)
+        w += cw
+    return "".join(out) + "…"
 
 
 # --------------------------------------------------------------------------- settings
@@ -101,12 +144,23 @@ def context(args, out: "Output", token):
     from .ops import Context, ServerSettings
     cfg = args.config
     ca = getattr(args, "ca", None)
-    servers = ServerSettings(ca=ca, config_ca=cfg.ca_bundle, insecure_http=getattr(args, "insecure_http", False))
+    servers = ServerSettings(ca=ca, config_ca=cfg.ca_bundle, insecure_http=getattr(args, "insecure_http", False),
+                             http_timeout=http_timeout(args))
+    progress = _progress_printer(out)
     return Context(servers=servers, state_dir=config.state_dir(cfg),
                    notifications=cfg.process_notifications and not getattr(args, "no_notifications", False),
                    refresh=cfg.refresh, rollback_after=float(cfg.rollback_after), cancel=token,
                    default_smdp=cfg.default_smdp, auto_enable=bool(cfg.auto_enable),
-                   warn=lambda m: out.info(f"warning: {m}"), progress=_progress_printer(out))
+                   warn=_warner(out, progress), progress=progress)
+
+
+def http_timeout(args) -> float:
+    """One deadline per ES9+ function call: --http-timeout over the config's http_timeout."""
+    from .ops import check_http_timeout
+    v = getattr(args, "http_timeout", None)
+    if v is not None:
+        return check_http_timeout(v)
+    return float(args.config.http_timeout)
 
 
 def _tracer():
@@ -146,8 +200,17 @@ def _direct(args, out, op, params, prepare) -> dict:
     if prepare is not None:
         prepare(ctx)
     settings = card_settings(args)
-    with Card(settings, cancel=args.cancel) as card:
-        return ops.run(op, ctx, card, params)
+    try:
+        with Card(settings, cancel=args.cancel, read_only=op in ops.READ_ONLY) as card:
+            return ops.run(op, ctx, card, params)
+    finally:
+        _end_progress_line(ctx)     # an error message must not land on the progress line
+
+
+def _end_progress_line(ctx) -> None:
+    end = getattr(ctx.progress, "end_line", None)
+    if end is not None:
+        end()
 
 
 # --------------------------------------------------------------------------- commands: chip
@@ -174,9 +237,10 @@ def cmd_chip_info(args, out: Output) -> int:
 
 def cmd_chip_set_default_dp(args, out: Output) -> int:
     from .ac import validate_address
-    if args.address:
-        validate_address(args.address)          # bad input fails before the card or the daemon is asked
-    data = execute(args, out, "chip.set_default_dp", {"address": args.address})
+    address = args.address.strip()              # '' clears the address
+    if address:
+        address = validate_address(address)     # bad input fails before the card or the daemon is asked
+    data = execute(args, out, "chip.set_default_dp", {"address": address})
     out.ok(data, f"default SM-DP+ address set to {data['default_dp_address'] or '(none)'}")
     return 0
 
@@ -214,30 +278,33 @@ def _server_params(args) -> dict:
         p["ca"] = os.path.abspath(args.ca)
     if getattr(args, "insecure_http", False):
         p["insecure_http"] = True
+    if getattr(args, "http_timeout", None) is not None:
+        from .ops import check_http_timeout
+        p["http_timeout"] = check_http_timeout(args.http_timeout)
     if getattr(args, "no_notifications", False):
         p["no_notifications"] = True
     return p
 
 
 def cmd_profile_enable(args, out: Output) -> int:
-    from .es10 import profile_identifier
-    profile_identifier(args.id)
-    params = {"id": args.id, "rollback": not args.no_rollback}
+    from .es10 import canonical_profile_id
+    ident = canonical_profile_id(args.id)       # checked before the card; shown back as it was understood
+    params = {"id": ident, "rollback": not args.no_rollback}
     if args.no_refresh:
         params["refresh"] = False
     data = execute(args, out, "profile.enable", {**params, **_server_params(args)})
-    out.ok(data, f"profile {args.id} enabled")
+    out.ok(data, f"profile {ident} enabled")
     return 0
 
 
 def cmd_profile_disable(args, out: Output) -> int:
-    from .es10 import profile_identifier
-    profile_identifier(args.id)
-    params = {"id": args.id}
+    from .es10 import canonical_profile_id
+    ident = canonical_profile_id(args.id)
+    params = {"id": ident}
     if args.no_refresh:
         params["refresh"] = False
     data = execute(args, out, "profile.disable", {**params, **_server_params(args)})
-    out.ok(data, f"profile {args.id} disabled")
+    out.ok(data, f"profile {ident} disabled")
     return 0
 
 
@@ -250,71 +317,274 @@ def _confirm(prompt: str) -> bool:
         return False
 
 
+def _read_answer(stdin, cancel=None) -> str | None:
+    """One line from the terminal, or None at end of input. While waiting, a Ctrl-C/SIGTERM
+    (which only sets ``cancel``) stops the wait, so a download at the prompt is cancelled
+    (postponed) at once instead of after the next Enter."""
+    if cancel is not None:
+        import select
+        try:
+            fd = stdin.fileno()
+        except (AttributeError, ValueError, OSError):
+            fd = None
+        while fd is not None:
+            cancel.check()
+            try:
+                if select.select([fd], [], [], 0.2)[0]:
+                    break
+            except (OSError, ValueError):
+                break
+    line = stdin.readline()
+    return line if line else None
+
+
+_CONSENT_ANSWERS = {"y": True, "yes": True, "n": False, "no": False, "reject": False,
+                    "": "later", "l": "later", "later": "later"}
+
+
+def _ask_consent(meta, *, stdin=None, err=None, cancel=None, tries: int = 3):
+    """The consent prompt of a download (SGP.22 §3.1.3, the end user confirms the profile):
+    True install, False reject (final: the SM-DP+ is told endUserRejection and the operator's
+    order fails), "later" (flows.download.POSTPONE: cancelled as postponed, the order stays
+    usable). An empty answer, the end of input or answers we do not understand mean later:
+    nobody rejects a profile by pressing Enter."""
+    stdin = stdin or sys.stdin
+    err = err or sys.stderr
+    err.write(f"Profile: {meta.profile_name or '?'} from {meta.service_provider_name or '?'} "
+              f"(ICCID {meta.iccid}, class {meta.profile_class})\n"
+              "  y      download and install it\n"
+              "  n      reject it; this is final: the SM-DP+ is told (endUserRejection) and the operator's order "
+              "cannot be used again\n"
+              "  later  not now (the default): nothing is installed and the order stays usable\n")
+    for _ in range(tries):
+        err.write("Install this profile? [y/n/L] ")
+        err.flush()
+        line = _read_answer(stdin, cancel)
+        if line is None:
+            err.write("\n")
+            return "later"
+        answer = line.strip().lower()
+        if answer in _CONSENT_ANSWERS:
+            return _CONSENT_ANSWERS[answer]
+        err.write("please answer y (install), n (reject for good) or later\n")
+    return "later"
+
+
+def _ask_go_ahead(prompt: str, *, stdin=None, err=None, cancel=None) -> bool:
+    """A yes/no question on the terminal (stderr), no by default."""
+    stdin = stdin or sys.stdin
+    err = err or sys.stderr
+    err.write(f"{prompt} [y/N] ")
+    err.flush()
+    line = _read_answer(stdin, cancel)
+    if line is None:
+        err.write("\n")
+    return (line or "").strip().lower() in ("y", "yes")
+
+
 def cmd_profile_delete(args, out: Output) -> int:
-    from .es10 import profile_identifier
-    profile_identifier(args.id)  # validate before touching the card
+    from .es10 import canonical_profile_id
+    ident = canonical_profile_id(args.id)  # validate before touching the card
     if not args.yes:
-        if out.json or not _confirm(f"Delete profile {args.id}? This cannot be undone."):
-            raise UsageError(f"not deleting {args.id}: confirm with --yes", code="confirmation_required")
-    data = execute(args, out, "profile.delete", {"id": args.id, "yes": True, **_server_params(args)})
-    out.ok(data, f"profile {args.id} deleted")
+        if out.json or not _confirm(f"Delete profile {ident}? This cannot be undone."):
+            raise UsageError(f"not deleting {ident}: confirm with --yes", code="confirmation_required")
+    data = execute(args, out, "profile.delete", {"id": ident, "yes": True, **_server_params(args)})
+    out.ok(data, f"profile {ident} deleted")
     return 0
 
 
 def cmd_profile_nickname(args, out: Output) -> int:
-    data = execute(args, out, "profile.nickname", {"iccid": args.iccid, "name": args.name})
-    out.ok(data, f"nickname of {args.iccid} set to {args.name!r}")
+    from .es10 import nickname_value
+    from .ids import parse_iccid
+    iccid = parse_iccid(args.iccid)
+    if args.clear:
+        if args.name is not None:
+            raise UsageError("give either a nickname or --clear, not both")
+        params = {"iccid": iccid, "name": "", "clear": True}
+    elif args.name is None:
+        raise UsageError("give the nickname (in quotes if it has spaces), or --clear to remove it")
+    else:
+        params = {"iccid": iccid, "name": nickname_value(args.name)}
+    data = execute(args, out, "profile.nickname", params)
+    out.ok(data, f"nickname of {iccid} cleared" if args.clear else f"nickname of {iccid} set to {data['nickname']!r}")
     return 0
 
 
 # --------------------------------------------------------------------------- commands: notification
 
+def _outbox_state(n: dict) -> str:
+    """An outbox entry's state in a few words: pending (attempts, next try), delivered, dropped."""
+    st = n.get("status", "pending")
+    if st == "pending":
+        tries = n.get("attempts") or 0
+        extra = [f"{tries} attempt{'' if tries == 1 else 's'}"] if tries else []
+        if n.get("next_attempt_at"):
+            extra.append(f"next after {n['next_attempt_at']}")
+        return "pending" + (f" ({', '.join(extra)})" if extra else "")
+    if st in ("sent", "removed"):
+        return f"delivered {n.get('sent_at') or ''}".rstrip()
+    if st == "dropped":
+        return f"dropped {n.get('dropped_at') or ''} (never sent)".replace("  ", " ")
+    return st
+
+
 def cmd_notification_list(args, out: Output) -> int:
-    data = execute(args, out, "notification.list", {})
+    params = {"history": True} if getattr(args, "history", False) else {}
+    data = execute(args, out, "notification.list", params)
     rows = [[n["seq_number"], n["operation"], n["address"], n["iccid"], "eUICC"] for n in data["notifications"]]
-    rows += [[n["seq_number"], n["operation"], n["address"], n["iccid"], "outbox"] for n in data["outbox_only"]]
-    out.ok(data, lambda: table(rows, ["SEQ", "OPERATION", "ADDRESS", "ICCID", "HELD IN"]) if rows
-           else "no pending notifications")
+    rows += [[n["seq_number"], n["operation"], n["address"], n["iccid"], f"outbox: {_outbox_state(n)}"]
+             for n in data["outbox_only"]]
+
+    def text() -> str:
+        parts = [table(rows, ["SEQ", "OPERATION", "ADDRESS", "ICCID", "HELD IN"]) if rows
+                 else "no pending notifications"]
+        if "history" in data:
+            hist = [[n["seq_number"], n["operation"], n["address"], n["iccid"], _outbox_state(n)]
+                    for n in data["history"]]
+            parts.append("history (outbox):\n" + (table(hist, ["SEQ", "OPERATION", "ADDRESS", "ICCID", "STATE"])
+                                                   if hist else "(none)"))
+        return "\n\n".join(parts)
+    out.ok(data, text)
     return 0
+
+
+def _seq_args(args) -> list[int]:
+    """Sequence numbers from the command line: a usage error (exit 2) before the card is touched."""
+    from .ops.notifications import check_seqs
+    return check_seqs(list(args.seq or []))
 
 
 def cmd_notification_remove(args, out: Output) -> int:
     """Remove notifications from the eUICC (e.g. to free its list) without losing them:
     each one is recorded in the outbox first and `notification process` still delivers it."""
-    if not args.all and not args.seq:
+    seqs = _seq_args(args)
+    if not args.all and not seqs:
         raise UsageError("give the sequence number(s) to remove, or --all")
-    data = execute(args, out, "notification.remove", {"seqs": list(args.seq or []), "all": bool(args.all)})
-    removed, missing = data["removed"], data["not_found"]
-    out.ok(data, f"removed {len(removed)} notification(s) from the eUICC"
-           + (f"; not found: {missing}" if missing else "")
-           + ("; they stay in the outbox and `notification process` still delivers them" if removed else ""))
+    data = execute(args, out, "notification.remove", {"seqs": seqs, "all": bool(args.all)})
+    removed, missing, dropped = data["removed"], data["not_found"], data.get("dropped", [])
+    only = [s for s in data.get("outbox_only", []) if s not in dropped]
+    text = f"removed {len(removed)} notification(s) from the eUICC"
+    if removed:
+        text += "; they stay in the outbox and `notification process` still delivers them"
+    if dropped:
+        text += (f"\ndropped notification(s) {', '.join(map(str, dropped))}, which only the outbox held "
+                 "(undelivered): never to be sent; kept in the outbox's history")
+    if missing:
+        text += f"\nnot found: {', '.join(map(str, missing))}"
+    if args.all and only:
+        text += (f"\nundelivered notification(s) held only in the outbox: {', '.join(map(str, only))}; "
+                 "`notification process` delivers them, `notification drop --all` retires them unsent")
+    out.ok(data, text)
+    return 0
+
+
+def cmd_notification_drop(args, out: Output) -> int:
+    """Retire undelivered notifications that only the outbox still holds: never sent, kept as history."""
+    seqs = _seq_args(args)
+    if not args.all and not seqs:
+        raise UsageError("give the sequence number(s) to drop, or --all")
+    data = execute(args, out, "notification.drop", {"seqs": seqs, "all": bool(args.all)})
+    dropped = data["dropped"]
+    text = (f"dropped notification(s) {', '.join(map(str, dropped))}: never to be sent; the outbox keeps "
+            "them as history (`notification list --history`)" if dropped
+            else "nothing to drop: no undelivered notification is held only in the outbox")
+    if data.get("not_found"):
+        text += f"\nnot found: {', '.join(map(str, data['not_found']))}"
+    if data.get("on_euicc"):
+        text += (f"\nstill on the eUICC, not dropped: {', '.join(map(str, data['on_euicc']))} "
+                 "(`notification remove` them first)")
+    out.ok(data, text)
     return 0
 
 
 def cmd_notification_process(args, out: Output) -> int:
-    seqs = None if args.all or not args.seq else list(args.seq)
-    data = execute(args, out, "notification.process", {"seqs": seqs, **_server_params(args)})
+    from .ops.notifications import failure_exit_code
+    seqs = _seq_args(args)
+    seqs = None if args.all or not seqs else seqs
+    params = {"seqs": seqs, **_server_params(args)}
+    if getattr(args, "now", False):
+        params["now"] = True
+    data = execute(args, out, "notification.process", params)
     results = data["notifications"]
     rows = [[r["seq_number"], r["operation"], r["address"], r["status"],
-             (r.get("error") or {}).get("message", "")] for r in results]
-    out.ok(data, lambda: table(rows, ["SEQ", "OPERATION", "ADDRESS", "STATUS", "ERROR"]) if rows
-           else "no pending notifications")
-    return 1 if any(r["status"] == "failed" for r in results) else 0
+             (r.get("error") or {}).get("message", "") if r["status"] != "waiting"
+             else f"next attempt after {r.get('next_attempt_at')} (its server failed before)"] for r in results]
+    waiting = data.get("waiting") or []
+
+    def text() -> str:
+        if not rows:
+            return "no pending notifications"
+        t = table(rows, ["SEQ", "OPERATION", "ADDRESS", "STATUS", "ERROR"])
+        if waiting:
+            first = min(w["next_attempt_at"] for w in waiting if w.get("next_attempt_at"))
+            t += (f"\n{len(waiting)} notification(s) wait for their server's back-off (the first until {first}) "
+                  "and are sent then; `notification process --now` tries at once")
+        return t
+    out.ok(data, text)
+    return failure_exit_code(data)
 
 
 # --------------------------------------------------------------------------- commands: download
 
-def _progress_printer(out: Output):
-    if out.json or not sys.stderr.isatty():
-        return None
+class _Progress:
+    """Download progress on stderr, as ``progress(step, done, total)``.
 
-    def show(step: str, done: int, total: int) -> None:
-        extra = f" {done}/{total} bytes" if total else ""
-        sys.stderr.write(f"\r\x1b[K{step}{extra}")
-        if step == "installed":
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-    return show
+    On a terminal: one line rewritten in place, ended (``end_line``) before anything else is
+    printed — the consent prompt, a warning. Elsewhere (systemd's journal, a pipe, a log file):
+    a line per step, and while the profile loads one line every ``every`` seconds, so the
+    journal shows a long download is alive."""
+
+    def __init__(self, stream, *, tty: bool, every: float = 5.0, clock=None):
+        import time
+        self.stream, self.tty, self.every = stream, tty, every
+        self.clock = clock or time.monotonic
+        self.open = False                 # a terminal line waits for its end
+        self.last_step: str | None = None
+        self.last_at = 0.0
+
+    def __call__(self, step: str, done: int, total: int) -> None:
+        if self.tty:
+            extra = f" {done}/{total} bytes" if total else ""
+            self.stream.write(f"\r\x1b[K{step}{extra}")
+            self.open = True
+            if step == "installed":
+                self.end_line()
+            self.stream.flush()
+            return
+        now = self.clock()
+        if step == self.last_step and (now - self.last_at < self.every or not total):
+            return
+        self.last_step, self.last_at = step, now
+        extra = f": {done}/{total} bytes ({done * 100 // total} %)" if total and step != "installed" else ""
+        self.stream.write(f"{step}{extra}\n")
+        self.stream.flush()
+
+    def end_line(self) -> None:
+        if self.open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open = False
+
+
+def _progress_printer(out: Output, *, stream=None, clock=None, every: float = 5.0) -> _Progress | None:
+    """Progress for people; None with --json (stdout is for the one JSON document, and a
+    script reading it does not want stderr chatter either)."""
+    if out.json:
+        return None
+    stream = stream or sys.stderr
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return _Progress(stream, tty=tty, every=every, clock=clock)
+
+
+def _warner(out: Output, progress: _Progress | None):
+    def warn(message: str) -> None:
+        if progress is not None:
+            progress.end_line()
+        out.info(f"warning: {message}")
+    return warn
 
 
 def cmd_profile_download(args, out: Output) -> int:
@@ -326,15 +596,18 @@ def cmd_profile_download(args, out: Output) -> int:
         ac = read_activation_code(args.ac, args.ac_file, sys.stdin)
     if args.matching_id is not None and not args.smdp:
         raise UsageError("--matching-id goes with --smdp (an activation code already carries one)")
+    if args.matching_id is not None:
+        from .ac import validate_matching_id
+        validate_matching_id(args.matching_id)
     if args.smdp:
-        validate_address(args.smdp)
+        args.smdp = validate_address(args.smdp)
     interactive = sys.stdin.isatty() and not out.json
     if not args.yes and not interactive:
         raise UsageError("downloading needs your consent to the profile: pass --yes (no terminal to ask on)",
                          code="consent_required")
     if args.imei is not None:
-        from .ids import imei_to_bytes
-        imei_to_bytes(args.imei)   # a bad --imei is a usage error before anything starts
+        from .ids import normalise_imei
+        args.imei = normalise_imei(args.imei)   # a bad --imei is a usage error before anything starts
     if ac and ac.cc_required and not args.confirmation_code and not interactive:
         raise UsageError("this activation code says a confirmation code is required: pass --confirmation-code",
                          code="confirmation_code_required")
@@ -347,14 +620,14 @@ def cmd_profile_download(args, out: Output) -> int:
         if args.yes:
             return
 
-        def consent(meta) -> bool:
-            print(f"Profile: {meta.profile_name or '?'} from {meta.service_provider_name or '?'} "
-                  f"(ICCID {meta.iccid}, class {meta.profile_class})", file=sys.stderr)
-            return _confirm("Download and install it?")
+        def consent(meta):
+            _end_progress_line(ctx)
+            return _ask_consent(meta, cancel=ctx.cancel)
         ctx.consent = consent
 
         def ask_cc() -> str | None:
             import getpass
+            _end_progress_line(ctx)
             return getpass.getpass("Confirmation code: ").strip() or None
         ctx.ask_confirmation_code = ask_cc
 
@@ -362,9 +635,12 @@ def cmd_profile_download(args, out: Output) -> int:
     out.info(f"downloading {where}")
     if _through_daemon(args) and not args.yes:
         # The daemon cannot show the profile on this terminal before installing it: ask first.
-        if not _confirm(f"The service will download and install the profile {where} without showing it "
-                        "first. Go ahead?"):
-            raise UsageError("not downloading: confirm, or pass --yes", code="consent_required")
+        # Nothing has been asked of the SM-DP+ yet, so "no" (the default) leaves the order untouched.
+        if not _ask_go_ahead(f"The service will download and install the profile {where} without showing it "
+                             "to you first (no: nothing is asked of the SM-DP+, the order stays usable). "
+                             "Go ahead?", cancel=args.cancel):
+            raise AgentError("not downloading: nothing was asked of the SM-DP+ and the order stays usable; "
+                             "answer y, or pass --yes", code="postponed")
         params["yes"] = True
     data = execute(args, out, "profile.download", params, prepare=prepare)
     sent = [n for n in data.get("notifications", []) if n["status"] == "delivered"]
@@ -427,7 +703,7 @@ def _add_global_options(p: argparse.ArgumentParser, suppress: bool = False) -> N
     add(g, "--timeout", type=float, metavar="S", help="deadline per AT command / APDU (default 10)")
     add(g, "--long-timeout", type=float, metavar="S", help="deadline for profile loading, enable, delete (default 300)")
     add(g, "--baud", type=int, help="serial line speed for UART ports (default 115200)")
-    add(g, "--segment-size", type=int, metavar="N", help="STORE DATA block size, 1..255 (default 120)")
+    add(g, "--segment-size", type=int, metavar="N", help="STORE DATA block size, 1..255 (default 255)")
     add(g, "--config", metavar="FILE", dest="config_path", help="TOML config (default /etc/esim-agent/agent.toml)")
     add(g, "--direct", action="store_true",
         help="open the modem directly even if the esim-agent daemon is running (it owns the port)")
@@ -483,19 +759,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-notifications", action="store_true", help="leave the notifications pending")
     _server_args(c)
     c.set_defaults(func=cmd_profile_delete)
-    c = prof.add_parser("nickname", help="set a profile's nickname")
+    c = prof.add_parser("nickname", help="set a profile's nickname (up to 64 characters, one line)")
     c.add_argument("iccid")
-    c.add_argument("name")
+    c.add_argument("name", nargs="?")
+    c.add_argument("--clear", action="store_true", help="remove the nickname")
     c.set_defaults(func=cmd_profile_nickname)
     _add_download_parser(prof)
 
     notif = sub.add_parser("notification", help="pending notifications").add_subparsers(dest="sub", metavar="ACTION", parser_class=_Parser)
     notif.required = True
-    notif.add_parser("list", help="list pending notifications").set_defaults(func=cmd_notification_list)
-    c = notif.add_parser("remove", help="remove notifications from the eUICC without sending them")
+    c = notif.add_parser("list", help="list pending notifications (on the eUICC and in the outbox)")
+    c.add_argument("--history", action="store_true", help="also what the outbox delivered or dropped")
+    c.set_defaults(func=cmd_notification_list)
+    c = notif.add_parser("remove", help="remove notifications from the eUICC without sending them (kept in the "
+                                        "outbox; one only the outbox holds is dropped)")
     c.add_argument("seq", nargs="*", type=int)
     c.add_argument("--all", action="store_true")
     c.set_defaults(func=cmd_notification_remove)
+    c = notif.add_parser("drop", help="retire undelivered notifications only the outbox holds (never sent, kept "
+                                      "as history)")
+    c.add_argument("seq", nargs="*", type=int)
+    c.add_argument("--all", action="store_true", help="every undelivered notification held only in the outbox")
+    c.set_defaults(func=cmd_notification_drop)
     _add_notification_process_parser(notif)
 
     c = sub.add_parser("status", help="daemon, modem, eUICC, profiles, jobs and outbox at a glance")
@@ -518,6 +803,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _server_args(p) -> None:
     p.add_argument("--ca", metavar="FILE", help="trusted CI certificate(s) for the servers' TLS (PEM or DER)")
     p.add_argument("--insecure-http", action="store_true", help="plain HTTP, for test servers only")
+    p.add_argument("--http-timeout", type=float, metavar="S",
+                   help="deadline for each call to a server, retries included (default: config http_timeout, 30)")
 
 
 def _add_download_parser(prof) -> None:
@@ -538,6 +825,8 @@ def _add_notification_process_parser(notif) -> None:
     c = notif.add_parser("process", help="send pending notifications, then remove them from the eUICC")
     c.add_argument("seq", nargs="*", type=int)
     c.add_argument("--all", action="store_true", help="all pending notifications (the default)")
+    c.add_argument("--now", action="store_true",
+                   help="also try servers that failed before and wait for their back-off")
     _server_args(c)
     c.set_defaults(func=cmd_notification_process)
 

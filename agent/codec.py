@@ -1,4 +1,4 @@
-"""DER encode/decode of the SGP.22 messages (our transcription in asn1/*.asn).
+"""DER encode/decode of the SGP.22 and SGP.32 messages (our transcriptions in asn1/*.asn).
 
 ``encode(type_name, value) -> bytes`` and ``decode(type_name, data) -> value``
 use asn1tools' Python value conventions: OCTET STRING = bytes, BIT STRING =
@@ -21,10 +21,14 @@ asn1tools behaviours corrected here because they matter for SGP.22:
   (None, None); we reject it rather than hand callers a value they cannot use;
 * OBJECT IDENTIFIER decoding splits the first sub-identifier as (v // 40, v % 40)
   even for v >= 80, so ``2.999.10`` (the SM-DP+ OID of test PKIs) came back as
-  ``26.39.10``; X.690 §8.19.4 says the first arc is 2 and the second v - 80.
+  ``26.39.10``; X.690 §8.19.4 says the first arc is 2 and the second v - 80;
+* its DER SEQUENCE OF / SET OF decoder loops for ever (growing a list) on an element
+  with the wrong tag, INTEGERs are unbounded and an empty BIT STRING reads the next
+  TLV's byte: see ``_patch_der`` and docs/protocol.md §0.8.
 
 (A further asn1tools flaw, making every tag on a CHOICE-based type explicit, is
-worked around in asn1/rsp.asn itself; see the notes there.)
+worked around in the .asn files themselves: see the notes in asn1/rsp.asn and the
+"[n] IMPLICIT" places of asn1/sgp32.asn.)
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ from .errors import ProtocolError
 
 Any = object  # annotations only; `typing` is not imported to keep start-up lean
 
-_ASN_FILES = ("rsp.asn", "pkix.asn")
+_ASN_FILES = ("rsp.asn", "pkix.asn", "sgp32.asn", "sgp32v10.asn")
 _FORMAT = 1          # bump when the pickled layout below changes
 _types: dict[str, Any] | None = None
 _lock = threading.Lock()   # first load swaps sys.modules entries: one thread at a time
@@ -145,7 +149,75 @@ def _patch_asn1tools(ber) -> None:
         return ".".join(str(v) for v in head + arcs[1:]), end
 
     ber.ObjectIdentifier.decode_content = decode_content
+    der = sys.modules.get("asn1tools.codecs.der")
+    if der is not None:
+        _patch_der(ber, der)
     ber.ObjectIdentifier._esim_agent_fixed = True
+
+
+#: Longest INTEGER content we decode.  Every SGP.22 INTEGER is small (results, reasons,
+#: sequence numbers) and RFC 5280 caps certificate serial numbers at 20 octets; a longer
+#: one only turns into numbers Python cannot print (int -> str stops at 4300 digits) or
+#: store (SQLite INTEGER is 64-bit).  docs/protocol.md §0.8.
+MAX_INTEGER_OCTETS = 64
+
+
+def _patch_der(ber, der) -> None:
+    """Make asn1tools' DER decoder fail on input it would otherwise loop on or misread.
+
+    * SEQUENCE OF / SET OF (der.ArrayType.decode_content) decodes elements while its
+      length is not used up, but an element with the wrong tag comes back as the
+      TAG_MISMATCH marker *without consuming a byte*: the loop never ends and the list
+      grows until memory runs out (a card answering ``BF2D 04 A0 02 00 00``).  Each
+      element must now match and consume bytes, and stay inside its parent.
+    * INTEGER / ENUMERATED contents are bounded (MAX_INTEGER_OCTETS).
+    * BIT STRING: empty contents made asn1tools read the unused-bits count from the
+      next TLV (or past the end); an unused-bits count above 7 gave a negative length."""
+    mismatch = ber.TAG_MISMATCH
+
+    def array_decode_content(self, data, offset, length):
+        decoded = []
+        end = offset + length
+        if end > len(data):
+            raise ber.DecodeError(f"{self.type_name} contents run past the end of the data", offset=offset)
+        while offset < end:
+            value, new_offset = self.element_type.decode(data, offset)
+            if value is mismatch:
+                raise ber.DecodeTagError(self.element_type, data, offset, location=self.element_type)
+            if new_offset <= offset or new_offset > end:
+                raise ber.DecodeError(f"{self.type_name} element at offset {offset} does not fit its parent",
+                                      offset=offset)
+            decoded.append(value)
+            offset = new_offset
+        return decoded, offset
+
+    def integer_decode_content(self, data, offset, length):
+        if length > MAX_INTEGER_OCTETS:
+            raise ber.DecodeError(f"INTEGER of {length} octets (at most {MAX_INTEGER_OCTETS} accepted)",
+                                  offset=offset)
+        return integer_orig(self, data, offset, length)
+
+    def enumerated_decode_content(self, data, offset, length):
+        if length > MAX_INTEGER_OCTETS:
+            raise ber.DecodeError(f"ENUMERATED of {length} octets (at most {MAX_INTEGER_OCTETS} accepted)",
+                                  offset=offset)
+        return enumerated_orig(self, data, offset, length)
+
+    def bit_string_decode_content(self, data, offset, length):
+        if length < 1 or offset + length > len(data):
+            raise ber.DecodeError("BIT STRING without its unused-bits octet", offset=offset)
+        unused = data[offset]
+        if unused > 7 or (length == 1 and unused):
+            raise ber.DecodeError(f"BIT STRING with {unused} unused bits in {length - 1} octets", offset=offset)
+        return bit_string_orig(self, data, offset, length)
+
+    integer_orig = der.Integer.decode_content
+    enumerated_orig = ber.Enumerated.decode_content
+    bit_string_orig = der.BitString.decode_content
+    der.ArrayType.decode_content = array_decode_content
+    der.Integer.decode_content = integer_decode_content
+    ber.Enumerated.decode_content = enumerated_decode_content
+    der.BitString.decode_content = bit_string_decode_content
 
 
 class _LightAsn1tools:

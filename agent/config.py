@@ -18,7 +18,7 @@ Example::
     timeout = 10                # seconds per AT command / APDU
     long_timeout = 300          # seconds for profile package loading, enable, delete
     aids = ["A0000005591010FFFFFFFF8900000100"]
-    segment_size = 120          # STORE DATA block size (1..255)
+    segment_size = 255          # STORE DATA block size (1..255)
     ca_bundle = "/etc/esim-agent/ci-bundle.pem"
     state_dir = "/var/lib/esim-agent"
 
@@ -55,7 +55,7 @@ class Config:
     timeout: float = 10.0
     long_timeout: float = 300.0
     aids: list[str] = field(default_factory=list)
-    segment_size: int = 120
+    segment_size: int = 255
     baud: int = 115200
     refresh: bool = True
     quirks: dict = field(default_factory=dict)
@@ -104,6 +104,8 @@ def load(path: str | None = None) -> Config:
     except UnicodeDecodeError as e:
         raise UsageError(f"config {p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})",
                          code="config_invalid") from e
+    except ValueError as e:                        # tomllib: an integer of more than 4300 digits
+        raise UsageError(f"config {p}: not usable TOML: {e}", code="config_invalid") from e
     except OSError as e:
         raise UsageError(f"config {p}: cannot be read: {e.strerror or e}", code="config_invalid") from e
     unknown = set(data) - set(_KEYS)
@@ -139,7 +141,8 @@ def _is_number(v) -> bool:
 def _seconds(*, zero_ok: bool = False, at_most: float = _YEAR, zero_means: str = ""):
     def check(v):
         rule = f"seconds at or above 0 ({zero_means})" if zero_ok else "seconds above 0"
-        if not _is_number(v) or math.isnan(v) or v < 0 or (v == 0 and not zero_ok):
+        # (isnan() only on floats: math.isnan(10**400) raises OverflowError)
+        if not _is_number(v) or (isinstance(v, float) and math.isnan(v)) or v < 0 or (v == 0 and not zero_ok):
             raise _Bad(rule)
         if v > at_most:
             raise _Bad(f"{rule}, at most {at_most:g}")
@@ -151,6 +154,32 @@ def _text(rule: str):
     def check(v):
         if not isinstance(v, str) or not v or "\0" in v:
             raise _Bad(rule)
+        return v
+    return check
+
+
+#: Linux PATH_MAX (4096, with the terminating NUL) and NAME_MAX (255 bytes per name).
+_PATH_MAX = 4095
+_NAME_MAX = 255
+
+
+def _path(rule: str):
+    """A path the kernel can take: no NUL byte, at most _PATH_MAX bytes, each name at most
+    _NAME_MAX bytes (else every later open() fails with "File name too long")."""
+    text = _text(rule)
+
+    def check(v):
+        text(v)
+        try:
+            b = os.fsencode(v)
+        except UnicodeError:
+            raise _Bad(rule) from None
+        if len(b) > _PATH_MAX:
+            raise _Bad(f"{rule} of at most {_PATH_MAX} bytes, not {len(b)}", show=False)
+        longest = max(len(part) for part in b.split(b"/"))
+        if longest > _NAME_MAX:
+            raise _Bad(f"{rule} whose names are at most {_NAME_MAX} bytes each (one has {longest})",
+                       show=False)
         return v
     return check
 
@@ -185,6 +214,16 @@ def _int_range(lo: int, hi: int | None, rule: str):
             raise _Bad(rule)
         return v
     return check
+
+
+def _quirks(v):
+    _table(v)
+    from .transport.quirks import normalise   # validates names and values (bad_quirk otherwise)
+    try:
+        normalise(v)
+    except UsageError as e:
+        raise _Bad(f"a table of known modem quirks: {e.message}", show=False) from None
+    return v
 
 
 def _aids(v):
@@ -246,7 +285,7 @@ def _report_token(v):
 
 # key -> check(value) -> the value to keep, raising _Bad. Config fields and keys are one set.
 _KEYS = {
-    "device": _text("a path (the modem's AT port)"),
+    "device": _path("a path (the modem's AT port)"),
     "transport": _one_of(TRANSPORTS),
     "timeout": _seconds(at_most=_HOUR),
     "long_timeout": _seconds(at_most=_HOUR),
@@ -254,11 +293,11 @@ _KEYS = {
     "segment_size": _int_range(1, 255, "a number of bytes from 1 to 255"),
     "baud": _int_range(1, None, "a positive number"),
     "refresh": _bool,
-    "quirks": _table,
-    "ca_bundle": _text("a path (a PEM file of CI certificates)"),
+    "quirks": _quirks,
+    "ca_bundle": _path("a path (a PEM file of CI certificates)"),
     "default_smdp": _default_smdp,
     "http_timeout": _seconds(at_most=_HOUR),
-    "state_dir": _text("a path (a directory)"),
+    "state_dir": _path("a path (a directory)"),
     "process_notifications": _bool,
     "socket": _socket,
     "discovery_interval": _seconds(zero_ok=True, zero_means="0 = only at start-up and on `esim-agent sync`"),
@@ -267,7 +306,7 @@ _KEYS = {
     "report_url": _report_url,
     "report_token": _report_token,
     "report_insecure_http": _bool,
-    "report_ca": _text("a path (a PEM file of CA certificates for report_url)"),
+    "report_ca": _path("a path (a PEM file of CA certificates for report_url)"),
     "log_level": _one_of(LOG_LEVELS, fold=True),
     "eim": _table,
 }

@@ -204,6 +204,24 @@ def derive_bsp_keys(shs: bytes, *, key_type: int = 0x88, key_len: int = 16,
 
 # --- Certificates and keys ----------------------------------------------------
 
+#: What cryptography raises for a certificate it parsed but whose parts are unusable: a bad
+#: extension or name (ValueError), an extension listed twice (RFC 5280 §4.2 forbids it), a
+#: GeneralName type it does not support.  Not ValueError subclasses, so named here.
+_CERT_DEFECTS = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
+def _parsed(cert: x509.Certificate) -> x509.Certificate:
+    """Touch the lazily parsed parts now, so a defect is a CertError at load time and not a
+    bare exception from whichever check reads the extensions first."""
+    try:
+        cert.extensions
+        cert.subject.rfc4514_string()
+        cert.issuer.rfc4514_string()
+    except _CERT_DEFECTS as e:
+        raise CertError("malformed", f"cannot parse certificate: {e}") from None
+    return cert
+
+
 def load_cert(data: bytes | str) -> x509.Certificate:
     """Load a certificate from DER or PEM bytes (or PEM text)."""
     if isinstance(data, str):
@@ -211,10 +229,12 @@ def load_cert(data: bytes | str) -> x509.Certificate:
     data = bytes(data)
     try:
         if data.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
+            cert = x509.load_pem_x509_certificate(data)
+        else:
+            cert = x509.load_der_x509_certificate(data)
     except ValueError as e:
         raise CertError("malformed", f"cannot parse certificate: {e}") from None
+    return _parsed(cert)
 
 
 def load_certs(data: bytes | str) -> list[x509.Certificate]:
@@ -223,9 +243,10 @@ def load_certs(data: bytes | str) -> list[x509.Certificate]:
         data = data.encode()
     if bytes(data).lstrip().startswith(b"-----BEGIN"):
         try:
-            return x509.load_pem_x509_certificates(bytes(data))
+            certs = x509.load_pem_x509_certificates(bytes(data))
         except ValueError as e:
             raise CertError("malformed", f"cannot parse PEM certificates: {e}") from None
+        return [_parsed(c) for c in certs]
     return [load_cert(data)]
 
 
@@ -265,7 +286,7 @@ def _ext(cert: x509.Certificate, oid):
         return cert.extensions.get_extension_for_oid(oid).value
     except x509.ExtensionNotFound:
         return None
-    except ValueError as e:  # unparsable extension
+    except _CERT_DEFECTS as e:  # unparsable or duplicated extension
         raise CertError("malformed", f"certificate extension {oid.dotted_string} is malformed: {e}") from None
 
 

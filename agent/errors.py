@@ -173,6 +173,7 @@ _REFUSED_CODES = (
     "store_error", "demo_failed", "download_failed", "internal_error", "worker_died", "daemon_error",
     "job_failed", "cancelled", "rolled_back", "nothing_waiting", "switch_not_effective",
     "outbox_conflict", "notification_failed", "notification_not_found", "user_rejected",
+    "postponed",   # the user chose "later" at the consent prompt: the order stays usable
     # ES10 results: code_for() of the eUICC's result names (es10.py tables)
     "cat_busy", "ci_pk_unknown", "disallowed_by_policy", "euicc_challenge_mismatch", "iccid_not_found",
     "iccid_or_aid_not_found", "incorrect_input_values", "invalid_certificate", "invalid_oid",
@@ -220,16 +221,18 @@ _REFUSED_CODES = (
 _USAGE_CODES = (
     # command line, options, configuration
     "bad_usage", "bad_input", "confirmation_required", "consent_required", "confirmation_code_required",
-    "no_default_smdp", "no_device", "bad_timeout", "bad_segment_size", "bad_baud", "bad_aid",
+    "no_default_smdp", "no_device", "bad_timeout", "bad_segment_size", "bad_baud", "bad_latency", "bad_aid",
     "bad_transport", "bad_quirk", "segment_size_too_small", "bad_runs", "unknown_operation",
     "config_missing", "config_invalid", "daemon_running",
     # values given to us
     "bad_iccid", "bad_eid", "bad_imei", "bad_profile_id", "bad_nickname", "bad_address", "bad_es9p_input",
     "bad_key",
+    # notification sequence numbers (negative, absurd); dropping one still on the eUICC (ops/notifications.py)
+    "bad_seq_number", "notification_on_euicc",
     # activation codes (ac.py)
     "ac_empty", "ac_empty_address", "ac_bad_address", "ac_too_long", "ac_bad_characters", "ac_bad_format",
     "ac_unsupported_format", "ac_missing_fields", "ac_extra_fields", "ac_bad_oid", "ac_bad_cc_flag",
-    "ac_bad_ci_pkid", "ac_file_unreadable", "ac_twice", "ac_missing",
+    "ac_bad_ci_pkid", "ac_file_unreadable", "ac_twice", "ac_missing", "ac_bad_matching_id",
     # TLS trust configuration: no CA configured, unreadable CA file, clock not set (tls.py)
     "no_trusted_ci", "bad_ca_file", "clock_unset",
     # requests to the daemon's socket API (daemon/)
@@ -239,6 +242,8 @@ _USAGE_CODES = (
     "sim_state_error", "sim_no_eum", "sim_full", "sim_state_write", "sim_state_unreadable",
     "sim_state_corrupt", "bad_fault", "bad_network", "link_exists", "bad_file", "key_mismatch",
     "pki_missing", "pki_mismatch", "pki_no_key", "bad_imsi",
+    "sim_state_busy", "link_in_use", "link_dir_missing", "bad_listen_port", "listen_port_in_use",
+    "pki_not_a_directory", "pki_unwritable",
 )
 
 _TRANSPORT_CODES = (

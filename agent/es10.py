@@ -226,29 +226,92 @@ class RatRule:
 
 # --- helpers -------------------------------------------------------------------
 
+#: SGP.02 / SGP.22: an ISD-P AID is 16 bytes (RID A000000559 + PIX), typically A0000005591010FFFFFFFF89…
+ISDP_AID_LENGTH = 16
+_HEX_TEXT = re.compile(r"[0-9A-Fa-f]+")
+
+
 def profile_identifier(ident: str) -> tuple[str, bytes]:
     """Turn a CLI argument into ('iccid', bytes) or ('isdpAid', bytes).
 
-    ISD-P AIDs are 16 bytes of hex (32 chars, typically A0000005591010FFFFFFFF89…);
-    ICCIDs are 18–20 digits."""
-    s = ident.strip().replace(" ", "")
-    digits = s[:-1] if len(s) in (19, 20) and s[-1] in "Ff" else s   # modems print F-padded ICCIDs
-    if digits.isdigit() and 18 <= len(digits) <= 20:
-        return "iccid", iccid_to_bytes(digits)
-    if re.fullmatch(r"[ADad][0-9A-Fa-f]{9,31}", s) and len(s) % 2 == 0:
-        # ISO 7816-5 AID: 5..16 bytes, RID category A (international) or D (national)
+    ICCIDs go through the one ICCID parser (``ids.parse_iccid``: 18–20 digits, F padding
+    accepted); ISD-P AIDs are 16 bytes of hex (32 digits), refused here otherwise so a
+    wrong one never reaches the card."""
+    s = ident.strip().replace(" ", "") if isinstance(ident, str) else ""
+    if s.isascii() and s.rstrip("Ff").isdigit() and (len(s) != 32 or not s.isdigit()):
+        try:
+            return "iccid", iccid_to_bytes(s)
+        except InputError:
+            raise InputError(f"{ident!r} is not an ICCID (18–20 digits 0-9, F padding accepted) nor an ISD-P AID "
+                             "(32 hex digits)", code="bad_profile_id") from None
+    if s[:1] in ("A", "D", "a", "d") and _HEX_TEXT.fullmatch(s):
+        if len(s) != 2 * ISDP_AID_LENGTH:
+            raise InputError(f"{ident!r} is not an ISD-P AID: it has {len(s)} hex digits, an ISD-P AID is "
+                             f"{ISDP_AID_LENGTH} bytes (32 hex digits, e.g. A0000005591010FFFFFFFF8900001000)",
+                             code="bad_profile_id")
         return "isdpAid", bytes.fromhex(s)
-    raise InputError(f"{ident!r} is neither an ICCID (18–20 digits) nor an ISD-P AID (32 hex digits)",
+    hint = "; 32 digits look like an EID (the eUICC's own identifier)" if len(s) == 32 and s.isdigit() else ""
+    raise InputError(f"{ident!r} is neither an ICCID (18–20 digits) nor an ISD-P AID (32 hex digits){hint}",
                      code="bad_profile_id")
+
+
+def canonical_profile_id(ident: str) -> str:
+    """A profile argument as we show it back: the ICCID's digits, or the AID in upper-case hex
+    (no surrounding spaces, no F padding)."""
+    kind, value = profile_identifier(ident)
+    return iccid_from_bytes(value) if kind == "iccid" else value.hex().upper()
+
+
+#: profileNickname is UTF8String (SIZE(0..64)) (SGP.22 §5.7.21, ProfileInfo tag 90); the size of a
+#: character string type counts characters (X.680), so 64 characters, whatever their UTF-8 length.
+MAX_NICKNAME = 64
+# Control, format, surrogate, private-use and unassigned characters, and line/paragraph separators:
+# they would corrupt every listing of the profiles (terminal escapes, line breaks, bidi overrides).
+_NICKNAME_BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+_NICKNAME_JOINERS = frozenset("\u200c\u200d")        # ZWNJ / ZWJ: part of some scripts and emoji
+
+
+def nickname_value(name: str, *, allow_empty: bool = False) -> str:
+    """A profile nickname, checked and normalised (surrounding whitespace dropped, Unicode NFC).
+    An empty name clears the nickname in SetNickname; only ``allow_empty`` callers mean that."""
+    import unicodedata
+    if not isinstance(name, str):
+        raise InputError("a profile nickname must be text", code="bad_nickname")
+    n = unicodedata.normalize("NFC", name.strip())
+    if not n and not allow_empty:
+        raise InputError("the nickname is empty: give a name, or remove the nickname with "
+                         "`profile nickname ICCID --clear`", code="bad_nickname")
+    for i, ch in enumerate(n):
+        if unicodedata.category(ch) in _NICKNAME_BAD_CATEGORIES and ch not in _NICKNAME_JOINERS:
+            raise InputError(f"the nickname contains the control character U+{ord(ch):04X} at position {i + 1}; "
+                             "a nickname is one line of printable text", code="bad_nickname")
+    if len(n) > MAX_NICKNAME:
+        raise InputError(f"the nickname is {len(n)} characters long; SGP.22 allows at most {MAX_NICKNAME} "
+                         "characters (profileNickname, §5.7.21)", code="bad_nickname")
+    return n
 
 
 def _opt_str(v) -> str | None:
     return v if v is not None else None
 
 
+#: Largest notification sequence number we accept: the outbox keeps it in an SQLite INTEGER
+#: (signed 64-bit).  SGP.22 leaves seqNumber unbounded; cards count up from 0 or 1.
+MAX_SEQ_NUMBER = 2 ** 63 - 1
+
+
+def seq_number(value, where: str = "notification") -> int:
+    """A seqNumber from the card, checked: 0 ≤ n ≤ MAX_SEQ_NUMBER, else ProtocolError."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEQ_NUMBER:
+        shown = value if isinstance(value, int) and value.bit_length() <= 128 else "a number too large to show"
+        raise ProtocolError(f"the eUICC sent a {where} with sequence number {shown}, outside "
+                            f"0..{MAX_SEQ_NUMBER}", code="malformed_asn1", details={"seq_number": str(shown)})
+    return value
+
+
 def notification_from_metadata(md: dict) -> NotificationInfo:
     return NotificationInfo(
-        seq_number=md["seqNumber"],
+        seq_number=seq_number(md["seqNumber"]),
         operation=pmo_name(md.get("profileManagementOperation")),
         address=md.get("notificationAddress", ""),
         iccid=iccid_from_bytes(md["iccid"]) if md.get("iccid") is not None else None,
@@ -296,7 +359,8 @@ def euicc_info2_from_asn1(v: dict, raw: bytes) -> EuiccInfo2:
     res = {}
     try:
         for t in tlv.parse_all(ext):
-            res[t.tag] = int.from_bytes(t.value, "big")
+            if len(t.value) <= 8:   # counts and byte sizes; a longer value is not one (and not printable)
+                res[t.tag] = int.from_bytes(t.value, "big")
     except ProtocolError:
         pass
     cat = v.get("euiccCategory")
@@ -404,8 +468,8 @@ class Es10:
 
     # ES10c SetNickname (§5.7.21)
     def set_nickname(self, iccid: str, nickname: str) -> None:
-        if len(nickname.encode()) > 64:
-            raise InputError("a profile nickname is at most 64 bytes (SGP.22 §5.7.21)", code="bad_nickname")
+        """An empty nickname clears it (SIZE(0..64)); see ``nickname_value``."""
+        nickname = nickname_value(nickname, allow_empty=True)
         v = self._call("SetNicknameRequest", {"iccid": iccid_to_bytes(iccid), "profileNickname": nickname},
                        "SetNicknameResponse")
         _check("SetNickname", NICKNAME_RESULTS, v["setNicknameResult"])

@@ -17,6 +17,12 @@ Errors:
 * garbage (JSON, base64, DER, transaction id) -> ProtocolError (exit 3);
 * network -> TransportError / TimeoutError_ (exit 3), TLS -> tls.TlsError.
 
+Deadline: one per function call (``deadline``, the CLI's ``--http-timeout``, config
+``http_timeout``, default 30 s) covers every attempt, the back-off between them, the
+TCP connect, the TLS handshake and the whole answer; a server that never answers,
+answers a byte at a time or never finishes the handshake is cut off there
+(httpdeadline.py), and the error says which deadline ran out after how many attempts.
+
 Retries: only where repeating cannot change server state twice.  A failure
 *before* the request left us (DNS, refused, connect timeout) is retried for
 every function.  initiateAuthentication (a fresh transaction each time) and
@@ -44,7 +50,8 @@ import requests
 import urllib3.exceptions as u3
 
 from . import tlv
-from .errors import InputError, ProtocolError, ServerError, TimeoutError_, TransportError, UsageError
+from .errors import AgentError, InputError, ProtocolError, ServerError, TimeoutError_, TransportError, UsageError
+from .httpdeadline import DeadlineWatch, WatchedAdapter
 from .tls import TlsError, Trust, load_trust, make_session, map_ssl_error, walk_exception as _walk
 
 log = logging.getLogger(__name__)
@@ -52,9 +59,11 @@ log = logging.getLogger(__name__)
 ADMIN_PROTOCOL = "gsma/rsp/v2.2.0"
 PATH_PREFIX = "/gsma/rsp2/es9plus/"
 DEFAULT_TIMEOUT = (5.0, 30.0)
-# The read timeout bounds each socket read; this bounds the whole answer, so a server
-# that drips bytes cannot hold the device (DESIGN.md "Never hang").
-DEFAULT_TOTAL_TIMEOUT = 120.0
+# The connect/read timeouts bound each socket operation; the deadline bounds the whole function
+# call, retries included, so a server that drips bytes cannot hold the device (DESIGN.md
+# "Never hang"). The CLI's --http-timeout / the config's http_timeout set it.
+DEFAULT_DEADLINE = 30.0
+DEFAULT_TOTAL_TIMEOUT = DEFAULT_DEADLINE      # the former name
 # A Bound Profile Package is tens of KB; anything this large is not an ES9+ answer.
 MAX_BODY = 4 * 1024 * 1024
 OK_STATUSES = ("Executed-Success", "Executed-WithWarning")
@@ -149,10 +158,29 @@ STATUS_CODES: dict[tuple[str, str], tuple[str, str]] = {
 }
 
 
+def _scalar(v, limit: int = 500) -> str | None:
+    """A server-sent JSON value as text for a message: strings and numbers only, bounded.
+    (A list or object, possibly nested hundreds deep, is not printed: repr() of it can
+    exceed the recursion limit.)"""
+    if isinstance(v, str):
+        return v if len(v) <= limit else v[:limit] + "…"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    return None
+
+
+def _shown(v) -> str:
+    """repr() of a server-sent JSON value for a message, never of a deep structure."""
+    text = _scalar(v, 60)
+    if text is None:
+        return f"(a JSON {type(v).__name__})" if v is not None else "None"
+    return repr(text) if isinstance(v, str) else text
+
+
 def _status_error(function: str, status: str, data: dict | None, *, http_status: int | None = None) -> Es9pError:
     data = data if isinstance(data, dict) else {}
-    subject, reason = str(data.get("subjectCode") or ""), str(data.get("reasonCode") or "")
-    server_msg = data.get("message")
+    subject, reason = _scalar(data.get("subjectCode")) or "", _scalar(data.get("reasonCode")) or ""
+    server_msg = _scalar(data.get("message"))
     code, meaning = STATUS_CODES.get((subject, reason), (None, None))
     if code is None:
         code = "smdp_expired" if status == "Expired" else "smdp_refused"
@@ -162,7 +190,7 @@ def _status_error(function: str, status: str, data: dict | None, *, http_status:
     msg = f"{function}: {meaning} ({codes}"
     msg += f": {server_msg})" if server_msg else ")"
     details = {"function": function, "status": status, "subject_code": subject or None,
-               "reason_code": reason or None, "subject_identifier": data.get("subjectIdentifier"),
+               "reason_code": reason or None, "subject_identifier": _scalar(data.get("subjectIdentifier")),
                "server_message": server_msg}
     if http_status is not None:
         details["http_status"] = http_status
@@ -228,9 +256,30 @@ def _check_input(name: str, blob: bytes, tags: tuple[int, ...]) -> None:
 
 def _check_txid(txid: str, where: str) -> str:
     if not isinstance(txid, str) or not _TXID_RE.match(txid):
-        raise ProtocolError(f"{where}: transactionId {txid!r} is not a 1-16 byte hex string",
+        raise ProtocolError(f"{where}: transactionId {_shown(txid)} is not a 1-16 byte hex string",
                             code="bad_transaction_id")
     return txid
+
+
+class _DeadlinePassed(Exception):
+    """Internal: the function call's one deadline ran out (Es9pClient._post reports it)."""
+
+
+def _attempts(n: int) -> str:
+    return f"{n} attempt" + ("" if n == 1 else "s")
+
+
+def _with_attempts(err: Exception, attempts: int, *, deadline: float | None = None) -> Exception:
+    """Say in the message how many attempts were made (and that the deadline left no room for more)."""
+    if isinstance(err, AgentError) and (attempts > 1 or deadline is not None):
+        extra = _attempts(attempts) + (f"; no time left for another within the {deadline:g} s deadline"
+                                       if deadline is not None else "")
+        err.message = f"{err.message} ({extra})"
+        err.args = (err.message,)
+        err.details["attempts"] = attempts
+        if deadline is not None:
+            err.details["deadline_s"] = deadline
+    return err
 
 
 # --- the client ------------------------------------------------------------------------
@@ -244,13 +293,19 @@ class Es9pClient:
                  trust: Trust | None = None, retries: int = 2, backoff: float = 0.5,
                  narrow_trust: bool = True, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], _dt.datetime] | None = None, user_agent: str | None = None,
-                 total_timeout: float = DEFAULT_TOTAL_TIMEOUT):
+                 total_timeout: float | None = None, deadline: float | None = None):
         self.address = self._parse_address(address, insecure_http)
         self.host = self.address.rsplit(":", 1)[0] if self._has_port(self.address) else self.address
         self.host = self.host.strip("[]")
         self.insecure_http = insecure_http
         self.timeout = timeout if isinstance(timeout, tuple) else (float(timeout), float(timeout))
-        self.total_timeout = float(total_timeout)
+        # ``deadline``: seconds for one whole function call (``total_timeout`` is its former name).
+        self.deadline = float(deadline if deadline is not None else
+                              total_timeout if total_timeout is not None else DEFAULT_DEADLINE)
+        if not self.deadline > 0:
+            raise UsageError(f"the HTTP deadline must be a number of seconds above 0, not {self.deadline!r}",
+                             code="bad_timeout")
+        self.total_timeout = self.deadline
         self.retries = max(0, int(retries))
         self.backoff = backoff
         self.narrow_trust = narrow_trust
@@ -292,6 +347,8 @@ class Es9pClient:
         return a
 
     def _mount(self) -> None:
+        if self.trust is None:      # plain HTTP (test servers): its connections obey the deadline too
+            self.session.mount(self.base_url + "/", WatchedAdapter())
         if self.trust is not None:
             prefix = self.base_url + "/"
             old = self.session.adapters.get(prefix)
@@ -338,10 +395,19 @@ class Es9pClient:
         return any(isinstance(e, (u3.NewConnectionError, u3.NameResolutionError, socket.gaierror,
                                   ConnectionRefusedError)) for e in chain)
 
-    def _map_exception(self, exc: BaseException, function: str) -> Exception:
+    def _map_exception(self, exc: BaseException, function: str, *, connected: bool = True) -> Exception:
         where = f"SM-DP+ {self.address}"
         chain = list(_walk(exc))
         details = {"function": function, "address": self.address, "error": str(exc)[:300]}
+        timed_out = isinstance(exc, requests.exceptions.Timeout) or any(
+            isinstance(e, u3.ReadTimeoutError) or (isinstance(e, u3.ConnectTimeoutError)
+                                                   and not isinstance(e, u3.NewConnectionError)) for e in chain)
+        if timed_out and not connected and self.trust is not None and not isinstance(
+                exc, requests.exceptions.ConnectTimeout):
+            # TCP is up but the server never completes the TLS handshake: nothing was sent.
+            return TimeoutError_(f"the TLS handshake with {where} did not complete within {self.timeout[0]:g} s "
+                                 f"({function}); check the address and port, and the network",
+                                 code="connect_timeout", details=details)
         if isinstance(exc, requests.exceptions.SSLError) or any(isinstance(e, TlsError) for e in chain):
             return map_ssl_error(exc, self.host, self.trust.source if self.trust else "the CI bundle")
         if isinstance(exc, requests.exceptions.ConnectTimeout):
@@ -371,42 +437,82 @@ class Es9pClient:
                               details=details)
 
     def _post(self, function: str, body: dict) -> tuple[int, bytes]:
+        """POST one ES9+ function: every attempt, the back-off between them, connect, TLS
+        handshake and the whole answer within ``self.deadline`` seconds (one deadline)."""
         url = self.base_url + PATH_PREFIX + function
         data = json.dumps(body, separators=(",", ":")).encode()
         if self.trust is not None:
             self.trust.check_clock()
+        end = time.monotonic() + self.deadline
         attempt = 0
+        err: Exception | None = None
         while True:
             t0 = time.monotonic()
-            try:
-                resp = self.session.post(url, data=data, headers=self._headers(), timeout=self.timeout,
-                                         allow_redirects=False, stream=True)
+            left = end - t0
+            if err is not None and left <= 0.05:       # a back-off sleep overran the deadline
+                raise _with_attempts(err, attempt, deadline=self.deadline)
+            attempt += 1
+            answered = False          # the status line and headers arrived
+            with DeadlineWatch(left) as watch:
                 try:
-                    content = self._read_body(resp, function, t0 + self.total_timeout)
-                finally:
-                    resp.close()
-            except TlsError:
-                raise
-            except requests.exceptions.RequestException as e:
-                retry_ok = self._before_send(e) or (function in _IDEMPOTENT and not
-                                                     isinstance(e, requests.exceptions.SSLError))
-                err = self._map_exception(e, function)
-                if isinstance(err, TlsError) or not retry_ok or attempt >= self.retries:
-                    if attempt:
-                        err.details["attempts"] = attempt + 1
-                    raise err from None
-                delay = self.backoff * (2 ** attempt)
-                log.info("%s to %s failed (%s); retrying in %.1f s", function, self.address, err.code, delay)
-                attempt += 1
-                self._sleep(delay)
-                continue
-            log.debug("%s -> HTTP %s, %d bytes, %.2f s", function, resp.status_code, len(content),
-                      time.monotonic() - t0)
-            return resp.status_code, content
+                    resp = self.session.post(url, data=data, headers=self._headers(), allow_redirects=False,
+                                             stream=True, timeout=(min(self.timeout[0], left),
+                                                                   min(self.timeout[1], left)))
+                    answered = True
+                    try:
+                        content = self._read_body(resp, function, watch)
+                    finally:
+                        resp.close()
+                    if watch.fired:   # a cut connection can look like the end of a body
+                        raise _DeadlinePassed()
+                    log.debug("%s -> HTTP %s, %d bytes, %.2f s", function, resp.status_code, len(content),
+                              time.monotonic() - t0)
+                    return resp.status_code, content
+                except _DeadlinePassed:
+                    raise self._deadline_error(function, attempt, watch, answered) from None
+                except TlsError:
+                    if watch.fired:
+                        raise self._deadline_error(function, attempt, watch, answered) from None
+                    raise
+                except requests.exceptions.RequestException as e:
+                    if watch.fired or time.monotonic() >= end:
+                        raise self._deadline_error(function, attempt, watch, answered) from None
+                    # Not connected yet (DNS, refused, connect or TLS handshake time-out): the
+                    # request never left, so any function may go again.
+                    sent_maybe = watch.connected and not self._before_send(e)
+                    retry_ok = not sent_maybe or (function in _IDEMPOTENT and not
+                                                  isinstance(e, requests.exceptions.SSLError))
+                    err = self._map_exception(e, function, connected=watch.connected)
+                    delay = self.backoff * (2 ** (attempt - 1))
+                    if isinstance(err, (TlsError, UsageError)) or not retry_ok or attempt > self.retries:
+                        raise _with_attempts(err, attempt) from None
+                    if time.monotonic() + delay >= end:    # no time left for another attempt
+                        raise _with_attempts(err, attempt, deadline=self.deadline) from None
+            log.info("%s to %s failed (%s); retrying in %.1f s", function, self.address, err.code, delay)
+            self._sleep(delay)
 
-    def _read_body(self, resp, function: str, deadline: float) -> bytes:
+    def _deadline_error(self, function: str, attempts: int, watch: DeadlineWatch, answered: bool) -> TimeoutError_:
+        """The one deadline of ``function`` ran out: say where it stood and after how many attempts."""
+        where = f"SM-DP+ {self.address}"
+        tail = f"within the {self.deadline:g} s deadline ({_attempts(attempts)})"
+        details = {"function": function, "address": self.address, "deadline_s": self.deadline,
+                   "attempts": attempts}
+        if answered:
+            return TimeoutError_(f"{where} did not finish its answer to {function} {tail}",
+                                 code="response_deadline", details=details)
+        if watch.connected:
+            hint = ("" if function in _IDEMPOTENT else
+                    "; it was not resent because the server may already have acted on it")
+            return TimeoutError_(f"no answer from {where} to {function} {tail}{hint}", code="read_timeout",
+                                 details=details)
+        what = "complete the TLS handshake with" if watch.tcp and self.trust is not None else "connect to"
+        return TimeoutError_(f"could not {what} {where} ({function}) {tail}; check the network connection",
+                             code="connect_timeout", details=details)
+
+    def _read_body(self, resp, function: str, watch: DeadlineWatch) -> bytes:
         # read1() returns whatever has arrived (urllib3 >= 2), so the deadline is checked
-        # between small reads instead of after a 64 KiB block that may never fill.
+        # between small reads instead of after a 64 KiB block that may never fill; the
+        # watch cuts a read that waits past it.
         import urllib3
         raw = resp.raw
         read = getattr(raw, "read1", None) or (lambda n: raw.read(min(n, 4096)))
@@ -418,16 +524,14 @@ class Es9pClient:
                 raise requests.exceptions.ReadTimeout(e) from None
             except urllib3.exceptions.HTTPError as e:
                 raise requests.exceptions.ConnectionError(e) from None
+            if watch.fired or watch.left < 0:
+                raise _DeadlinePassed()
             if not chunk:
                 break
             buf += chunk
             if len(buf) > MAX_BODY:
                 raise ProtocolError(f"SM-DP+ answer to {function} is larger than {MAX_BODY // 1024} KiB; "
                                     "not an ES9+ response", code="response_too_large",
-                                    details={"function": function})
-            if time.monotonic() > deadline:
-                raise TimeoutError_(f"SM-DP+ {self.address} took longer than {self.total_timeout:.0f} s to send "
-                                    f"its answer to {function}", code="response_deadline",
                                     details={"function": function})
         return bytes(buf)
 
@@ -437,7 +541,7 @@ class Es9pClient:
         if content.strip():
             try:
                 obj = json.loads(content.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
+            except (UnicodeDecodeError, ValueError, RecursionError):   # RecursionError: `[[[…` nested deep
                 obj = None
                 if 200 <= status < 300:
                     raise ProtocolError(f"SM-DP+ sent malformed JSON in its answer to {function}: "
@@ -474,9 +578,11 @@ class Es9pClient:
             raise ProtocolError(f"SM-DP+ answer to {function} has unknown status {st!r}", code="malformed_json",
                                 details={"function": function, "status": st})
         if st == "Executed-WithWarning":
-            scd = fes.get("statusCodeData") or {}
-            self.warnings.append(f"{function}: SM-DP+ warning subject {scd.get('subjectCode')} "
-                                 f"reason {scd.get('reasonCode')} {scd.get('message') or ''}".rstrip())
+            scd = fes.get("statusCodeData")
+            scd = scd if isinstance(scd, dict) else {}   # a server may send a list, a string, true ...
+            self.warnings.append(f"{function}: SM-DP+ warning subject {_scalar(scd.get('subjectCode'))} "
+                                 f"reason {_scalar(scd.get('reasonCode'))} {_scalar(scd.get('message')) or ''}"
+                                 .rstrip())
         return obj
 
     def _blob(self, function: str, obj: dict, field: str, tag: int) -> bytes:
@@ -506,7 +612,7 @@ class Es9pClient:
         if got is None:  # tolerated: not every server echoes it (the eUICC binds the session anyway)
             return
         if not isinstance(got, str) or got.upper() != txid.upper():
-            raise ProtocolError(f"SM-DP+ answered {function} for transaction {got!r}, but we sent {txid!r}",
+            raise ProtocolError(f"SM-DP+ answered {function} for transaction {_shown(got)}, but we sent {txid!r}",
                                 code="transaction_id_mismatch", details={"function": function})
 
     # -- ES9+ functions --

@@ -27,16 +27,29 @@ def luhn_valid(digits: str) -> bool:
     return len(digits) >= 2 and luhn_check_digit(digits[:-1]) == digits[-1]
 
 
+_ICCID_TEXT = re.compile(r"([0-9]{18,20})[Ff]*")
+
+
+def parse_iccid(text: str) -> str:
+    """The one ICCID parser (every command, the daemon's socket, the ES10 client): the ICCID's
+    digits from what a person or a modem gives. Surrounding whitespace and spaces between
+    digit groups are dropped; the F padding of the card's 20-nibble form (``8949…019F``, as
+    modems print it) is accepted. 18 to 20 ASCII digits (ITU-T E.118)."""
+    s = text.strip().replace(" ", "") if isinstance(text, str) else ""
+    m = _ICCID_TEXT.fullmatch(s)
+    if not m or len(s) > 20:
+        raise InputError(f"ICCID {text!r} must be 18 to 20 digits 0-9 (an F-padded 20-character form such as "
+                         "8949…019F is accepted too)", code="bad_iccid")
+    return m.group(1)
+
+
 def iccid_to_bytes(iccid: str) -> bytes:
     """ICCID digits -> 10 bytes, nibbles swapped per byte, padded with F.
 
     Odd and even digit counts both give 10 bytes (docs/protocol.md §8.2). Another
     LPA once encoded even-length ICCIDs one byte short, and cards answered such
     requests with iccidOrAidNotFound."""
-    iccid = iccid.strip()
-    if not _DIGITS.match(iccid) or not 18 <= len(iccid) <= 20:
-        raise InputError(f"ICCID {iccid!r} must be 18 to 20 digits", code="bad_iccid")
-    s = iccid.ljust(20, "F")
+    s = parse_iccid(iccid).ljust(20, "F")
     return bytes(int(s[i + 1] + s[i], 16) for i in range(0, 20, 2))
 
 
@@ -91,25 +104,43 @@ def _tbcd(digits: str) -> bytes:
     return bytes(int(s[i + 1] + s[i], 16) for i in range(0, len(s), 2))
 
 
-def _imei15(imei: str) -> str:
-    digits = re.sub(r"\D", "", imei)
-    if len(digits) == 14:            # without check digit
-        return digits + luhn_check_digit(digits)
+_IMEI_TEXT = re.compile(r"[0-9]+(?:[ -][0-9]+)*")
+
+
+def normalise_imei(imei: str) -> str:
+    """The 15-digit IMEI that DeviceInfo carries, from what a person or a modem gives.
+
+    3GPP TS 23.003 §6.2: an IMEI is 15 digits, TAC (8) + SNR (6) + a Luhn check digit
+    (Annex B); an IMEISV is 16 digits, TAC + SNR + SVN (2), without a check digit. Either
+    is accepted (an IMEISV gives its IMEI: TAC + SNR + the computed check digit); a 15-digit
+    IMEI must carry the right check digit. Only ASCII digits, optionally grouped by spaces or
+    hyphens as printed on labels (35-693803-564380-9); a letter is an error, never dropped."""
+    text = imei.strip() if isinstance(imei, str) else ""
+    if text and not _IMEI_TEXT.fullmatch(text):
+        raise InputError(f"IMEI {imei!r} may hold only the digits 0-9 (TS 23.003: 15 digits, or 16 for an "
+                         "IMEISV)", code="bad_imei")
+    digits = text.replace(" ", "").replace("-", "")
     if len(digits) == 15:
+        if luhn_check_digit(digits[:14]) != digits[14]:
+            raise InputError(f"IMEI {imei!r} has a wrong check digit: the last digit of an IMEI is the Luhn "
+                             f"check digit of the first 14, here {luhn_check_digit(digits[:14])} "
+                             "(TS 23.003 Annex B)", code="bad_imei")
         return digits
-    if len(digits) == 16:            # IMEISV: the IMEI is its first 14 digits + Luhn
+    if len(digits) == 16:            # IMEISV: TAC + SNR + SVN; its IMEI is TAC + SNR + check digit
         return digits[:14] + luhn_check_digit(digits[:14])
-    raise InputError(f"IMEI {imei!r} must have 14 to 16 digits", code="bad_imei")
+    hint = "; is the check digit missing?" if len(digits) == 14 else ""
+    raise InputError(f"IMEI {imei!r} has {len(digits)} digits: an IMEI has 15 digits 0-9 (TAC, serial number, "
+                     f"check digit), an IMEISV 16 (TS 23.003 §6.2){hint}", code="bad_imei")
 
 
 def tac_from_imei(imei: str) -> bytes:
     """DeviceInfo.tac (SGP.22 §4.2): the first 8 IMEI digits as 4 octets of TBCD
     (3GPP TS 29.002), i.e. nibble-swapped: TAC 35693803 → 53 96 83 30."""
-    return _tbcd(_imei15(imei)[:8])
+    return _tbcd(normalise_imei(imei)[:8])
 
 
 def imei_to_bytes(imei: str) -> bytes:
     """DeviceInfo.imei (SGP.22 v2.1+ §4.2): 8 octets of TBCD, except that the last
     octet holds the check digit in the high nibble and an F filler in the low one."""
-    d = _imei15(imei)
+    d = normalise_imei(imei)
     return _tbcd(d[:14]) + bytes([(int(d[14]) << 4) | 0x0F])

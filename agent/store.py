@@ -26,7 +26,16 @@ is delivered from the outbox (nothing left to remove on the card).
 
 Status meaning: ``pending`` = not yet acknowledged by the server; ``sent`` =
 acknowledged, still on the card; ``removed`` = acknowledged and off the card.
-So ``removed`` always implies delivered.
+So ``removed`` always implies delivered.  ``dropped`` = retired on request
+(`notification drop`, or `notification remove` of an entry only the outbox still
+holds) without delivery: never sent, never deleted, kept as history.
+
+Retries: every failed attempt counts (``attempts``, ``last_error``); a server
+address that failed backs off (table ``notification_addresses``): it is not
+tried again before its ``next_attempt_at``, which doubles with every failure
+in a row (from BACKOFF_BASE_S, ±20 % jitter, at most BACKOFF_CAP_S) and is
+forgotten after a success.  So one unreachable server neither makes every run
+fail nor slows every later operation down.
 
 Storage: one SQLite file in the state directory (config.state_dir()), WAL
 journal so the CLI and the daemon can use it at the same time, busy_timeout so
@@ -52,9 +61,12 @@ from .errors import AgentError
 log = logging.getLogger(__name__)
 
 DB_NAME = "esim-agent.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3      # 3: notification status 'dropped' (+ dropped_at), notification_addresses
 BUSY_TIMEOUT_S = 30.0
-STATUSES = ("pending", "sent", "removed")
+STATUSES = ("pending", "sent", "removed", "dropped")
+#: Back-off of a notification address after failures in a row: BASE·2^(n−1), ±20 %, at most CAP.
+BACKOFF_BASE_S = 60.0
+BACKOFF_CAP_S = 6 * 3600.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS notifications (
@@ -64,7 +76,8 @@ CREATE TABLE IF NOT EXISTS notifications (
     address            TEXT    NOT NULL,
     iccid              TEXT,
     der                BLOB    NOT NULL,
-    status             TEXT    NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'removed')),
+    status             TEXT    NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'removed',
+                                                                          'dropped')),
     removed_externally INTEGER NOT NULL DEFAULT 0,
     attempts           INTEGER NOT NULL DEFAULT 0,
     last_error         TEXT,
@@ -72,9 +85,18 @@ CREATE TABLE IF NOT EXISTS notifications (
     created_at         TEXT    NOT NULL,
     sent_at            TEXT,
     removed_at         TEXT,
+    dropped_at         TEXT,
     UNIQUE (eid, seq_number)
 );
 CREATE INDEX IF NOT EXISTS notifications_status ON notifications (status, eid);
+-- Per server address: failures in a row and when it may be tried again (back-off).
+CREATE TABLE IF NOT EXISTS notification_addresses (
+    address          TEXT    PRIMARY KEY,
+    failures         INTEGER NOT NULL,
+    last_error       TEXT,
+    next_attempt_at  TEXT    NOT NULL,
+    updated_at       TEXT    NOT NULL
+);
 -- A card that reuses a sequence number with different content (e.g. a reset simulator, a replaced
 -- eUICC with the same EID): the old row is kept here, never silently overwritten.
 CREATE TABLE IF NOT EXISTS notifications_superseded (
@@ -162,7 +184,11 @@ def _resolve(path: str | os.PathLike | None) -> Path:
     if path is None:
         return default_path()
     p = Path(path)
-    if p.is_dir():
+    try:
+        is_dir = p.is_dir()
+    except (OSError, ValueError):   # name too long, NUL byte: connect() reports it as store_unavailable
+        is_dir = False
+    if is_dir:
         return p / DB_NAME
     return p
 
@@ -182,7 +208,7 @@ def connect(path: str | os.PathLike | None = None, *, busy_timeout: float = BUSY
             log.warning("state database %s: WAL unavailable (journal_mode=%s)", p, mode)
         conn.execute("PRAGMA synchronous = FULL")
         _migrate(conn)
-    except (OSError, sqlite3.Error) as e:
+    except (OSError, ValueError, sqlite3.Error) as e:   # ValueError: a NUL byte in the path
         raise StoreError(f"cannot open the state database {p}: {e}. Check the directory permissions or set "
                          "ESIM_AGENT_STATE_DIR / state_dir in the config.", code="store_unavailable",
                          details={"path": str(p)}) from None
@@ -199,6 +225,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
         # same moment; BEGIN IMMEDIATE serialises us and the statements are idempotent.
         conn.execute("BEGIN IMMEDIATE")
         try:
+            _notifications_v3(conn)
             for stmt in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
                 conn.execute(stmt)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -206,6 +233,24 @@ def _migrate(conn: sqlite3.Connection) -> None:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+def _notifications_v3(conn: sqlite3.Connection) -> None:
+    """Schema 3: a notifications table of an older schema gets the status 'dropped' and
+    dropped_at. SQLite cannot change a CHECK constraint in place, so the table is rebuilt
+    with every row (inside the caller's transaction; a no-op when already done)."""
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'notifications'").fetchone()
+    if row is None or "'dropped'" in row[0]:
+        return
+    cols = ("eid, seq_number, operation, address, iccid, der, status, removed_externally, attempts, last_error, "
+            "next_attempt_at, created_at, sent_at, removed_at")
+    conn.execute("DROP TABLE IF EXISTS notifications_v3")
+    create = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS notifications ("):]
+    create = create[:create.index(";")].replace("IF NOT EXISTS notifications (", "notifications_v3 (", 1)
+    conn.execute(create)
+    conn.execute(f"INSERT INTO notifications_v3 ({cols}) SELECT {cols} FROM notifications")
+    conn.execute("DROP TABLE notifications")          # its index goes with it; _SCHEMA makes it again
+    conn.execute("ALTER TABLE notifications_v3 RENAME TO notifications")
 
 
 class _Db:
@@ -274,6 +319,7 @@ class Notification:
     created_at: str
     sent_at: str | None
     removed_at: str | None
+    dropped_at: str | None = None
 
     @property
     def delivered(self) -> bool:
@@ -293,7 +339,7 @@ class Notification:
     def _from_row(cls, r: sqlite3.Row) -> "Notification":
         return cls(r["eid"], r["seq_number"], r["operation"], r["address"], r["iccid"], bytes(r["der"]),
                    r["status"], bool(r["removed_externally"]), r["attempts"], r["last_error"],
-                   r["next_attempt_at"], r["created_at"], r["sent_at"], r["removed_at"])
+                   r["next_attempt_at"], r["created_at"], r["sent_at"], r["removed_at"], r["dropped_at"])
 
 
 @dataclass
@@ -318,14 +364,51 @@ class ReconcileResult:
                 "confirmed_removed": self.confirmed_removed}
 
 
+#: Notification sequence numbers the outbox can hold (an SQLite INTEGER is signed 64-bit).
+MAX_SEQ = 2 ** 63 - 1
+
+
+def _seq_ok(seq) -> bool:
+    return isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq <= MAX_SEQ
+
+
+def _show_seq(seq) -> str:
+    if isinstance(seq, int) and seq.bit_length() > 128:
+        return f"(a {seq.bit_length()}-bit number)"
+    return repr(seq)
+
+
 _COLS = ("eid, seq_number, operation, address, iccid, der, status, removed_externally, attempts, last_error, "
-         "next_attempt_at, created_at, sent_at, removed_at")
+         "next_attempt_at, created_at, sent_at, removed_at, dropped_at")
+
+
+@dataclass(frozen=True)
+class AddressState:
+    """Back-off of one notification address: failures in a row, the last error, the next try."""
+    address: str
+    failures: int
+    last_error: str | None
+    next_attempt_at: str
+
+    def to_json(self) -> dict:
+        return {"address": self.address, "failures": self.failures, "last_error": self.last_error,
+                "next_attempt_at": self.next_attempt_at}
+
+
+def backoff_delay(failures: int, *, base: float = BACKOFF_BASE_S, cap: float = BACKOFF_CAP_S) -> float:
+    """Seconds before an address that failed ``failures`` times in a row is tried again:
+    exponential, ±20 % jitter (a fleet coming back online must not come in one wave), capped."""
+    import random
+    d = base * (2.0 ** min(max(0, failures - 1), 32))
+    return min(cap, d * random.uniform(0.8, 1.2))
 
 
 class Outbox(_Db):
     """The notification outbox (see module docstring for the protocol)."""
 
     def _row(self, eid: str, seq: int) -> sqlite3.Row | None:
+        if not _seq_ok(seq):       # SQLite INTEGER is 64-bit: a larger number is in no row
+            return None
         rows = self._conn.execute(f"SELECT {_COLS} FROM notifications WHERE eid = ? AND seq_number = ?",
                                   (eid, int(seq))).fetchall()
         return rows[0] if rows else None
@@ -333,8 +416,9 @@ class Outbox(_Db):
     def _require(self, eid: str, seq: int) -> sqlite3.Row:
         r = self._row(eid, seq)
         if r is None:
-            raise StoreError(f"notification {seq} of eUICC {eid} is not in the outbox", code="unknown_notification",
-                             details={"eid": eid, "seq_number": seq})
+            shown = seq if _seq_ok(seq) else _show_seq(seq)
+            raise StoreError(f"notification {shown} of eUICC {eid} is not in the outbox", code="unknown_notification",
+                             details={"eid": eid, "seq_number": shown})
         return r
 
     def record(self, eid: str, seq: int, operation: str, address: str, iccid: str | None,
@@ -346,8 +430,8 @@ class Outbox(_Db):
         """
         if not eid or not isinstance(eid, str):
             raise StoreError("record(): eid must be a non-empty string", code="bad_store_input")
-        if not isinstance(seq, int) or seq < 0:
-            raise StoreError(f"record(): bad sequence number {seq!r}", code="bad_store_input")
+        if not _seq_ok(seq):
+            raise StoreError(f"record(): bad sequence number {_show_seq(seq)}", code="bad_store_input")
         der = bytes(der)
         if not der:
             raise StoreError("record(): empty notification DER", code="bad_store_input")
@@ -410,6 +494,66 @@ class Outbox(_Db):
                       "WHERE eid = ? AND seq_number = ? AND status = 'pending'",
                       (str(error)[:2000], nxt, eid, seq))
             return Notification._from_row(self._row(eid, seq))
+
+    def drop(self, eid: str, seq: int) -> Notification:
+        """Retire an undelivered entry on request: it is never sent, and kept as history
+        (status 'dropped', dropped_at).  Idempotent; a delivered entry is refused."""
+        with self._tx() as c:
+            r = self._require(eid, seq)
+            if r["status"] in ("sent", "removed"):
+                raise StoreError(f"notification {seq} of eUICC {eid} was delivered already; nothing to drop",
+                                 code="bad_store_input", details={"eid": eid, "seq_number": seq})
+            if r["status"] == "pending":
+                c.execute("UPDATE notifications SET status = 'dropped', dropped_at = ?, next_attempt_at = NULL "
+                          "WHERE eid = ? AND seq_number = ?", (self._now(), eid, seq))
+            return Notification._from_row(self._row(eid, seq))
+
+    # -- per-address back-off --
+    def _address_row(self, address: str) -> sqlite3.Row | None:
+        rows = self._conn.execute("SELECT address, failures, last_error, next_attempt_at FROM "
+                                  "notification_addresses WHERE address = ?", (str(address),)).fetchall()
+        return rows[0] if rows else None
+
+    def address_state(self, address: str) -> AddressState | None:
+        with self._lock:
+            r = self._address_row(address)
+        return AddressState(r["address"], r["failures"], r["last_error"], r["next_attempt_at"]) if r else None
+
+    def address_failed(self, address: str, error: str) -> AddressState:
+        """A delivery to ``address`` failed: one more failure in a row, and its next try backs off."""
+        with self._tx() as c:
+            r = self._address_row(address)
+            failures = (r["failures"] if r else 0) + 1
+            now = self._clock().astimezone(_dt.timezone.utc)
+            nxt = (now + _dt.timedelta(seconds=backoff_delay(failures))).isoformat(timespec="milliseconds")
+            c.execute("INSERT INTO notification_addresses (address, failures, last_error, next_attempt_at, "
+                      "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (address) DO UPDATE SET "
+                      "failures = excluded.failures, last_error = excluded.last_error, "
+                      "next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at",
+                      (str(address), failures, str(error)[:2000], nxt, self._now()))
+        return self.address_state(address)
+
+    def address_ok(self, address: str) -> None:
+        """A delivery to ``address`` succeeded: its back-off is forgotten."""
+        with self._tx() as c:
+            c.execute("DELETE FROM notification_addresses WHERE address = ?", (str(address),))
+
+    def waiting(self, address: str, now: _dt.datetime | None = None) -> AddressState | None:
+        """The address's back-off state if it must not be tried yet, else None."""
+        st = self.address_state(address)
+        ts = (now or self._clock()).astimezone(_dt.timezone.utc).isoformat(timespec="milliseconds")
+        return st if st is not None and st.next_attempt_at > ts else None
+
+    def retry_at(self, addresses: Iterable[str], now: _dt.datetime | None = None) -> str | None:
+        """When the first of ``addresses`` may be tried again, if every one of them is waiting;
+        None when one is due now (or there is none)."""
+        times = []
+        for a in set(addresses):
+            w = self.waiting(a, now)
+            if w is None:
+                return None
+            times.append(w.next_attempt_at)
+        return min(times) if times else None
 
     def get(self, eid: str, seq: int) -> Notification | None:
         with self._lock:

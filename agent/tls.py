@@ -52,10 +52,11 @@ import requests
 from cryptography import x509
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.connectionpool import HTTPSConnectionPool
 
 from . import crypto
 from .errors import TransportError
+from .httpdeadline import WatchedConnectionMixin, WatchedHTTPConnectionPool
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,12 @@ def load_trust(ca: str | os.PathLike | None = None, *, config_ca: str | os.PathL
     """Build the trust policy from ``--ca``, else the config's ``ca_bundle``, else the default path."""
     for src in (ca, config_ca):
         if src:
-            if not Path(src).exists():
+            try:
+                exists = Path(src).exists()
+            except (OSError, ValueError) as e:   # name too long, NUL byte
+                raise TrustError(f"cannot use the CA file name {str(src)[:80]!r}: {getattr(e, 'strerror', None) or e}",
+                                 code="bad_ca_file") from None
+            if not exists:
                 raise TrustError(f"CA file {src} does not exist. {INSTALL_HINT}", code="bad_ca_file")
             return Trust(tuple(load_ca_certs(src)), str(src), expected_roles, strict_role, clock or _utcnow)
     for default in DEFAULT_CA_PATHS:
@@ -283,8 +289,9 @@ def load_trust(ca: str | os.PathLike | None = None, *, config_ca: str | os.PathL
 
 # --- requests / urllib3 plumbing ----------------------------------------------
 
-class _RspHTTPSConnection(HTTPSConnection):
-    """HTTPSConnection that applies Trust.check_peer right after the handshake."""
+class _RspHTTPSConnection(WatchedConnectionMixin, HTTPSConnection):
+    """HTTPSConnection that applies Trust.check_peer right after the handshake (and whose
+    socket obeys the caller's one deadline, httpdeadline.py)."""
 
     rsp_trust: Trust | None = None
 
@@ -302,7 +309,7 @@ class _RspHTTPSConnection(HTTPSConnection):
 def _pool_classes(trust: Trust) -> dict:
     conn_cls = type("RspHTTPSConnection", (_RspHTTPSConnection,), {"rsp_trust": trust})
     pool_cls = type("RspHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": conn_cls})
-    return {"http": HTTPConnectionPool, "https": pool_cls}
+    return {"http": WatchedHTTPConnectionPool, "https": pool_cls}
 
 
 class TrustAdapter(HTTPAdapter):

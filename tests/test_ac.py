@@ -5,7 +5,8 @@ import io
 
 import pytest
 
-from agent.ac import ActivationCode, parse_activation_code, read_activation_code, validate_address
+from agent.ac import (ActivationCode, parse_activation_code, read_activation_code, validate_address,
+                      validate_matching_id)
 from agent.errors import InputError, UsageError
 
 
@@ -15,8 +16,8 @@ from agent.errors import InputError, UsageError
     ("1$smdp.example.com$ABC-123", "smdp.example.com", "ABC-123", None, False, None),
     ("LPA:1$smdp.example.com$ABC-123", "smdp.example.com", "ABC-123", None, False, None),
     ("lpa:1$smdp.example.com$ABC-123", "smdp.example.com", "ABC-123", None, False, None),
-    ("Lpa:1$SMDP.Example.COM$abc", "smdp.example.com", "abc", None, False, None),        # address lower-cased
-    ("1$host$tok$$1", "host", "tok", None, True, None),                                   # empty OID placeholder
+    ("Lpa:1$SMDP.Example.COM$ABC", "smdp.example.com", "ABC", None, False, None),        # address lower-cased
+    ("1$host$TOK$$1", "host", "TOK", None, True, None),                                   # empty OID placeholder
     ("1$smdp.example.com$", "smdp.example.com", "", None, False, None),                   # empty token allowed
     ("1$smdp.example.com$$", "smdp.example.com", "", None, False, None),
     ("1$smdp.example.com$T$1.3.6.1.4.1.31746$0", "smdp.example.com", "T", "1.3.6.1.4.1.31746", False, None),
@@ -35,11 +36,11 @@ def test_valid(text, address, token, oid, cc, ci):
 
 
 def test_frozen_and_canonical_string():
-    ac = parse_activation_code("LPA:1$Host.Example$tok$$1")
+    ac = parse_activation_code("LPA:1$Host.Example$TOK$$1")
     with pytest.raises(AttributeError):
         ac.address = "other"          # frozen dataclass
-    assert str(ac) == "1$host.example$tok$$1"
-    assert str(parse_activation_code("1$h$t$$")) == "1$h$t"
+    assert str(ac) == "1$host.example$TOK$$1"
+    assert str(parse_activation_code("1$h$T$$")) == "1$h$T"
     assert parse_activation_code(str(ac)).to_json() == ac.to_json()
 
 
@@ -80,7 +81,7 @@ def test_max_length_is_inclusive():
     ("1$smdp.example.com:65536$T", "ac_bad_address", "bad port"),
     ("1$smdp.example.com:https$T", "ac_bad_address", "bad port"),
     ("1$sm\u00e9dp.example.com$T", "ac_bad_address", "not a hostname"),
-    ("1$" + "a" * 64 + ".example$T", "ac_bad_address", "not a hostname"),
+    ("1$" + "a" * 64 + ".example$T", "ac_bad_address", "64 characters long; a DNS label has at most 63"),
     ("1$smdp.example.com$T$1.3.6.x", "ac_bad_oid", "dotted-decimal"),
     ("1$smdp.example.com$T$1", "ac_bad_oid", "dotted-decimal"),
     ("1$smdp.example.com$T$1.03.6", "ac_bad_oid", "dotted-decimal"),
@@ -185,3 +186,58 @@ def test_no_hint_for_other_defects():
         read_activation_code("1$smdp.example.com$T$$7", None, None)
     assert ei.value.code == "ac_bad_cc_flag"
     assert "quote" not in ei.value.message
+
+
+# --- issue 9 item 5: matching IDs, label lengths, real lengths, an AC where an address goes ----------
+
+@pytest.mark.parametrize("text,shown", [
+    ("1$smdp.example.com$abc-123", "'a' at position 1"),           # lower case
+    ("1$smdp.example.com$ABC_123", "'_' at position 4"),
+    ("1$smdp.example.com$ABC.123", "'.' at position 4"),
+    ("1$smdp.example.com$\u00c4BC", "U+00C4"),
+    ("LPA:1$smdp.example.com$A+B$$1", "'+' at position 2"),
+])
+def test_matching_id_outside_sgp22_character_set(text, shown):
+    """SGP.22 §4.1: the matching ID uses only 0-9, A-Z and '-'."""
+    with pytest.raises(InputError) as ei:
+        parse_activation_code(text)
+    assert ei.value.code == "ac_bad_matching_id" and ei.value.exit_code == 2
+    assert shown in ei.value.message and "0-9, A-Z and '-'" in ei.value.message
+
+
+def test_validate_matching_id():
+    assert validate_matching_id("ABC-123") == "ABC-123"
+    assert validate_matching_id("") == ""
+    for bad in ("abc", "A B", "A$B"):
+        with pytest.raises(InputError) as ei:
+            validate_matching_id(bad)
+        assert ei.value.code == "ac_bad_matching_id"
+
+
+def test_too_long_code_is_reported_with_its_real_length():
+    text = "LPA:1$smdp.example.com$" + "A" * 300          # 323 characters, 319 after the prefix
+    assert len(text) == 323
+    with pytest.raises(InputError) as ei:
+        parse_activation_code(text)
+    assert ei.value.code == "ac_too_long" and "323 characters" in ei.value.message
+    assert "319" not in ei.value.message.split("(")[0]
+
+
+@pytest.mark.parametrize("text", ["LPA:1$smdp.example.com$ABC", "1$smdp.example.com$ABC", "lpa:1$smdp.example.com$"])
+def test_an_activation_code_is_not_an_address(text):
+    with pytest.raises(InputError) as ei:
+        validate_address(text)
+    msg = ei.value.message
+    assert ei.value.code == "ac_bad_address" and "activation code" in msg and "smdp.example.com" in msg
+    assert "port" not in msg
+
+
+def test_long_label_and_long_name_say_what_is_too_long():
+    with pytest.raises(InputError) as ei:
+        validate_address("a" * 64 + ".example.com")
+    assert "64 characters long; a DNS label has at most 63" in ei.value.message
+    assert validate_address("a" * 63 + ".example.com") == "a" * 63 + ".example.com"
+    name = ".".join(["a" * 63] * 4)                                  # 255 characters
+    with pytest.raises(InputError) as ei:
+        validate_address(name)
+    assert "255 characters long; a host name has at most 253" in ei.value.message

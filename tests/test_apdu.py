@@ -411,8 +411,8 @@ def test_segment_size_validated(bad):
 
 
 @pytest.mark.parametrize("quirks,expect", [
-    (None, 120), ({}, 120), ({"max_apdu": None}, 120), ({"max_apdu": 64}, 58), ({"max_apdu": 261}, 120),
-    ({"max_apdu": 3}, 1), (types.SimpleNamespace(max_apdu=40), 34), (types.SimpleNamespace(), 120),
+    (None, 255), ({}, 255), ({"max_apdu": None}, 255), ({"max_apdu": 64}, 58), ({"max_apdu": 261}, 255),
+    ({"max_apdu": 3}, 1), (types.SimpleNamespace(max_apdu=40), 34), (types.SimpleNamespace(), 255),
 ])
 def test_segment_clamped_by_max_apdu_quirk(quirks, expect):
     assert Isdr(FakeTransport(quirks=quirks)).segment_size == expect
@@ -443,7 +443,7 @@ PAYLOAD300 = bytes((i * 7 + 3) & 0xFF for i in range(300))
 @pytest.mark.parametrize("channel,cla", [(1, 0x81), (2, 0x82), (3, 0x83), (4, 0xC0), (5, 0xC1), (19, 0xCF)])
 def test_store_data_segmentation_exact_bytes(channel, cla):
     resp = H("BF2D03A00100")
-    s, t = session(OK, OK, sw(0x9000, resp), channel=channel)
+    s, t = session(OK, OK, sw(0x9000, resp), channel=channel, segment_size=120)
     assert s.store_data(PAYLOAD300) == resp
     c = bytes([cla])
     assert t.sent == [
@@ -456,13 +456,21 @@ def test_store_data_segmentation_exact_bytes(channel, cla):
 @pytest.mark.parametrize("n,lcs", [(1, [1]), (120, [120]), (121, [120, 1]), (240, [120, 120]), (241, [120, 120, 1])])
 def test_store_data_block_boundaries(n, lcs):
     payload = bytes([0xAB]) * n
-    s, t = session(*([OK] * (len(lcs) - 1) + [OK]), channel=1)
+    s, t = session(*([OK] * (len(lcs) - 1) + [OK]), channel=1, segment_size=120)
     assert s.store_data(payload) == b""
     assert [a[4] for a in t.sent] == lcs
     assert [a[2] for a in t.sent] == [0x11] * (len(lcs) - 1) + [0x91]
     assert [a[3] for a in t.sent] == list(range(len(lcs)))
     assert all(len(a) == 5 + a[4] for a in t.sent[:-1])   # intermediate blocks: case 3, no Le
     assert len(t.sent[-1]) == 5 + t.sent[-1][4] + 1 and t.sent[-1][-1] == 0   # last block: Le=00
+
+
+def test_store_data_default_blocks_are_255_bytes():
+    """Fewer, fuller blocks: 300 bytes go in two STORE DATA commands, not three."""
+    resp = H("BF2D03A00100")
+    s, t = session(OK, sw(0x9000, resp), channel=1)
+    assert s.store_data(PAYLOAD300) == resp
+    assert [a[4] for a in t.sent] == [255, 45] and t.sent[-1][-1] == 0
 
 
 def test_store_data_block_number_restarts_per_command():
@@ -492,7 +500,7 @@ def test_store_data_empty_payload():
 
 
 def test_store_data_intermediate_error_stops_with_block_numbers():
-    s, t = session(OK, sw(0x6A80), channel=2)
+    s, t = session(OK, sw(0x6A80), channel=2, segment_size=120)
     with pytest.raises(StatusWordError) as ei:
         s.store_data(PAYLOAD300, what="AuthenticateServer")
     e = ei.value
@@ -502,7 +510,7 @@ def test_store_data_intermediate_error_stops_with_block_numbers():
 
 
 def test_store_data_last_block_error():
-    s, t = session(OK, OK, sw(0x6985), channel=1)
+    s, t = session(OK, OK, sw(0x6985), channel=1, segment_size=120)
     with pytest.raises(StatusWordError) as ei:
         s.store_data(PAYLOAD300)
     assert ei.value.code == "sw_conditions_not_satisfied"
@@ -666,8 +674,8 @@ def test_store_data_shrinks_blocks_when_the_modem_refuses_long_apdus(cme):
     s = Isdr(t).open()
     payload = bytes(range(100))
     s.store_data(payload)
-    # 120 → 60 → 30: the command was resent from block 00 with 30-byte blocks, which fit
-    assert s.segment_size == 30
+    # 255 → 127 → 63 → 31: the command was resent from block 00 with 31-byte blocks, which fit
+    assert s.segment_size == 31
     assert [a[3] for a in t.apdus] == [0, 1, 2, 3]
     assert b"".join(a[5:5 + a[4]] for a in t.apdus) == payload
     s.store_data(payload)                      # the smaller size is kept for the session
@@ -679,7 +687,7 @@ def test_store_data_other_modem_errors_are_not_retried():
     s = Isdr(t).open()
     with pytest.raises(TransportError):
         s.store_data(bytes(100))
-    assert s.segment_size == 120 and t.apdus == []
+    assert s.segment_size == 255 and t.apdus == []
 
 
 def test_close_channel_falls_back_to_the_five_byte_form():

@@ -343,18 +343,20 @@ def test_notification_list_and_remove(modem, run, tr):
     assert f"{seqs[0]}    disable    smdp.example.com  {a}  eUICC" in text
 
     r = run(*d, "notification", "remove", seqs[0])
-    assert r.rc == 0 and r.data == {"removed": [seqs[0]], "not_found": [], "kept_in_outbox": [seqs[0]]}
+    assert r.rc == 0 and r.data == {"removed": [seqs[0]], "not_found": [], "kept_in_outbox": [seqs[0]],
+                                    "dropped": [], "outbox_only": [seqs[0]]}
     listed = run(*d, "notification", "list").data
     assert [n["seq_number"] for n in listed["notifications"]] == [seqs[1]]
     assert [(n["seq_number"], n["operation"]) for n in listed["outbox_only"]] == [(seqs[0], "disable")]
-    r = run(*d, "notification", "remove", seqs[0], seqs[1])  # one gone already: partial success
-    assert r.rc == 0 and r.data["removed"] == [seqs[1]] and r.data["not_found"] == [seqs[0]]
+    # one only in the outbox already: named again, it is retired there (dropped, kept as history)
+    r = run(*d, "notification", "remove", seqs[0], seqs[1])
+    assert r.rc == 0 and r.data["removed"] == [seqs[1]] and r.data["dropped"] == [seqs[0]]
     assert run(*d, "profile", "enable", a, "--no-notifications").rc == 0
     assert len(run(*d, "notification", "list").data["notifications"]) == 2
     r = run(*d, "notification", "remove", "--all")
     assert r.rc == 0 and len(r.data["removed"]) == 2 and r.data["not_found"] == []
     listed = run(*d, "notification", "list").data
-    assert listed["notifications"] == [] and len(listed["outbox_only"]) == 4
+    assert listed["notifications"] == [] and len(listed["outbox_only"]) == 3
     assert server.card.state.notifications == []
     r = run(*d, "notification", "remove", seqs[0])
     assert r.rc == 1 and r.error["code"] == "nothing_to_delete" and str(seqs[0]) in r.error["message"]
@@ -919,3 +921,33 @@ def test_enable_with_refresh_reopens_the_channel(modem, run, tr):
     assert channels_closed(server)
     r = run(*dev(server, tr), "--json", "notification", "list")
     assert r.rc == 0 and len(r.doc["data"]["notifications"]) == len(notes)
+
+
+# --------------------------------------------------------------------------- issue 9: sequence numbers are input
+
+@pytest.mark.parametrize("argv", [
+    ["notification", "remove", "--", "-1"],
+    ["notification", "remove", "3", "--", "-7"],
+    ["notification", "remove", str(2 ** 64)],
+    ["notification", "drop", "--", "-1"],
+    ["notification", "process", "--", "-1"],
+    ["notification", "process", str(10 ** 30)],
+])
+def test_bad_sequence_numbers_are_usage_errors_before_the_card(run, tmp_path, argv):
+    """`notification remove -- -1` went to the card as a RemoveNotificationFromList. A negative or
+    absurd sequence number is a usage error (exit 2), found before any port or card is opened."""
+    r = run("--device", tmp_path / "no-such-port", "--json", *argv)
+    assert r.rc == 2 and r.error["code"] == "bad_seq_number", r.doc
+    assert "sequence number" in r.error["message"]
+
+
+@pytest.mark.parametrize("seqs", [[-1], [True], ["3"], [2 ** 63], [1, -2]])
+def test_bad_sequence_numbers_are_refused_by_the_operations_too(seqs):
+    """Through the daemon the CLI's checks are not in the way: the operations check too, before
+    they touch the card (here there is none)."""
+    from agent import ops
+    from agent.errors import UsageError
+    for op in ("notification.remove", "notification.drop", "notification.process"):
+        with pytest.raises(UsageError) as ei:
+            ops.run(op, ops.Context(), None, {"seqs": seqs})
+        assert ei.value.code == "bad_seq_number" and ei.value.exit_code == 2

@@ -71,7 +71,7 @@ def test_defaults():
         ("/run/esim-agent/agent.sock", None, 21600, False, 420)
     assert (cfg.report_url, cfg.report_token, cfg.report_insecure_http, cfg.default_smdp) == (None, None, False, None)
     assert (cfg.http_timeout, cfg.eim, cfg.log_level) == (30, {}, "info")
-    assert (cfg.device, cfg.transport, cfg.timeout, cfg.long_timeout, cfg.segment_size) == (None, "auto", 10, 300, 120)
+    assert (cfg.device, cfg.transport, cfg.timeout, cfg.long_timeout, cfg.segment_size) == (None, "auto", 10, 300, 255)
 
 
 def test_missing_default_file_gives_defaults(tmp_path, monkeypatch):

@@ -19,7 +19,8 @@ from cryptography.x509.oid import NameOID
 from agent import codec, tlv
 from agent.errors import CardError, InputError, ProtocolError
 from agent.es10 import (Es10, Es10Error, EuiccInfo1, EuiccInfo2, PendingNotification, bits_set, make_bits,
-                        pmo_bits, pmo_name, profile_identifier, version_str)
+                        canonical_profile_id, nickname_value, pmo_bits, pmo_name, profile_identifier,
+                        version_str)
 from agent.ids import iccid_to_bytes, make_eid
 
 H = bytes.fromhex
@@ -404,14 +405,14 @@ def test_set_nickname():
     assert card.last.payload == H("BF29145A0A") + ICCID_BYTES + H("9006") + b"travel"
 
 
-@pytest.mark.parametrize("nick", ["x" * 64, "é" * 32, ""])
-def test_set_nickname_up_to_64_bytes(nick):
+@pytest.mark.parametrize("nick", ["x" * 64, "é" * 32, "é" * 64, "€" * 64, ""])
+def test_set_nickname_up_to_64_characters(nick):
     es, card = client({"setNicknameResult": 0})
     es.set_nickname(ICCID, nick)
     assert card.last.value["profileNickname"] == nick
 
 
-@pytest.mark.parametrize("nick", ["x" * 65, "é" * 33, "€" * 22])
+@pytest.mark.parametrize("nick", ["x" * 65, "é" * 65, "€" * 65])
 def test_set_nickname_too_long(nick):
     es, card = client({"setNicknameResult": 0})
     with pytest.raises(InputError) as ei:
@@ -822,3 +823,63 @@ def test_es10_error_is_card_error():
     e = Es10Error("EnableProfile", "catBusy", 5, "retry")
     assert isinstance(e, CardError) and e.exit_code == 1
     assert e.code == "cat_busy" and e.message == "EnableProfile: the eUICC answered catBusy (5); retry"
+
+
+# --- issue 9 item 5: nicknames and profile identifiers as SGP.22 defines them -----------------------
+
+@pytest.mark.parametrize("nick,words", [
+    ("work\nhome", "control character U+000A"),
+    ("\x1b[31mred", "control character U+001B"),
+    ("tab\there", "control character U+0009"),
+    ("del\x7f", "control character U+007F"),
+    ("\u202eevil", "control character U+202E"),            # right-to-left override: spoofs `profile list`
+    ("a\u2028b", "control character U+2028"),               # line separator
+    ("", "empty"),
+    ("   ", "empty"),
+    ("x" * 65, "65 characters"),
+    ("é" * 65, "at most 64 characters"),
+])
+def test_nickname_refused(nick, words):
+    """profileNickname is UTF8String (SIZE(0..64)): 64 characters (X.680 counts a character string's
+    size in characters); control characters would break every listing of the profiles."""
+    with pytest.raises(InputError) as ei:
+        nickname_value(nick)
+    assert ei.value.code == "bad_nickname" and ei.value.exit_code == 2 and words in ei.value.message
+
+
+def test_nickname_normalised():
+    assert nickname_value("  work  ") == "work"
+    assert nickname_value("Cafe\u0301") == "Caf\u00e9"                  # NFC: one character, not two
+    assert nickname_value("é" * 64) == "é" * 64
+    assert nickname_value("", allow_empty=True) == ""             # SetNickname with an empty name clears it
+
+
+@pytest.mark.parametrize("nick", ["a\x00b", "\x1b[2J", "x" * 65])
+def test_set_nickname_refuses_before_the_card(nick):
+    es, card = client({"setNicknameResult": 0})
+    with pytest.raises(InputError) as ei:
+        es.set_nickname(ICCID, nick)
+    assert ei.value.code == "bad_nickname" and card.calls == []
+
+
+def test_set_nickname_sends_the_normalised_name_and_accepts_an_f_padded_iccid():
+    es, card = client({"setNicknameResult": 0})
+    es.set_nickname(ICCID + "F", "  travel ")
+    assert card.last.value == {"iccid": ICCID_BYTES, "profileNickname": "travel"}
+
+
+@pytest.mark.parametrize("aid", ["A0000005591010FFFFFFFF89000011",        # 15 bytes
+                                 "A0000005591010",                          # 7 bytes
+                                 "A0000005591010FFFFFFFF890000100000"])     # 17 bytes
+def test_isdp_aid_must_be_16_bytes(aid):
+    es, card = client({"enableResult": 0})
+    with pytest.raises(InputError) as ei:
+        es.enable_profile(aid)
+    assert ei.value.code == "bad_profile_id" and "16 bytes" in ei.value.message and card.calls == []
+
+
+@pytest.mark.parametrize("ident,canonical", [
+    (" 8944123456789012345 ", "8944123456789012345"), ("8944123456789012345F", "8944123456789012345"),
+    ("8944 1234 5678 9012 345", "8944123456789012345"), (AID.lower(), AID), (f" {AID}\n", AID)])
+def test_canonical_profile_id(ident, canonical):
+    assert canonical_profile_id(ident) == canonical

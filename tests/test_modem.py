@@ -381,6 +381,7 @@ def test_real_sim_euicc_eid(sim_modem, connect, tr):
 def test_module_runner_subprocess(tmp_path):
     """`python -m agent.sim.modem` serves, answers AT, removes its link on SIGTERM."""
     link = tmp_path / "dev" / "modem.tty"
+    link.parent.mkdir()                   # --link does not create missing directories (issue 9 item 7)
     state = tmp_path / "card.json"
     proc = subprocess.Popen([sys.executable, "-m", "agent.sim.modem", "--state", str(state), "--link", str(link),
                              "--fault", "echo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

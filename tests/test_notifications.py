@@ -13,6 +13,7 @@ import pathlib
 import pytest
 
 from agent import codec
+from agent.store import Outbox
 from agent.es8p import split_bpp
 from testbed import Spy, bed, make_bed, testbed_pki  # noqa: F401 (pytest fixtures)
 
@@ -36,6 +37,12 @@ def accept_then_die(self, *args, **kw):
 es9p.Es9pClient.handle_notification = accept_then_die
 sys.exit(main())
 """
+
+
+def backoff_over(bed) -> None:
+    """Let the back-off of every notification address run out (as time passing would)."""
+    with bed.outbox() as ob, ob._tx() as c:
+        c.execute("UPDATE notification_addresses SET next_attempt_at = '2000-01-01T00:00:00.000+00:00'")
 
 
 def installed(bed, *, deliver: bool = True):
@@ -131,7 +138,8 @@ def test_server_error_keeps_notification_on_card_and_pending(bed, answer):
         assert [p.seq_number for p in ob.pending(bed.eid)] == [res.notification_seq]
     assert bed.order(order["sid"])["status"] == "downloaded"
 
-    # The server is back: the next run delivers it and only then removes it.
+    # The server is back (and its back-off ran out): the next run delivers it and only then removes it.
+    backoff_over(bed)
     [d] = bed.process_notifications()
     assert (d.seq_number, d.status) == (res.notification_seq, "delivered")
     assert bed.notifications() == []
@@ -213,7 +221,7 @@ def test_crash_between_send_and_remove_loses_nothing(bed, tmp_path):
 def test_nothing_pending(bed):
     assert bed.process_notifications() == []
     run = bed.cli("--json", "notification", "process", "--ca", bed.ca)
-    assert run.rc == 0 and run.doc == {"ok": True, "data": {"notifications": []}}, run
+    assert run.rc == 0 and run.doc == {"ok": True, "data": {"notifications": [], "waiting": []}}, run
 
 
 def test_error_pir_after_refused_bpp_is_delivered(make_bed):
@@ -292,4 +300,241 @@ def test_reused_sequence_number_loses_nothing(bed):
     finally:
         pool_client.close()
     assert bed.es10.retrieve_notifications() == []
+    bed.wait_order(order["sid"], "installed")
+
+
+# --------------------------------------------------------------------------- issue 9: the outbox never wedges
+
+def _warnings(stderr: str) -> list[str]:
+    return ["warning: " + w for w in stderr.split("warning: ")[1:]]
+
+
+def _hooks_cleared(bed) -> None:
+    with bed.server.httpd.testbed_lock:
+        bed.server.httpd.testbed_hooks.clear()
+
+
+def test_unreachable_server_backs_off_and_process_exits_0_while_waiting(bed):
+    """A server that cannot be reached made `notification process` exit non-zero on every run (a
+    systemd timer failing for ever) and every run try it again. Now its address backs off: a run
+    that only has to wait exits 0 and says so; --now tries at once; a success forgets the back-off."""
+    order, res = installed(bed, deliver=False)
+    seq = res.notification_seq
+    bed.hook("handleNotification", "drop", times=1000)
+    r = bed.cli("--json", "notification", "process", "--ca", bed.ca)
+    assert r.rc == 3 and r.doc["error"]["code"] == "connection_lost", r
+    [d] = r.doc["error"]["details"]["notifications"]
+    assert (d["status"], d["attempts"], d["held_in"]) == ("failed", 1, "euicc+outbox") and d["next_attempt_at"]
+    tried = len(bed.hooks_fired)
+    with bed.outbox() as ob:
+        n = ob.get(bed.eid, seq)
+        w = ob.waiting(bed.address)
+        assert (n.status, n.attempts, n.next_attempt_at) == ("pending", 1, w.next_attempt_at) and n.last_error
+        assert w.failures == 1 and "dropped" in w.last_error
+
+    # The timer's next run: nothing is due, nothing is tried, exit 0, and it says what waits.
+    r = bed.cli("--json", "notification", "process", "--ca", bed.ca)
+    assert r.rc == 0, r
+    assert r.doc["data"]["waiting"] == [{"seq_number": seq, "address": bed.address,
+                                        "next_attempt_at": w.next_attempt_at, "attempts": 1,
+                                        "held_in": "euicc+outbox"}]
+    assert [x["status"] for x in r.doc["data"]["notifications"]] == ["waiting"]
+    r = bed.cli("notification", "process", "--ca", bed.ca)
+    assert r.rc == 0 and "wait for their server's back-off" in r.stdout and "--now" in r.stdout, r
+    assert len(bed.hooks_fired) == tried
+    assert [x.seq_number for x in bed.notifications()] == [seq]          # still on the card
+
+    # --now: tried at once, fails again, backs off longer.
+    r = bed.cli("--json", "notification", "process", "--now", "--ca", bed.ca)
+    assert r.rc == 3 and len(bed.hooks_fired) > tried, r
+    with bed.outbox() as ob:
+        assert ob.get(bed.eid, seq).attempts == 2 and ob.waiting(bed.address).failures == 2
+
+    # The server is back: delivered, removed from the card, back-off forgotten.
+    _hooks_cleared(bed)
+    r = bed.cli("--json", "notification", "process", "--now", "--ca", bed.ca)
+    assert r.rc == 0 and [x["status"] for x in r.doc["data"]["notifications"]] == ["delivered"], r
+    assert bed.notifications() == []
+    with bed.outbox() as ob:
+        assert ob.address_state(bed.address) is None and ob.get(bed.eid, seq).status == "removed"
+    bed.wait_order(order["sid"], "installed")
+
+
+def test_one_failure_per_address_and_run(bed):
+    """Two notifications to a server that fails: the first is tried, the second waits (it is not
+    sent into the same failure, which would hold the device once per notification)."""
+    order, res = installed(bed, deliver=False)
+    bed.es10.enable_profile(order["iccid"])
+    seqs = sorted(n.seq_number for n in bed.notifications())
+    bed.hook("handleNotification", "respond", 503, b"down", "text/html", times=1000)
+    results = bed.process_notifications()
+    assert [(d.seq_number, d.status) for d in results] == [(seqs[0], "failed"), (seqs[1], "waiting")]
+    assert results[0].error["code"] == "http_status" and results[1].next_attempt_at == results[0].next_attempt_at
+    assert len(bed.hooks_fired) == 1
+
+
+def test_explicit_sequence_numbers_ignore_the_back_off(bed):
+    order, res = installed(bed, deliver=False)
+    bed.hook("handleNotification", "respond", 503, b"down", "text/html")
+    [d] = bed.process_notifications()
+    assert d.status == "failed"
+    r = bed.cli("--json", "notification", "process", res.notification_seq, "--ca", bed.ca)
+    assert r.rc == 0 and [x["status"] for x in r.doc["data"]["notifications"]] == ["delivered"], r
+    bed.wait_order(order["sid"], "installed")
+
+
+def test_outbox_only_notification_is_dropped_on_request_and_kept_as_history(bed):
+    """After `notification remove` a notification lives only in the outbox. It could not be retired:
+    `remove` answered nothingToDelete from the card, `remove --all` removed nothing. Now `drop`
+    retires it (never sent, kept as history) and `remove --all` says what is left."""
+    order, res = installed(bed, deliver=False)
+    seq = res.notification_seq
+    r = bed.cli("--json", "notification", "remove", "--all")
+    assert r.rc == 0 and (r.doc["data"]["removed"], r.doc["data"]["outbox_only"]) == ([seq], [seq]), r
+    r = bed.cli("notification", "remove", "--all")              # nothing left on the card: says what it did
+    assert r.rc == 0, r
+    assert "removed 0 notification(s) from the eUICC" in r.stdout
+    assert f"held only in the outbox: {seq}" in r.stdout and "notification drop --all" in r.stdout
+    r = bed.cli("--json", "notification", "list")
+    [o] = r.doc["data"]["outbox_only"]
+    assert (o["seq_number"], o["status"], o["attempts"]) == (seq, "pending", 0)
+    assert "outbox: pending" in bed.cli("notification", "list").stdout
+
+    r = bed.cli("--json", "notification", "drop", seq)
+    assert r.rc == 0 and r.doc["data"] == {"dropped": [seq], "not_found": [], "on_euicc": []}, r
+    with bed.outbox() as ob:
+        n = ob.get(bed.eid, seq)
+        assert n.status == "dropped" and n.dropped_at and n.der[:2] == b"\xbf\x37"     # kept, never deleted
+    r = bed.cli("--json", "notification", "list")
+    assert r.doc["data"] == {"notifications": [], "outbox_only": []}, r
+    r = bed.cli("--json", "notification", "list", "--history")
+    [h] = r.doc["data"]["history"]
+    assert (h["seq_number"], h["status"], h["operation"]) == (seq, "dropped", "install")
+    assert "dropped" in bed.cli("notification", "list", "--history").stdout
+    r = bed.cli("--json", "notification", "process", "--ca", bed.ca)
+    assert r.rc == 0 and r.doc["data"]["notifications"] == [], r
+    assert bed.es9_calls("handleNotification") == []                  # a dropped one is never sent
+    assert bed.order(order["sid"])["status"] == "downloaded"
+    r = bed.cli("--json", "notification", "drop", seq)
+    assert r.rc == 1 and r.doc["error"]["code"] == "notification_not_found", r
+
+
+def test_remove_of_an_outbox_only_notification_drops_it(bed):
+    order, res = installed(bed, deliver=False)
+    seq = res.notification_seq
+    assert bed.cli("--json", "notification", "remove", seq).rc == 0          # off the card, in the outbox
+    r = bed.cli("--json", "notification", "remove", seq)                      # named again: retired
+    assert r.rc == 0, r
+    assert (r.doc["data"]["removed"], r.doc["data"]["dropped"], r.doc["data"]["not_found"]) == ([], [seq], [])
+    r = bed.cli("notification", "remove", seq)
+    assert r.rc == 1 and "nothing" in r.stderr.lower()                        # now there is nothing left
+    with bed.outbox() as ob:
+        assert ob.get(bed.eid, seq).status == "dropped"
+
+
+def test_drop_refuses_a_notification_still_on_the_euicc(bed):
+    order, res = installed(bed, deliver=False)
+    seq = res.notification_seq
+    r = bed.cli("--json", "notification", "drop", seq)
+    assert r.rc == 2 and r.doc["error"]["code"] == "notification_on_euicc", r
+    assert "notification remove" in r.doc["error"]["message"]
+    assert [n.seq_number for n in bed.notifications()] == [seq]
+    r = bed.cli("--json", "notification", "drop", "--all")
+    assert r.rc == 0 and r.doc["data"]["dropped"] == [], r
+    assert [n.seq_number for n in bed.notifications()] == [seq]
+
+
+def test_warnings_say_where_each_undelivered_notification_is(bed):
+    """Warnings after an operation said the notifications were "pending on the eUICC" even for one
+    that only the outbox held. Each warning now names where its notifications are."""
+    order, res = installed(bed, deliver=False)
+    pir = res.notification_seq
+    assert bed.cli("notification", "remove", "--all").rc == 0                  # the PIR: outbox only
+    bed.hook("handleNotification", "drop", times=1000)
+    r = bed.cli("profile", "enable", order["iccid"], "--ca", bed.ca)
+    assert r.rc == 0, r
+    [enable_seq] = [n.seq_number for n in bed.notifications()]
+    warnings = _warnings(r.stderr)
+    [w_pir] = [w for w in warnings if f"notification(s) {pir} " in w]
+    [w_enable] = [w for w in warnings if f"notification(s) {enable_seq} " in w]
+    assert "held only in the outbox (no longer on the eUICC)" in w_pir, w_pir
+    assert "stay on the eUICC and in the outbox" in w_enable, w_enable
+    assert "pending on the eUICC" not in r.stderr
+    # One of them was tried and failed; the other waited for the address's back-off.
+    assert sorted(["failed before" in w_pir, "failed before" in w_enable]) == [False, True]
+    assert all("no new attempt before" in w or "the server backs off" in w for w in (w_pir, w_enable))
+
+
+def test_daemon_waits_for_the_back_off_and_does_not_count_it_as_a_failure(tmp_path, monkeypatch):
+    """The daemon's outbox retry: pending notifications whose addresses all back off schedule the
+    next `notification process` job when the first is due, and a job that only waited is no failure."""
+    import datetime as dt
+    import time as _time
+
+    from agent.daemon import main as dmain
+    d = dmain.Daemon.__new__(dmain.Daemon)
+    d.next_notifications, d.notif_failures = None, 0
+    later = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=900)).isoformat(timespec="milliseconds")
+    d.snapshot = {"outbox_pending": 1, "notifications_on_card": 1, "outbox_retry_at": later}
+    d._after_snapshot()
+    assert 880 < d.next_notifications - _time.monotonic() <= 900
+    d.next_notifications = None
+    d.snapshot = {"outbox_pending": 1, "notifications_on_card": 0}                     # due now
+    d._after_snapshot()
+    assert d.next_notifications - _time.monotonic() <= 30
+
+    class Job:
+        kind, state = "notification.process", "done"
+        result = {"notifications": [{"seq_number": 1, "status": "waiting"}], "waiting": [{"seq_number": 1}]}
+        error = None
+
+    class Journal:
+        def get(self, jid):
+            return Job()
+    d.journal, d.reporter, d.notif_failures = Journal(), None, 2
+    d._job_finished("j1")
+    assert d.notif_failures == 0
+
+
+def test_notification_process_exit_code_comes_from_the_cause():
+    from agent.ops.notifications import failure_exit_code
+    assert failure_exit_code({"notifications": []}) == 0
+    assert failure_exit_code({"notifications": [{"status": "waiting"}, {"status": "delivered"}]}) == 0
+    for code, rc in (("dns_failure", 3), ("no_trusted_ci", 2), ("http_status", 1), ("not_a_code", 1)):
+        assert failure_exit_code({"notifications": [{"status": "delivered"},
+                                                    {"status": "failed", "error": {"code": code}}]}) == rc
+
+
+def test_worker_snapshot_tells_the_daemon_when_the_outbox_is_due(bed, tmp_path):
+    """The card worker's snapshot carries outbox_retry_at when every address concerned waits."""
+    import io
+
+    from agent.daemon.worker import Worker
+    from agent.journal import Journal
+    from agent.ops.card import Card, CardSettings
+    order, res = installed(bed, deliver=False)
+    bed.release_card()
+    w = Worker.__new__(Worker)
+    w.journal, w.out, w.stopping = Journal(tmp_path / "state"), io.StringIO(), None
+    w.card = Card(CardSettings(sim=str(bed.card_path)).validate()).open()
+    try:
+        assert "outbox_retry_at" not in w.snapshot()                    # due now: nothing waits
+        with Outbox(w.journal.path) as ob:
+            st = ob.address_failed(bed.address, "connection refused")
+        snap = w.snapshot()
+        assert snap["notifications_on_card"] == 1 and snap["outbox_retry_at"] == st.next_attempt_at
+    finally:
+        w.card.close()
+        w.journal.close()
+
+
+def test_a_download_that_went_through_ends_its_servers_back_off(bed):
+    """The SM-DP+ that just installed a profile answers: its install result is sent at once even if
+    its address was backing off after earlier failures."""
+    with bed.outbox() as ob:
+        ob.address_failed(bed.address, "an earlier failure")
+    order = bed.reserve(matching_id=True)
+    r = bed.cli("--json", "profile", "download", bed.ac(order), "--ca", bed.ca, "--yes")
+    assert r.rc == 0, r
+    assert [(n["operation"], n["status"]) for n in r.doc["data"]["notifications"]] == [("install", "delivered")]
     bed.wait_order(order["sid"], "installed")

@@ -274,3 +274,185 @@ def test_key_value(db):
         ob.record(EID, 1, "install", "a", None, der(1))   # same file, both tables
     with KeyValue(db) as kv:
         assert kv.get("jobs", "a") == {"state": "done"}
+
+
+# --------------------------------------------------------------------------- issue 9: the outbox never wedges
+
+# The schema as esim-agent 0.3 wrote it (user_version 2): an upgrade must keep every row of it.
+V2_SCHEMA = """
+CREATE TABLE IF NOT EXISTS notifications (
+    eid                TEXT    NOT NULL,
+    seq_number         INTEGER NOT NULL,
+    operation          TEXT    NOT NULL,
+    address            TEXT    NOT NULL,
+    iccid              TEXT,
+    der                BLOB    NOT NULL,
+    status             TEXT    NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'removed')),
+    removed_externally INTEGER NOT NULL DEFAULT 0,
+    attempts           INTEGER NOT NULL DEFAULT 0,
+    last_error         TEXT,
+    next_attempt_at    TEXT,
+    created_at         TEXT    NOT NULL,
+    sent_at            TEXT,
+    removed_at         TEXT,
+    UNIQUE (eid, seq_number)
+);
+CREATE INDEX IF NOT EXISTS notifications_status ON notifications (status, eid);
+-- A card that reuses a sequence number with different content (e.g. a reset simulator, a replaced
+-- eUICC with the same EID): the old row is kept here, never silently overwritten.
+CREATE TABLE IF NOT EXISTS notifications_superseded (
+    eid            TEXT    NOT NULL,
+    seq_number     INTEGER NOT NULL,
+    operation      TEXT    NOT NULL,
+    address        TEXT    NOT NULL,
+    iccid          TEXT,
+    der            BLOB    NOT NULL,
+    status         TEXT    NOT NULL,
+    attempts       INTEGER NOT NULL,
+    last_error     TEXT,
+    created_at     TEXT    NOT NULL,
+    sent_at        TEXT,
+    removed_at     TEXT,
+    superseded_at  TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kv (
+    namespace  TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (namespace, key)
+);
+-- The daemon's job journal (journal.py): every operation is a job whose steps are recorded
+-- before they run, so a restart after a crash can tell what already took effect.
+CREATE TABLE IF NOT EXISTS jobs (
+    id           TEXT    PRIMARY KEY,
+    kind         TEXT    NOT NULL,
+    params       TEXT    NOT NULL,
+    source       TEXT    NOT NULL,
+    state        TEXT    NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed', 'rolled_back',
+                                                   'cancelled')),
+    step         TEXT,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    not_before   TEXT,
+    created_at   TEXT    NOT NULL,
+    started_at   TEXT,
+    finished_at  TEXT,
+    result       TEXT,
+    error        TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
+CREATE TABLE IF NOT EXISTS job_steps (
+    job_id  TEXT    NOT NULL,
+    n       INTEGER NOT NULL,
+    step    TEXT    NOT NULL,
+    data    TEXT    NOT NULL,
+    at      TEXT    NOT NULL,
+    PRIMARY KEY (job_id, n)
+);
+-- Reports to the operator's backend (report_url), delivered at least once, in order of creation.
+CREATE TABLE IF NOT EXISTS reports (
+    id            TEXT    PRIMARY KEY,
+    job_id        TEXT,
+    body          TEXT    NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    next_attempt_at TEXT,
+    created_at    TEXT    NOT NULL,
+    delivered_at  TEXT
+);
+"""
+
+
+def _v2_database(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    c = sqlite3.connect(path)
+    c.executescript(V2_SCHEMA)
+    c.execute("INSERT INTO notifications (eid, seq_number, operation, address, iccid, der, status, attempts, "
+              "last_error, created_at) VALUES (?, 3, 'install', 'smdp.example', NULL, ?, 'pending', 2, 'dns', "
+              "'2026-01-01T00:00:00.000+00:00')", (EID, der(3)))
+    c.execute("INSERT INTO notifications (eid, seq_number, operation, address, iccid, der, status, created_at, "
+              "sent_at, removed_at) VALUES (?, 4, 'enable', 'smdp.example', '8944476500001224158', ?, 'removed', "
+              "'2026-01-01T00:00:00.000+00:00', '2026-01-01T00:01:00.000+00:00', '2026-01-01T00:01:00.000+00:00')",
+              (EID, OTHER))
+    c.execute("INSERT INTO jobs (id, kind, params, source, state, created_at) VALUES "
+              "('j1', 'sync', '{}', 'discovery', 'done', '2026-01-01T00:00:00.000+00:00')")
+    c.execute("INSERT INTO reports (id, job_id, body, created_at) VALUES ('r1', 'j1', '{}', "
+              "'2026-01-01T00:00:00.000+00:00')")
+    c.execute("INSERT INTO kv VALUES ('ns', 'k', '1', 'now')")
+    c.execute("PRAGMA user_version = 2")
+    c.commit()
+    c.close()
+
+
+def test_schema_2_database_is_migrated_keeping_every_row(db):
+    _v2_database(db)
+    with Outbox(db) as ob:
+        a, b = ob.get(EID, 3), ob.get(EID, 4)
+        assert (a.status, a.attempts, a.last_error, a.der) == ("pending", 2, "dns", der(3))
+        assert (b.status, b.iccid, b.der) == ("removed", "8944476500001224158", OTHER)
+        assert ob.drop(EID, 3).status == "dropped"          # the new status is accepted
+    c = sqlite3.connect(db)
+    assert c.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION >= 3
+    assert c.execute("SELECT id, state FROM jobs").fetchall() == [("j1", "done")]
+    assert c.execute("SELECT id FROM reports").fetchall() == [("r1",)]
+    assert c.execute("SELECT value FROM kv").fetchall() == [("1",)]
+    assert c.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'notifications_status'"
+                     ).fetchall() == [("notifications_status",)]
+    c.close()
+    with Outbox(db) as ob:                                  # opening again: nothing left to migrate
+        assert ob.get(EID, 3).status == "dropped"
+
+
+def test_drop_retires_an_undelivered_entry_and_keeps_it_in_history(db):
+    now = dt.datetime(2026, 3, 1, 12, tzinfo=dt.timezone.utc)
+    with Outbox(db, clock=lambda: now) as ob:
+        ob.record(EID, 1, "install", "a", None, der(1))
+        ob.record(EID, 2, "enable", "a", None, der(2))
+        ob.mark_sent(EID, 2)
+        n = ob.drop(EID, 1)
+        assert (n.status, n.delivered, n.dropped_at) == ("dropped", False, now.isoformat(timespec="milliseconds"))
+        assert ob.pending(EID) == [] and [x.seq_number for x in ob.list(EID, "dropped")] == [1]
+        assert ob.get(EID, 1).der == der(1)                 # kept, never deleted
+        assert ob.drop(EID, 1).status == "dropped"          # idempotent
+        with pytest.raises(StoreError) as ei:
+            ob.drop(EID, 2)                                 # delivered already: nothing to retire
+        assert ei.value.code == "bad_store_input"
+        with pytest.raises(StoreError) as ei:
+            ob.drop(EID, 9)
+        assert ei.value.code == "unknown_notification"
+        assert ob.reconcile(EID, set()).nothing_to_do       # a dropped entry is not delivered …
+        assert ob.reconcile(EID, {1}).remove_from_card == [1]   # … and is taken off a card that still holds it
+
+
+def test_address_back_off_is_exponential_with_jitter_and_capped(db):
+    t = [dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)]
+    with Outbox(db, clock=lambda: t[0]) as ob:
+        assert ob.waiting("smdp.example") is None
+        delays = []
+        for i in range(1, 16):
+            w = ob.address_failed("smdp.example", f"dns failure {i}")
+            assert w.failures == i and w.last_error == f"dns failure {i}"
+            delays.append((dt.datetime.fromisoformat(w.next_attempt_at) - t[0]).total_seconds())
+            assert ob.waiting("smdp.example") == w
+            assert ob.waiting("other.example") is None      # per address
+        base, cap = store.BACKOFF_BASE_S, store.BACKOFF_CAP_S
+        for i, d in enumerate(delays[:4]):
+            assert base * 2 ** i * 0.8 <= d <= base * 2 ** i * 1.2
+        assert max(delays) <= cap and delays[-1] >= cap * 0.8
+        t[0] += dt.timedelta(seconds=cap * 1.3)
+        assert ob.waiting("smdp.example") is None           # due again once its time came
+        assert ob.address_state("smdp.example").failures == 15
+        ob.address_ok("smdp.example")
+        assert ob.address_state("smdp.example") is None
+        w = ob.address_failed("smdp.example", "x")
+        assert w.failures == 1                              # a success started the count again
+
+
+def test_retry_at_of_a_set_of_addresses(db):
+    t0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+    with Outbox(db, clock=lambda: t0) as ob:
+        a = ob.address_failed("a.example", "x")
+        b = ob.address_failed("b.example", "x")
+        assert ob.retry_at(["a.example", "b.example"]) == min(a.next_attempt_at, b.next_attempt_at)
+        assert ob.retry_at(["a.example", "c.example"]) is None       # c is due now
+        assert ob.retry_at([]) is None

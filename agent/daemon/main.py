@@ -40,7 +40,7 @@ VERSION = "0.3.0"
 RECENT_JOBS = 20
 JOB_KINDS = {"chip.info", "chip.set_default_dp", "chip.reset", "profile.list", "profile.enable", "profile.disable",
              "profile.delete", "profile.nickname", "profile.download", "notification.list", "notification.remove",
-             "notification.process", "sync"}
+             "notification.drop", "notification.process", "sync"}
 
 
 class Daemon:
@@ -204,6 +204,11 @@ class Daemon:
         if pending and self.next_notifications is None:
             from .worker import backoff
             delay = backoff(self.notif_failures + 1) if self.notif_failures else 30.0
+            # Every server address concerned backs off (store.py): no job before the first is due.
+            # Waiting for a back-off is not a failure: notif_failures counts failed jobs only.
+            wait = _seconds_until(self.snapshot.get("outbox_retry_at"))
+            if wait is not None and wait > delay:
+                delay = wait
             self.next_notifications = time.monotonic() + delay
             emit("notifications_waiting", count=pending, retry_in_s=round(delay))
         elif not pending:
@@ -317,7 +322,8 @@ class Daemon:
             from ..store import Outbox
             with Outbox(self.journal.path) as ob:
                 outbox = {"pending": len(ob.pending()), "delivered": len(ob.list(status="removed"))
-                          + len(ob.list(status="sent"))}
+                          + len(ob.list(status="sent")), "dropped": len(ob.list(status="dropped")),
+                          "retry_at": snap.get("outbox_retry_at")}
         except AgentError:
             pass
         return {
@@ -418,6 +424,19 @@ class Daemon:
         self.journal.close()
         emit("stopped")
         return 0
+
+
+def _seconds_until(iso: str | None) -> float | None:
+    """Seconds from now until an ISO 8601 UTC time (None for None or a value that does not parse)."""
+    if not iso:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(iso)
+    except (TypeError, ValueError):
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return (t - dt.datetime.now(dt.timezone.utc)).total_seconds()
 
 
 def run_daemon(cfg, *, verbose: int = 0) -> int:

@@ -131,7 +131,7 @@ def _json_body(raw: bytes) -> dict:
         return {}
     try:
         body = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:    # RecursionError: `[[[…` nested about 1000 deep
         raise HttpError(400, "bad_json", f"the request body is not JSON: {e}") from None
     if not isinstance(body, dict):
         raise HttpError(400, "bad_json", "the request body must be a JSON object")

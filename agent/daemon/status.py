@@ -17,7 +17,7 @@ def local_status(args, *, card_settings_fn) -> dict:
                   "daemon_message": f"no esim-agent daemon answers on {socket_path(args.config)}"}
     try:
         from ..ops.card import Card
-        with Card(card_settings_fn(), cancel=args.cancel) as card:
+        with Card(card_settings_fn(), cancel=args.cancel, read_only=True) as card:
             m = card.modem_info()
             data["modem"] = m.to_json() if m else None
             data["euicc"] = {"eid": card.eid, "free_nvm": card.es10.get_euicc_info2().free_nvm}

@@ -132,7 +132,8 @@ class Worker:
         from ..journal import JournalSteps
         from ..ops import Context, ServerSettings
         c = self.cfg
-        return Context(servers=ServerSettings(config_ca=c.ca_bundle), state_dir=config_mod.state_dir(c),
+        return Context(servers=ServerSettings(config_ca=c.ca_bundle, http_timeout=float(c.http_timeout)),
+                       state_dir=config_mod.state_dir(c),
                        notifications=c.process_notifications, refresh=c.refresh,
                        rollback_after=float(c.rollback_after), default_smdp=c.default_smdp,
                        auto_enable=bool(c.auto_enable), cancel=token,
@@ -222,6 +223,7 @@ class Worker:
             return None
         from ..errors import AgentError
         snap: dict = {"at": time.time()}
+        card_notes: list = []
         try:
             card = self.card
             snap["eid"] = card.eid
@@ -231,7 +233,8 @@ class Worker:
             snap["profiles"] = [p.to_json() for p in card.es10.get_profiles_info()]
             # Notifications still on the card count too: one left there by a failed send (or a
             # cut before it was recorded) must start the daemon's retry, not wait for a user.
-            snap["notifications_on_card"] = len(card.es10.list_notifications())
+            card_notes = card.es10.list_notifications()
+            snap["notifications_on_card"] = len(card_notes)
             try:
                 snap["free_nvm"] = card.es10.get_euicc_info2().free_nvm
             except AgentError:
@@ -249,6 +252,11 @@ class Worker:
             with Outbox(self.journal.path) as ob:
                 pend = ob.pending(snap.get("eid")) if snap.get("eid") else ob.pending()
                 snap["outbox_pending"] = len(pend)
+                # Every address of what is pending backs off (store.py): the daemon's retry waits
+                # until the first of them is due instead of running jobs that only wait.
+                retry_at = ob.retry_at({n.address for n in pend} | {n.address for n in card_notes})
+                if retry_at:
+                    snap["outbox_retry_at"] = retry_at
         except Exception:
             pass
         self.emit(event="snapshot", data=snap)

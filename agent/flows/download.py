@@ -24,7 +24,7 @@ from .. import codec, tlv
 from ..cancel import Cancelled
 from ..errors import AgentError, CardError, InputError, ProtocolError, TimeoutError_, code_for
 from ..es10 import (AUTH_SERVER_ERRORS, PREPARE_DOWNLOAD_ERRORS, PROFILE_CLASSES, Es10, Es10Error,
-                    ProfileInfo)
+                    ProfileInfo, seq_number)
 from ..ids import iccid_from_bytes, imei_to_bytes, tac_from_imei
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,10 @@ REASON_PPR_NOT_ALLOWED = 3
 REASON_METADATA_MISMATCH = 4
 REASON_LOAD_BPP_EXECUTION_ERROR = 5
 REASON_UNDEFINED = 127
+
+#: What a consent callback answers: True installs, False rejects (endUserRejection: final, the
+#: operator's order fails at the SM-DP+), POSTPONE stops for now (postponed: the order stays usable).
+POSTPONE = "later"
 
 
 class DownloadError(AgentError):
@@ -91,8 +95,9 @@ class DownloadOptions:
     matching_id: str | None = None
     confirmation_code: str | None = None
     imei: str | None = None
-    # Called with the metadata; return False to decline (→ endUserRejection).
-    consent: Callable[[ProfileMetadata], bool] | None = None
+    # Called with the metadata: True installs, False rejects (→ endUserRejection, final for the
+    # order), POSTPONE postpones (→ postponed, the order stays usable).
+    consent: Callable[[ProfileMetadata], bool | str] | None = None
     # Called when the server requires a confirmation code and none was given.
     ask_confirmation_code: Callable[[], str | None] | None = None
     progress: Callable[[str, int, int], None] | None = None
@@ -159,6 +164,12 @@ class Downloader:
         self.opts = opts
         self.txid: str | None = None     # hex, as the server sent it
         self.step = "start"
+        # What there is to cancel (SGP.22 §3.1.3): the eUICC holds a session for txid only once
+        # AuthenticateServer succeeded (None: not asked; "unknown": asked, no answer; True);
+        # ES9+ cancelSession carries the eUICC's signed answer and fits the SM-DP+'s session only
+        # once it was given authenticateClient.
+        self._card_session: bool | str | None = None
+        self._server_authenticated = False
 
     def _progress(self, step: str, done: int = 0, total: int = 0) -> None:
         self.step = step
@@ -176,12 +187,23 @@ class Downloader:
         """Best-effort: CancelSession on the eUICC, then ES9+ cancelSession."""
         if not self.txid:
             return
+        if not self._card_session:
+            # Stopped before AuthenticateServer: the eUICC has no session for this transaction and
+            # there is no signed answer to relay; the SM-DP+ lets its own session expire.
+            log.debug("nothing to cancel for transaction %s: the eUICC never opened a session", self.txid)
+            return
         try:
             resp = self.es10.cancel_session(bytes.fromhex(self.txid), reason)
         except Exception as e:  # the card may be unreachable; the server times the session out
-            log.warning("ES10b CancelSession failed: %s", e)
+            # AuthenticateServer got no answer (time-out, stop): the card may never have opened it.
+            expected = self._card_session == "unknown" and getattr(e, "code", "") == "invalid_transaction_id"
+            log.log(logging.DEBUG if expected else logging.WARNING, "ES10b CancelSession failed: %s", e)
             return
         if not server:
+            return
+        if not self._server_authenticated:
+            log.debug("ES9+ cancelSession not sent for %s: the SM-DP+ was not given authenticateClient, so it "
+                      "holds no order for this session and ends it on its own", self.txid)
             return
         try:
             self.es9.cancel_session(self.txid, resp)
@@ -267,21 +289,32 @@ class Downloader:
         self._progress("AuthenticateServer")
         req = tlv.encode(0xBF38, ia.server_signed1 + ia.server_signature1 + ia.euicc_ci_pkid_to_be_used
                          + ia.server_certificate + ctx_params1(o.matching_id, o.imei))
-        asr = self.es10.call_raw(req, what="AuthenticateServer", timeout=o.long_timeout)
+        # --timeout, not --long-timeout: only what writes the card's NVM waits longer (profile
+        # loading, enable, disable, delete, memory reset); docs/modem.md §2.3.
+        self._card_session = "unknown"
+        asr = self.es10.call_raw(req, what="AuthenticateServer")
         kind, val = codec.decode("AuthenticateServerResponse", asr)
+        self._card_session = kind == "authenticateResponseOk"
 
         self._progress("authenticateClient")
         if kind != "authenticateResponseOk":
             raise self._card_refused("AuthenticateServer", val, "authenticateErrorCode", AUTH_SERVER_ERRORS,
                                      self.es9.authenticate_client, asr)
+        self._server_authenticated = True       # from here the SM-DP+ may have bound an order to it
         ac = self.es9.authenticate_client(self.txid, asr)
 
         meta = parse_metadata(ac.profile_metadata)
         self._record("metadata", transaction_id=self.txid, iccid=meta.iccid)
         self._progress("consent")
-        if o.consent is not None and not o.consent(meta):
-            raise DownloadError("consent", CardError("declined by the user", code="user_rejected"),
-                                code="user_rejected").with_cancel(REASON_END_USER_REJECTION)
+        answer = True if o.consent is None else o.consent(meta)
+        if answer == POSTPONE:
+            raise DownloadError("consent", AgentError(
+                "postponed by the user: nothing was installed and the order stays usable; run the download "
+                "again when ready", code="postponed"), code="postponed").with_cancel(REASON_POSTPONED)
+        if not answer:
+            raise DownloadError("consent", CardError(
+                "rejected by the user: the SM-DP+ was told (endUserRejection) and the operator's order cannot "
+                "be used again", code="user_rejected"), code="user_rejected").with_cancel(REASON_END_USER_REJECTION)
 
         ss2 = codec.decode("SmdpSigned2", ac.smdp_signed2)
         hash_cc = b""
@@ -300,7 +333,7 @@ class Downloader:
         # ES10b PrepareDownload: BF21 { smdpSigned2, smdpSignature2, hashCc?, smdpCertificate }
         self._progress("PrepareDownload")
         pdr = self.es10.call_raw(tlv.encode(0xBF21, ac.smdp_signed2 + ac.smdp_signature2 + hash_cc
-                                            + ac.smdp_certificate), what="PrepareDownload", timeout=o.long_timeout)
+                                            + ac.smdp_certificate), what="PrepareDownload")
         kind, val = codec.decode("PrepareDownloadResponse", pdr)
         if kind != "downloadResponseOk":
             # The card keeps its session after refusing PrepareDownload: cancel it too.
@@ -349,7 +382,7 @@ class Downloader:
                 code="no_install_result")).with_cancel(REASON_LOAD_BPP_EXECUTION_ERROR)
         pir = codec.decode("ProfileInstallationResult", pir_raw)
         data = pir["profileInstallationResultData"]
-        seq = data["notificationMetadata"]["seqNumber"]
+        seq = seq_number(data["notificationMetadata"]["seqNumber"], "ProfileInstallationResult")
         kind, res = data["finalResult"]
         if kind != "successResult":
             cmd = BPP_COMMAND_NAMES.get(res["bppCommandId"], str(res["bppCommandId"]))

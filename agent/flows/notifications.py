@@ -5,9 +5,16 @@ recovery): reconcile the outbox with the card → record every notification's
 exact DER (committed) → ES9+ handleNotification → mark sent → ES10b
 RemoveNotificationFromList → mark removed. A notification is removed from the
 eUICC only after its server accepted it.
+
+Back-off (store.py): a server address that failed is not tried again before its
+``next_attempt_at``; its notifications are reported as ``waiting`` (not failed)
+until then, and an address that fails during a run is not tried again in that
+run.  ``force`` (explicit sequence numbers, `notification process --now`)
+ignores earlier back-off.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -24,19 +31,29 @@ class Delivery:
     operation: str
     address: str
     iccid: str | None
-    status: str             # delivered | failed | removed (already delivered earlier, now off the card)
+    # delivered | failed | waiting (its address backs off; not tried this time) | removed (delivered
+    # earlier, now off the card) | dropped (retired earlier without delivery, now off the card)
+    status: str
     error: dict | None = None
+    attempts: int | None = None          # failed / waiting: delivery attempts so far
+    next_attempt_at: str | None = None   # failed / waiting: not tried again before (UTC, ISO 8601)
+    last_error: str | None = None        # waiting: why its address backs off
+    held_in: str | None = None           # failed / waiting: "euicc+outbox" or "outbox" (no longer on the card)
 
     def to_json(self) -> dict:
         d = {"seq_number": self.seq_number, "operation": self.operation, "address": self.address,
              "iccid": self.iccid, "status": self.status}
         if self.error:
             d["error"] = self.error
+        for k in ("attempts", "next_attempt_at", "last_error", "held_in"):
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = v
         return d
 
 
 def process(es10: Es10, outbox, client_for: Callable[[str], object], *, eid: str,
-            seqs: Iterable[int] | None = None, cancel=None) -> list[Delivery]:
+            seqs: Iterable[int] | None = None, cancel=None, force: bool = False) -> list[Delivery]:
     """Deliver pending notifications (all, or those in ``seqs``) and remove them from the card.
 
     ``cancel`` (a CancelToken) is checked before each delivery: a stop between two
@@ -65,7 +82,8 @@ def process(es10: Es10, outbox, client_for: Callable[[str], object], *, eid: str
         n = outbox.get(eid, seq)
         es10.remove_notification(seq)   # False = already gone: the outcome is the same
         outbox.mark_removed(eid, seq)
-        results.append(Delivery(seq, n.operation, n.address, n.iccid, "removed"))
+        results.append(Delivery(seq, n.operation, n.address, n.iccid,
+                                "dropped" if n.status == "dropped" else "removed"))
 
     # Record everything new on the card before sending anything.
     if wanted is not None:
@@ -88,18 +106,35 @@ def process(es10: Es10, outbox, client_for: Callable[[str], object], *, eid: str
                                     {"code": "notification_not_found",
                                      "message": f"no pending notification with sequence number {s}"}))
 
+    failed_now: set[str] = set()         # addresses that failed in this run: not tried again in it
     for n in queue:
         if n is None:
             continue
         if cancel is not None:
             cancel.check()
+        held = "outbox" if n.removed_externally else "euicc+outbox"
+        w = outbox.waiting(n.address) if (not force or n.address in failed_now) else None
+        if w is not None:
+            results.append(Delivery(n.seq_number, n.operation, n.address, n.iccid, "waiting",
+                                    attempts=n.attempts, next_attempt_at=w.next_attempt_at,
+                                    last_error=w.last_error, held_in=held))
+            continue
         try:
             client_for(n.address).handle_notification(n.der)
         except AgentError as e:
-            outbox.mark_failed(eid, n.seq_number, e.message)
+            # The server's fault (or the network's): its address backs off. A local configuration
+            # problem (no CA, bad CA file, clock; exit 2) is not: it is tried again once fixed.
+            st = outbox.address_failed(n.address, e.message) if e.exit_code != 2 else None
+            failed_now.add(n.address)
+            retry = _dt.datetime.fromisoformat(st.next_attempt_at) if st else None
+            m = outbox.mark_failed(eid, n.seq_number, e.message, retry_at=retry)
             log.info("notification %d to %s not delivered: %s", n.seq_number, n.address, e.message)
-            results.append(Delivery(n.seq_number, n.operation, n.address, n.iccid, "failed", e.to_json()))
+            results.append(Delivery(n.seq_number, n.operation, n.address, n.iccid, "failed", e.to_json(),
+                                    attempts=m.attempts, next_attempt_at=st.next_attempt_at if st else None,
+                                    held_in=held))
             continue
+        if outbox.address_state(n.address) is not None:
+            outbox.address_ok(n.address)
         outbox.mark_sent(eid, n.seq_number)
         on_card = card_der.get(n.seq_number)
         # Remove only the very notification that was sent: a card can reuse a sequence
@@ -114,8 +149,9 @@ def process(es10: Es10, outbox, client_for: Callable[[str], object], *, eid: str
 class ClientPool:
     """One ES9+ client per notification address, sharing the trust settings."""
 
-    def __init__(self, *, ca=None, config_ca=None, insecure_http: bool = False, ci_pkids=None):
-        self.kw = {"ca": ca, "config_ca": config_ca, "insecure_http": insecure_http}
+    def __init__(self, *, ca=None, config_ca=None, insecure_http: bool = False, ci_pkids=None,
+                 deadline: float | None = None):
+        self.kw = {"ca": ca, "config_ca": config_ca, "insecure_http": insecure_http, "deadline": deadline}
         self.ci_pkids = ci_pkids
         self.clients: dict[str, object] = {}
 

@@ -27,10 +27,12 @@ class ServerSettings:
     ca: str | None = None               # --ca: trusted CI certificate(s)
     config_ca: str | None = None        # ca_bundle from the config file
     insecure_http: bool = False
+    http_timeout: float | None = None   # one deadline per ES9+ function call (--http-timeout, http_timeout)
 
     def pool(self, ci_pkids=None):
         from ..flows.notifications import ClientPool
-        return ClientPool(ca=self.ca, config_ca=self.config_ca, insecure_http=self.insecure_http, ci_pkids=ci_pkids)
+        return ClientPool(ca=self.ca, config_ca=self.config_ca, insecure_http=self.insecure_http, ci_pkids=ci_pkids,
+                          deadline=self.http_timeout)
 
 
 class Steps:
@@ -64,8 +66,10 @@ class Context:
     # For people: progress(step, done, total) and warnings. Both may be None.
     progress: Callable[[str, int, int], None] | None = None
     warn: Callable[[str], None] | None = None
-    # consent(metadata) -> bool, when the user must see the profile before it is installed.
-    consent: Callable[[Any], bool] | None = None
+    # consent(metadata) -> True (install), False (reject: endUserRejection, final for the order) or
+    # flows.download.POSTPONE ("later": postponed, the order stays usable), when the user must see
+    # the profile before it is installed.
+    consent: Callable[[Any], bool | str] | None = None
     ask_confirmation_code: Callable[[], str | None] | None = None
 
     def warning(self, msg: str) -> None:
@@ -95,6 +99,7 @@ def registry() -> dict[str, Callable[..., dict]]:
         "profile.download": download.download,
         "notification.list": notifications.list_notifications,
         "notification.remove": notifications.remove,
+        "notification.drop": notifications.drop,
         "notification.process": notifications.process_op,
         "sync": download.sync,
     }
@@ -102,6 +107,17 @@ def registry() -> dict[str, Callable[..., dict]]:
 
 #: Operations that only read: the daemon does not journal their steps and never retries them.
 READ_ONLY = frozenset({"chip.info", "profile.list", "notification.list"})
+
+
+def check_http_timeout(value, name: str = "--http-timeout") -> float:
+    """Seconds for one ES9+ function call, retries included: above 0, at most an hour."""
+    import math
+    from ..errors import UsageError
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+            or not 0 < value <= 3600:
+        raise UsageError(f"{name} must be a number of seconds above 0 (at most 3600), not {value!r}",
+                         code="bad_timeout")
+    return float(value)
 
 
 def run(name: str, ctx: Context, card: Card, params: dict) -> dict:
@@ -117,6 +133,9 @@ def run(name: str, ctx: Context, card: Card, params: dict) -> dict:
     params.pop("ca", None)
     if params.pop("insecure_http", False):
         ctx.servers.insecure_http = True
+    if params.get("http_timeout") is not None:
+        ctx.servers.http_timeout = check_http_timeout(params.pop("http_timeout"))
+    params.pop("http_timeout", None)
     if params.pop("no_notifications", False):
         ctx.notifications = False
     return ops[name](ctx, card, **params)

@@ -26,7 +26,7 @@ class CardSettings:
     transport: str = "auto"
     timeout: float = 10.0
     long_timeout: float = 300.0
-    segment_size: int = 120
+    segment_size: int = 255
     baud: int = 115200
     aids: list[bytes] = field(default_factory=list)
     quirks: dict = field(default_factory=dict)
@@ -73,9 +73,13 @@ class CardSettings:
 class Card:
     """Transport + ISD-R session + ES10 client. ``open()``/``close()`` or a ``with`` block."""
 
-    def __init__(self, settings: CardSettings, cancel=None):
+    def __init__(self, settings: CardSettings, cancel=None, *, read_only: bool = False):
         self.settings = settings
         self.cancel = cancel            # CancelToken the AT port watches while it waits
+        # The operation only reads: a simulated card's state file held by another writer
+        # (`sim modem --state`) may then be read as a snapshot (sim/state.py).
+        self.read_only = read_only
+        self._sim = None
         self.transport = None
         self.isdr = None
         self.es10 = None
@@ -90,7 +94,8 @@ class Card:
         if s.sim:
             from ..sim.euicc import SimEuicc
             from ..transport.direct import DirectTransport
-            t = DirectTransport(SimEuicc.open(s.sim), trace=s.trace)
+            self._sim = SimEuicc.open(s.sim, lock=s.lock, read_only_if_busy=self.read_only)
+            t = DirectTransport(self._sim, trace=s.trace)
         else:
             from ..transport.open import open_transport
             t = open_transport(s.device, transport=s.transport, timeout=s.timeout, long_timeout=s.long_timeout,
@@ -101,6 +106,7 @@ class Card:
             isdr = Isdr(t, aids=s.aids, segment_size=s.segment_size, timeout=s.timeout).open()
         except BaseException:
             t.close()
+            self._release_sim()
             raise
         self.transport, self.isdr = t, isdr
         self.es10 = Es10(isdr, long_timeout=s.long_timeout)
@@ -116,6 +122,12 @@ class Card:
         finally:
             if t is not None:
                 t.close()
+            self._release_sim()
+
+    def _release_sim(self) -> None:
+        sim, self._sim = self._sim, None
+        if sim is not None:
+            sim.close()
 
     def watch(self, token) -> None:
         """A new operation with its own CancelToken (the daemon's worker, job by job)."""

@@ -12,7 +12,7 @@ import logging
 
 from ..errors import AgentError, UsageError
 from .card import Card
-from .notifications import after_change, deliver
+from .notifications import after_change, deliver, server_answered
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class NothingWaiting(AgentError):
 def resolve(card: Card, activation_code: str | None = None, smdp: str | None = None,
             matching_id: str | None = None, default_smdp: str | None = None):
     """(address, matching ID, SM-DP+ OID or None, ac) for a download."""
-    from ..ac import parse_activation_code, validate_address
+    from ..ac import parse_activation_code, validate_address, validate_matching_id
     if activation_code is not None:
         if smdp:
             raise UsageError("give either an activation code or --smdp, not both")
@@ -36,7 +36,7 @@ def resolve(card: Card, activation_code: str | None = None, smdp: str | None = N
     if matching_id is not None and not smdp:
         raise UsageError("--matching-id goes with --smdp (an activation code already carries one)")
     if smdp:
-        return validate_address(smdp), matching_id or "", None, None
+        return validate_address(smdp), validate_matching_id(matching_id or ""), None, None
     addr = default_smdp or card.es10.get_configured_addresses().default_dp_address
     if not addr:
         raise UsageError("no activation code given and the eUICC has no default SM-DP+ address; pass "
@@ -52,8 +52,8 @@ def download(ctx, card: Card, activation_code: str | None = None, smdp: str | No
     from ..flows.download import DownloadError, DownloadOptions, Downloader
     address, mid, oid, ac = resolve(card, activation_code, smdp, matching_id, default_smdp)
     if imei is not None:
-        from ..ids import imei_to_bytes
-        imei_to_bytes(imei)       # a bad IMEI is an input error before anything starts
+        from ..ids import normalise_imei
+        imei = normalise_imei(imei)       # a bad IMEI is an input error before anything starts
     if ac is not None and ac.cc_required and not confirmation_code and ctx.ask_confirmation_code is None:
         raise UsageError("this activation code says a confirmation code is required: pass --confirmation-code",
                          code="confirmation_code_required")
@@ -88,6 +88,7 @@ def download(ctx, card: Card, activation_code: str | None = None, smdp: str | No
         except DownloadError as e:
             # A refused package leaves a signed error result for the SM-DP+: send it too.
             if e.details.get("notification_seq") is not None and ctx.notifications:
+                server_answered(ctx, address)
                 try:
                     e.details["notifications"] = [d.to_json() for d in deliver(ctx, card)]
                 except AgentError:
@@ -99,6 +100,7 @@ def download(ctx, card: Card, activation_code: str | None = None, smdp: str | No
                 "bytes_loaded": res.apdu_bytes_loaded,
                 "metadata": res.metadata.to_json()}
         ctx.steps.step("installed", iccid=res.iccid, transaction_id=res.transaction_id)
+        server_answered(ctx, address)
         after_change(ctx, card, data)
         del eid
         return data

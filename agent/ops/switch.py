@@ -97,6 +97,8 @@ def _reg_json(reg):
 
 
 def enable(ctx, card: Card, id: str, refresh: bool | None = None, rollback: bool = True) -> dict:  # noqa: A002
+    from ..es10 import canonical_profile_id
+    id = canonical_profile_id(id)  # noqa: A001 - checked before the card; reported as understood
     refresh = ctx.refresh if refresh is None else refresh
     start = ctx.steps.seen("start")
     if start is None:
@@ -153,6 +155,8 @@ def enable(ctx, card: Card, id: str, refresh: bool | None = None, rollback: bool
 
 
 def disable(ctx, card: Card, id: str, refresh: bool | None = None) -> dict:  # noqa: A002
+    from ..es10 import canonical_profile_id
+    id = canonical_profile_id(id)  # noqa: A001
     refresh = ctx.refresh if refresh is None else refresh
     done = ctx.steps.seen("disabled") is not None
     if not done and ctx.steps.seen("disable") is not None:

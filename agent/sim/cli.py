@@ -20,6 +20,11 @@ def add_parsers(sub) -> None:
                         "cme=CODE@N, silent@N, delay=SECONDS[@N], garbage, max-apdu=BYTES, opaque-session, "
                         "reenumerate[=SECONDS] (AT+CFUN=0 / AT+CFUN=1,1 make the port vanish and come back "
                         "as a new pty)")
+    m.add_argument("--stats", metavar="FILE",
+                   help="keep JSON counters (bytes each way, echo bytes, AT commands, APDUs, GET RESPONSEs) in FILE, "
+                        "rewritten after every command")
+    m.add_argument("--latency", type=float, default=0.0, metavar="SECONDS",
+                   help="delay each AT+CSIM/CGLA answer, as real modems do (66-94 ms measured)")
     m.add_argument("--network", action="append", default=[], metavar="ICCID:MODE",
                    help="how the network treats a profile (repeatable; default ok): ok (registered at once), "
                         "roaming, never (searching for ever), denied, after=SECONDS (searching, then registered); "
@@ -69,7 +74,8 @@ def cmd_sim_modem(args, out) -> int:
     kw = euicc_kwargs(args)
     pki_dir = kw.pop("pki_dir")
     serve_modem(args.state, link=args.link, preload=args.preload, baud=args.baud, faults=args.fault,
-                pki_dir=pki_dir, euicc_kwargs=kw, network=args.network)
+                pki_dir=pki_dir, euicc_kwargs=kw, network=args.network, stats_path=args.stats,
+                latency=args.latency)
     return 0
 
 
@@ -82,7 +88,10 @@ def cmd_sim_pki(args, out) -> int:
 
 
 def cmd_sim_smdpp(args, out) -> int:
-    from .smdpp import serve_smdpp
+    from .smdpp import ListenError, serve_smdpp
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is not a TCP port: use 0-65535 (0: any free port)",
+                         code="bad_listen_port")
     auth = None
     if args.auth:
         if ":" not in args.auth:
@@ -91,7 +100,22 @@ def cmd_sim_smdpp(args, out) -> int:
 
     def ready(server) -> None:
         print(f"local SM-DP+ listening on https://127.0.0.1:{server.port} (address {server.address})", flush=True)
-    serve_smdpp(args.pki, port=args.port, address=args.address, auth=auth, state_path=args.state, ready=ready,
-                profile_size=args.profile_size, session_ttl=args.session_ttl)
+    try:
+        serve_smdpp(args.pki, port=args.port, address=args.address, auth=auth, state_path=args.state, ready=ready,
+                    profile_size=args.profile_size, session_ttl=args.session_ttl)
+    except ListenError as e:
+        raise _listen_refused(e) from None
     return 0
+
+
+def _listen_refused(e) -> UsageError:
+    """Why `sim smdpp` cannot listen, said for the person who chose the port (exit 2)."""
+    import errno
+    if e.errno == errno.EADDRINUSE:
+        return UsageError(f"port {e.port} on {e.host} is already in use (another `esim-agent sim smdpp`?): pick "
+                          "another --port, or --port 0 for any free one", code="listen_port_in_use")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return UsageError(f"no permission to listen on port {e.port} (ports below 1024 need root): pick another "
+                          "--port, e.g. 8443", code="bad_listen_port")
+    return UsageError(f"cannot listen on {e.host} port {e.port}: {e.strerror}", code="bad_listen_port")
 

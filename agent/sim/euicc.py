@@ -144,11 +144,13 @@ class SimEuicc:
         #: (a simulated modem can re-read the SIM, as after a REFRESH).
         self.on_profile_change = None
         self.isdr.on_profile_change = self._profile_changed
+        self._state_lock = None          # StateLock while this process writes the state file
 
     # --- construction ---------------------------------------------------------
     @classmethod
     def open(cls, state_path, *, preload: int = 0, pki_dir=None, euicc_cert=None, euicc_key=None,
-             eum_certs=(), ci_certs=(), free_nvm: int | None = None) -> "SimEuicc":
+             eum_certs=(), ci_certs=(), free_nvm: int | None = None, lock: bool = False,
+             read_only_if_busy: bool = False) -> "SimEuicc":
         """Load the card from ``state_path``, or create it there.
 
         A new card takes its identity from ``pki_dir`` (an eUICC certificate issued
@@ -156,14 +158,47 @@ class SimEuicc:
         certificate/key files (DER or PEM; the EID is the certificate's subject
         serialNumber), or from a freshly generated CI → EUM → eUICC chain; then
         ``preload`` test profiles are installed (the first one enabled).  An existing
-        card is loaded as it is: identity options and ``preload`` are ignored."""
+        card is loaded as it is: identity options and ``preload`` are ignored.
+
+        ``lock``: this process will write the card (``sim modem``, the CLI's ``--sim``): hold the
+        state file's writer lock until ``close()``; another writer is refused (StateError
+        ``sim_state_busy`` naming it). With ``read_only_if_busy`` a busy file is opened as a
+        snapshot instead, for a command that only reads; saving it is refused."""
+        from .state import StateLock, busy_error
         path = os.fspath(state_path)
-        if os.path.exists(path):
-            return cls(load_state(path))
-        state = _new_card(path, pki_dir=pki_dir, euicc_cert=euicc_cert, euicc_key=euicc_key,
-                         eum_certs=eum_certs, ci_certs=ci_certs, preload=preload, free_nvm=free_nvm)
-        state.save()
-        return cls(state)
+        state_lock = None
+        if lock and not os.path.isdir(path):
+            state_lock = StateLock(path)
+            try:
+                state_lock.acquire()
+            except StateError as e:
+                if not (read_only_if_busy and e.code == "sim_state_busy" and os.path.exists(path)):
+                    raise
+                from ..pidlock import read_holder
+                card = cls(load_state(path))
+                card.state.busy = busy_error(path, read_holder(path + ".lock"), reading=True).message
+                return card
+        try:
+            if os.path.exists(path):
+                card = cls(load_state(path))
+            else:
+                state = _new_card(path, pki_dir=pki_dir, euicc_cert=euicc_cert, euicc_key=euicc_key,
+                                  eum_certs=eum_certs, ci_certs=ci_certs, preload=preload, free_nvm=free_nvm)
+                state.save()
+                card = cls(state)
+        except BaseException:
+            if state_lock is not None:
+                state_lock.release()
+            raise
+        card._state_lock = state_lock
+        return card
+
+    def close(self) -> None:
+        """Release the state file's writer lock (``open(..., lock=True)``); the card object
+        stays usable in memory."""
+        if self._state_lock is not None:
+            self._state_lock.release()
+            self._state_lock = None
 
     # --- interfaces.md API ------------------------------------------------------
     @property

@@ -69,6 +69,7 @@ n·10/baud after its first byte arrived, and replies are written at n·10/baud.
 from __future__ import annotations
 
 import errno
+import json
 import hashlib
 import logging
 import os
@@ -82,7 +83,7 @@ import tty
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from ..errors import UsageError
+from ..errors import AgentError, UsageError
 from ..ids import luhn_check_digit
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,9 @@ FAULT_HELP = ("echo, urc, lowercase, no-prefix, no-test-forms, garbage, opaque-s
 
 
 def _pos_int(text: str, spec: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise UsageError(f"fault {spec!r}: {text!r} is not a positive number", code="bad_fault")
+    # ASCII digits only, and short: "²".isdigit() is true but int() refuses it, as it refuses 4301 digits
+    if not (text.isascii() and text.isdigit()) or len(text) > 9 or int(text) < 1:
+        raise UsageError(f"fault {spec[:60]!r}: {text[:20]!r} is not a positive number", code="bad_fault")
     return int(text)
 
 
@@ -159,7 +161,8 @@ def parse_faults(specs: Iterable[str] | Faults | None) -> Faults:
             if not sep or not code.strip():
                 raise UsageError(f"fault {spec!r}: write cme=CODE@N, e.g. cme=14@3", code="bad_fault")
             code = code.strip()
-            f.errors[_pos_int(n, spec)] = ("cme", int(code) if code.isdigit() else code)
+            f.errors[_pos_int(n, spec)] = ("cme", int(code) if code.isascii() and code.isdigit() and len(code) <= 9
+                                           else code)
         elif key.startswith("delay="):
             secs, sep, n = spec[6:].partition("@")
             try:
@@ -314,12 +317,33 @@ class Answer:
     reenumerate: bool = False                    # the port vanishes after this answer (fault "reenumerate")
 
 
+@dataclass
+class ModemStats:
+    """What crossed the line and what reached the card (``sim modem --stats FILE``), so any
+    client's run — ours or another LPA's — can be held against the line bound bytes × 10 / baud."""
+    bytes_host_to_modem: int = 0
+    bytes_modem_to_host: int = 0        # echo, answers and URCs
+    echo_bytes: int = 0
+    at_commands: int = 0
+    csim_commands: int = 0
+    cgla_commands: int = 0
+    apdus_to_card: int = 0              # every APDU the card executed, GET RESPONSE included
+    get_response: int = 0
+
+    def to_json(self) -> dict:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
 class ModemLogic:
     """Parses one command line, drives the card, builds the answer (no I/O)."""
 
     def __init__(self, card, faults: Faults | None = None, *, network: dict | Iterable[str] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, latency: float = 0.0):
         self.card = card
+        self.stats = ModemStats()
+        # Real modems answer AT+CSIM/CGLA after 66-94 ms (a Quectel EC800G measured in the
+        # field): on hardware a download's time is dominated by the number of APDUs.
+        self.latency = float(latency)
         self.f = faults or Faults()
         self.network = parse_network(network)
         self.clock = clock
@@ -391,6 +415,9 @@ class ModemLogic:
         return value if self.f.no_prefix else f"{prefix}: {value}"
 
     def _card(self, apdu: bytes) -> bytes:
+        self.stats.apdus_to_card += 1
+        if len(apdu) >= 2 and apdu[1] == 0xC0:
+            self.stats.get_response += 1
         try:
             r = bytes(self.card.apdu(apdu))
         except Exception:  # the card must not take the modem down
@@ -417,6 +444,7 @@ class ModemLogic:
         cmd = line.strip()
         if len(cmd) < 2 or cmd[:2].upper() != "AT":
             return None                     # real modems ignore lines that are not commands
+        self.stats.at_commands += 1
         body = cmd[2:]
         up = body.upper()
         if up == "":
@@ -627,7 +655,7 @@ class ModemLogic:
         return None
 
     def _delay(self) -> float:
-        return self.f.delay_at.get(self.apdu_count, self.f.delay)
+        return self.latency + self.f.delay_at.get(self.apdu_count, self.f.delay)
 
     def _apdu_checks(self, nchars: int, hx: str) -> bytes | Answer:
         if self._sim_busy():
@@ -644,6 +672,7 @@ class ModemLogic:
     def _at_csim(self, arg, query):
         if arg is None:
             return Answer(final="ERROR")
+        self.stats.csim_commands += 1
         fault = self._apdu_fault()
         if fault:
             return fault
@@ -661,6 +690,7 @@ class ModemLogic:
     def _at_cgla(self, arg, query):
         if arg is None:
             return Answer(final="ERROR")
+        self.stats.cgla_commands += 1
         fault = self._apdu_fault()
         if fault:
             return fault
@@ -756,8 +786,11 @@ class ModemServer:
     ``enumerations`` counts the re-enumerations, ``on_new_port(server)`` is called
     in the serving thread when the new port is there)."""
 
-    def __init__(self, logic: ModemLogic, *, link: str | None = None, baud: int | None = None):
+    def __init__(self, logic: ModemLogic, *, link: str | None = None, baud: int | None = None,
+                 stats_path: str | None = None, link_claim=None):
         self.logic = logic
+        self._link_lock = None                   # claim_link(): held while this modem owns the link
+        self.stats_path = os.path.abspath(stats_path) if stats_path else None
         self.card = logic.card
         self.baud = baud
         self.master, self._slave = -1, -1
@@ -772,11 +805,14 @@ class ModemServer:
         self.on_new_port: Callable[["ModemServer"], None] | None = None
         if self.link:
             try:
+                self._link_lock = link_claim or claim_link(self.link)
                 self._make_link()
             except BaseException:
                 self.link = None
                 self._cleanup()
                 raise
+        elif link_claim is not None:
+            link_claim.release(remove=True)
 
     # --- life cycle -------------------------------------------------------------------
     def _open_pty(self) -> None:
@@ -803,8 +839,6 @@ class ModemServer:
         self.master, self._slave = -1, -1     # never close a reused descriptor number later
 
     def _make_link(self) -> None:
-        parent = os.path.dirname(self.link)
-        os.makedirs(parent, exist_ok=True)
         if os.path.lexists(self.link) and not os.path.islink(self.link):
             raise UsageError(f"{self.link} exists and is not a symlink; not replacing it", code="link_exists")
         tmp = f"{self.link}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -857,6 +891,9 @@ class ModemServer:
 
     def _cleanup(self) -> None:
         self._remove_link()
+        if self._link_lock is not None:
+            self._link_lock.release(remove=True)
+            self._link_lock = None
         self._close_pty()
         for fd in (self._wake_r, self._wake_w):
             try:
@@ -895,14 +932,17 @@ class ModemServer:
                     return
                 raise
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, *, start: float | None = None) -> None:
+        """Send ``data``, paced at the baud rate from ``start`` (default: now) or from when
+        the line is free, whichever is later."""
         if not data:
             return
+        self.logic.stats.bytes_modem_to_host += len(data)
         if not self.baud:
             self._write_now(data)
             return
         per = 10.0 / self.baud                  # 8N1: 10 bit times per byte
-        t0 = max(time.monotonic(), self._line_free)
+        t0 = max(time.monotonic() if start is None else start, self._line_free)
         chunk = max(16, int(self.baud / 10 * 0.004))   # ~4 ms of line time per write
         sent = 0
         while sent < len(data):
@@ -951,6 +991,7 @@ class ModemServer:
                     raise
                 if not data:
                     continue
+                self.logic.stats.bytes_host_to_modem += len(data)
                 now = time.monotonic()
                 if first is None:
                     first = now
@@ -974,17 +1015,26 @@ class ModemServer:
             pass
 
     def _command(self, raw: bytes, first: float, nbytes: int) -> Answer | None:
+        try:
+            return self._command_inner(raw, first, nbytes)
+        finally:
+            self._save_stats()
+
+    def _command_inner(self, raw: bytes, first: float, nbytes: int) -> Answer | None:
         if len(raw) > MAX_INPUT_LINE:
             self._write(b"\r\nERROR\r\n")
             return None
+        logic = self.logic
+        echo = logic.echo or logic.f.echo       # the state before this command (ATE0 is echoed)
+        if echo:
+            # A UART echoes each byte as it receives it (full duplex): the echo leaves paced
+            # from the command's first byte and ends as the command's last byte arrives.
+            logic.stats.echo_bytes += len(raw) + 1
+            self._write(raw + b"\r", start=first)
         if self.baud:
             self._sleep_until(first + nbytes * 10.0 / self.baud)
         line = raw.decode("ascii", "replace")
-        logic = self.logic
-        echo = logic.echo or logic.f.echo
         answer = logic.handle(line)
-        if echo:
-            self._write(raw + b"\r")
         if answer is None or answer.silent:
             return answer
         if answer.delay:
@@ -992,12 +1042,26 @@ class ModemServer:
         self._write(logic.render(answer))
         return answer
 
+    def _save_stats(self) -> None:
+        """Rewrite the --stats file (atomically) after every command."""
+        if not self.stats_path:
+            return
+        doc = {**self.logic.stats.to_json(), "baud": self.baud}
+        tmp = f"{self.stats_path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f)
+            os.replace(tmp, self.stats_path)
+        except OSError as e:
+            log.warning("cannot write modem stats to %s: %s", self.stats_path, e)
+
 
 # --------------------------------------------------------------------------- entry point
 
 def serve_modem(state_path, *, link: str | None = None, preload: int = 0, baud: int | None = None,
                 faults=(), pki_dir=None, ready: Callable[[ModemServer], None] | None = None,
-                euicc_kwargs: dict | None = None, card=None, network=()) -> None:
+                euicc_kwargs: dict | None = None, card=None, network=(), stats_path: str | None = None,
+                latency: float = 0.0) -> None:
     """Serve a simulated modem + eUICC on a new pseudo-terminal until SIGTERM/SIGINT
     (or ``server.stop()``, e.g. from the ``ready`` callback's argument).
 
@@ -1008,11 +1072,26 @@ def serve_modem(state_path, *, link: str | None = None, preload: int = 0, baud: 
     net = parse_network(network)
     if baud is not None and baud <= 0:
         raise UsageError("--baud wants a positive number", code="bad_baud")
-    if card is None:
-        from .euicc import SimEuicc
-        card = SimEuicc.open(state_path, preload=preload, pki_dir=pki_dir, **(euicc_kwargs or {}))
-    _warn_unknown_iccids(card, net)
-    server = ModemServer(ModemLogic(card, f, network=net), link=link, baud=baud)
+    # The link first: a modem refused its --link must not create or lock a card state file.
+    claim = claim_link(link) if link else None
+    opened = None
+    try:
+        if card is None:
+            from .euicc import SimEuicc
+            # lock: this modem is the card's one writer while it runs (sim/state.py StateLock).
+            card = opened = SimEuicc.open(state_path, preload=preload, pki_dir=pki_dir, lock=True,
+                                          **(euicc_kwargs or {}))
+        _warn_unknown_iccids(card, net)
+        if latency < 0 or latency > 10:
+            raise UsageError("--latency wants seconds between 0 and 10", code="bad_latency")
+        server = ModemServer(ModemLogic(card, f, network=net, latency=latency), link=link, baud=baud,
+                             stats_path=stats_path, link_claim=claim)
+    except BaseException:
+        if claim is not None:
+            claim.release(remove=True)
+        if opened is not None:
+            opened.close()
+        raise
     server.on_new_port = lambda s: print(s.path, flush=True)
     old = {}
     if threading.current_thread() is threading.main_thread():
@@ -1027,6 +1106,37 @@ def serve_modem(state_path, *, link: str | None = None, preload: int = 0, baud: 
         for sig, h in old.items():
             signal.signal(sig, h)
         server._cleanup()
+        if opened is not None:
+            opened.close()
+
+
+def claim_link(link: str):
+    """Take ``--link PATH`` for this modem (a PidLock on PATH.lock, released when it stops).
+
+    The link's directory must exist: it is not created behind the user's back (a typo would
+    otherwise put the link somewhere nobody looks). A link that another running simulated
+    modem holds is refused, naming that modem; a link left by a modem that is gone (killed,
+    crashed: its lock went with it) is replaced."""
+    from ..pidlock import Busy, PidLock
+    link = os.path.abspath(link)
+    parent = os.path.dirname(link)
+    if not os.path.isdir(parent):
+        raise UsageError(f"the directory {parent} for --link {link} does not exist; create it first "
+                         f"(mkdir -p {parent})", code="link_dir_missing")
+    if os.path.lexists(link) and not os.path.islink(link):
+        raise UsageError(f"{link} exists and is not a symlink; not replacing it", code="link_exists")
+    lock = PidLock(link + ".lock")
+    try:
+        lock.acquire()
+    except Busy as e:
+        who = e.holder.shown() if e.holder is not None else "another process"
+        raise UsageError(f"{link} is the link of another running simulated modem ({who}); pick another --link, "
+                         "or stop that modem first", code="link_in_use",
+                         details={"pid": e.holder.pid} if e.holder is not None else {}) from None
+    except OSError as e:
+        raise UsageError(f"cannot create {link}.lock next to the link: {e.strerror or e}",
+                         code="bad_file") from None
+    return lock
 
 
 def _warn_unknown_iccids(card, network: dict) -> None:
@@ -1057,14 +1167,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fault", action="append", default=[], metavar="SPEC", help=f"repeatable: {FAULT_HELP}")
     p.add_argument("--network", action="append", default=[], metavar=NETWORK_HELP,
                    help="repeatable: how the network treats the profile with ICCID (default ok)")
+    p.add_argument("--stats", metavar="FILE", help="keep JSON line/APDU counters in FILE")
+    p.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="per AT+CSIM/CGLA answer delay")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
         serve_modem(args.state, link=args.link, preload=args.preload, baud=args.baud, faults=args.fault,
-                    pki_dir=args.pki, network=args.network)
-    except UsageError as e:
+                    pki_dir=args.pki, network=args.network, stats_path=args.stats, latency=args.latency)
+    except AgentError as e:
         print(f"error: {e.message}", file=sys.stderr)
-        return 2
+        return e.exit_code
     return 0
 
 

@@ -240,7 +240,7 @@ def make_pki(directory, *, tls_names=("localhost",), smdp_oid: str = DEFAULT_SMD
              eid_prefix: str | None = None) -> Pki:
     """Create a CI, an EUM and the SM-DP+ certificates and write them to ``directory``."""
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    _writable_dir(d)
     x509.ObjectIdentifier(smdp_oid)  # validates the dotted form early
     names = tuple(tls_names) or ("localhost",)
     ci, eum = new_ci_and_eum(eid_prefix=eid_prefix)
@@ -250,19 +250,42 @@ def make_pki(directory, *, tls_names=("localhost",), smdp_oid: str = DEFAULT_SMD
               dptls=_tls_cert(ci, names, smdp_oid),
               smdp_oid=smdp_oid, directory=d)
     for attr, (cf, kf) in FILES.items():
-        save_certkey(getattr(pki, attr), d / cf, d / kf)
+        try:
+            save_certkey(getattr(pki, attr), d / cf, d / kf)
+        except OSError as e:
+            raise InputError(f"cannot write the test PKI to {d}: {e.strerror or e} ({e.filename or d})",
+                             code="pki_unwritable") from None
     return pki
+
+
+def _writable_dir(d: Path) -> None:
+    """``d`` exists as a directory (created, with its parents, if missing), or a clear InputError."""
+    if d.exists() and not d.is_dir():
+        raise InputError(f"{d} exists and is not a directory; give `esim-agent sim pki` a directory to write the "
+                         "PKI files into", code="pki_not_a_directory")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"cannot create the PKI directory {d}: a part of that path is a file, not a directory",
+                         code="pki_not_a_directory") from None
+    except OSError as e:
+        raise InputError(f"cannot create the PKI directory {d}: {e.strerror or e}", code="pki_unwritable") from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write the test PKI to {d}: permission denied", code="pki_unwritable")
 
 
 def load_pki(directory, *, require_keys: bool = True) -> Pki:
     """Load a directory written by ``make_pki``.  Keys are optional when
     ``require_keys`` is False (e.g. an agent that only needs ci.pem)."""
     d = Path(directory)
+    if not d.is_dir():
+        raise InputError(f"there is no test PKI at {d}: create one with `esim-agent sim pki {d}`",
+                         code="pki_missing")
     missing = [f for cf, kf in FILES.values() for f in ((cf, kf) if require_keys else (cf,))
                if not (d / f).is_file()]
     if missing:
-        raise InputError(f"PKI directory {d} lacks {', '.join(missing)}; create it with make_pki() "
-                         "(or the test bed's PKI command)", code="pki_missing")
+        raise InputError(f"PKI directory {d} lacks {', '.join(missing)}; create a test PKI there with "
+                         f"`esim-agent sim pki {d}`", code="pki_missing")
     parts = {}
     for attr, (cf, kf) in FILES.items():
         cert = crypto.load_cert((d / cf).read_bytes())

@@ -617,6 +617,14 @@ class Es9Service:
         return {}
 
 
+class ListenError(OSError):
+    """The server cannot listen on (host, port); `sim smdpp` tells the user (sim/cli.py)."""
+
+    def __init__(self, host: str, port: int, cause: OSError):
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.host, self.port = host, port
+
+
 def _b64e(b: bytes) -> str:
     return base64.b64encode(b).decode()
 
@@ -817,12 +825,17 @@ class SmdpServer:
                  cc_attempts: int = CC_ATTEMPTS, profile_size: int | None = None,
                  session_ttl: float = SESSION_TTL):
         from .pki import load_pki
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port {port!r} is not a TCP port (0-65535)")
         self.pki_dir = os.fspath(pki_dir)
         self.pki = load_pki(self.pki_dir)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(os.path.join(self.pki_dir, "dptls.pem"), os.path.join(self.pki_dir, "dptls.key.pem"))
-        self.httpd = _Httpd((host, port), _Handler, ctx, self)
+        try:
+            self.httpd = _Httpd((host, port), _Handler, ctx, self)
+        except OSError as e:
+            raise ListenError(host, port, e) from None
         self.host = host
         self.port = self.httpd.server_address[1]
         self.address = address or f"localhost:{self.port}"

@@ -8,7 +8,10 @@ the configured addresses (SGP.22 ES10a), the free-NVM budget and the stored
 one-time ECKA key pair kept for a BPP retry (docs/protocol.md §4.3).
 
 The file is written atomically after every change (temporary file in the same
-directory, fsync, rename).  Loading parses JSON only: keys and certificates
+directory, fsync, rename).  One process writes it at a time: a writer (``sim modem``,
+the CLI's ``--sim``) holds ``STATE.lock`` (``StateLock``) while it has the card open, so a
+second writer is refused with a message naming the first instead of silently overwriting
+its changes; a reader beside a writer gets a snapshot that refuses to be saved.  Loading parses JSON only: keys and certificates
 stay PEM text until a signature is needed (``Identity``), so opening a card
 for a read-only command is cheap.
 """
@@ -173,6 +176,8 @@ class CardState:
     # One-time ECKA key pair kept for a retry/rebind: {"otsk": PEM, "otpk": hex}
     ot_key: dict | None = None
     path: str | None = field(default=None, repr=False, compare=False)
+    # Set on a read-only snapshot of a file another process writes: why it must not be saved.
+    busy: str | None = field(default=None, repr=False, compare=False)
 
     # --- queries ------------------------------------------------------------
     def find_iccid(self, iccid: str) -> Profile | None:
@@ -251,6 +256,8 @@ class CardState:
         """Write the whole state atomically: tmp file + fsync + rename (+ directory fsync)."""
         if not self.path:
             return
+        if self.busy:
+            raise StateError(self.busy, code="sim_state_busy")
         text = json.dumps(self.to_json(), indent=1)
         d = os.path.dirname(os.path.abspath(self.path))
         tmp = os.path.join(d, f".{os.path.basename(self.path)}.tmp{os.getpid()}")
@@ -277,6 +284,45 @@ class CardState:
                 pass
             raise StateError(f"cannot write the simulated eUICC state {self.path}: {e.strerror or e}",
                              code="sim_state_write") from None
+
+
+class StateLock:
+    """The state file's writer lock: ``STATE.lock`` beside it (agent.pidlock), held while a
+    process has the card open for writing. ``acquire`` raises StateError ``sim_state_busy``
+    naming the holder."""
+
+    def __init__(self, path):
+        from ..pidlock import PidLock
+        self.path = os.fspath(path)
+        self._lock = PidLock(self.path + ".lock")
+
+    def acquire(self) -> "StateLock":
+        from ..pidlock import Busy
+        try:
+            self._lock.acquire()
+        except Busy as e:
+            raise busy_error(self.path, e.holder) from None
+        except OSError:
+            pass      # no lock file possible (read-only directory): nothing can be saved there either
+        return self
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+def busy_error(path: str, holder, *, reading: bool = False) -> StateError:
+    who = holder.shown() if holder is not None else "another process"
+    if reading:
+        msg = (f"the simulated eUICC state {path} is in use by {who}: this command only reads it and must not "
+               "change it")
+    else:
+        via = (" through the simulated modem that holds it (--device with its --link)"
+               if holder is not None and holder.command == "sim modem" else "")
+        msg = (f"the simulated eUICC state {path} is in use by {who}; one process writes a card at a time, or "
+               f"changes get lost: use the card{via or ' through that process'}, or stop it first "
+               "(with a simulated modem: --device LINK instead of --sim)")
+    return StateError(msg, code="sim_state_busy",
+                      details={"pid": holder.pid} if holder is not None else {})
 
 
 def _known(cls, d: dict) -> dict:

@@ -72,7 +72,10 @@ _URC_WORDS = {"RDY", "SMS DONE", "PB DONE", "CALL READY", "SMS READY", "POWERED 
               "NORMAL POWER DOWN", "READY", "RING", "START"}
 _ALNUM = re.compile(r"[0-9A-Za-z]")
 _HEX_LINE = re.compile(r"^[0-9A-Fa-f]+$")
-_LEN_HEX = re.compile(r'^(\d+)\s*,\s*("?)([0-9A-Fa-f]*)("?)$')
+_LEN_HEX = re.compile(r'^([0-9]+)\s*,\s*("?)([0-9A-Fa-f]*)("?)$')
+# A numeric field we turn into an int: ASCII digits, short enough to be a real value
+# (int() of "²" fails although "²".isdigit(), and of 4301 digits too).
+_SMALL_NUMBER = re.compile(r"\A[0-9]{1,9}\Z")
 # bytes.translate(None, _JUNK) drops everything that is not printable ASCII (or TAB).
 _JUNK = bytes(b for b in range(256) if not (0x20 <= b <= 0x7E or b == 0x09))
 _SPLIT = re.compile(rb"[\r\n]")
@@ -132,20 +135,25 @@ def command_name(cmd: str) -> str:
     return name + ("=?" if cmd.endswith("=?") else "?" if cmd.endswith("?") else "")
 
 
+def _clip(text: str, n: int = 60) -> str:
+    """A modem's text for a message: bounded (the whole line stays in details["result"])."""
+    return text if len(text) <= n else text[:n] + "…"
+
+
 def error_from_final(cmd: str, final: str) -> ModemError:
     what = command_name(cmd)
     m = _CME.match(final)
     if m:
         raw = m.group(1).strip().strip('"')
-        cme: int | str = int(raw) if raw.isdigit() else raw
+        cme: int | str = int(raw) if _SMALL_NUMBER.match(raw) else raw
         text = f" ({CME_TEXT[cme]})" if isinstance(cme, int) and cme in CME_TEXT else ""
-        return ModemCmeError(f"modem answered {what} with +CME ERROR: {raw}{text}", cme=cme, command=what,
+        return ModemCmeError(f"modem answered {what} with +CME ERROR: {_clip(raw)}{text}", cme=cme, command=what,
                              result=final)
     m = _CMS.match(final)
     if m:
         raw = m.group(1).strip().strip('"')
-        return ModemCmsError(f"modem answered {what} with +CMS ERROR: {raw}",
-                             cms=int(raw) if raw.isdigit() else raw, command=what, result=final)
+        return ModemCmsError(f"modem answered {what} with +CMS ERROR: {_clip(raw)}",
+                             cms=int(raw) if _SMALL_NUMBER.match(raw) else raw, command=what, result=final)
     return ModemError(f"modem answered {what} with {final}", command=what, result=final)
 
 
@@ -273,7 +281,11 @@ def parse_len_hex(value: str, what: str) -> bytes:
     v = value.strip()
     m = _LEN_HEX.match(v)
     if m:
-        n, q1, hx, q2 = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        digits, q1, hx, q2 = m.group(1), m.group(2), m.group(3), m.group(4)
+        if not _SMALL_NUMBER.match(digits):
+            raise ProtocolError(f"{what} length field has {len(digits)} digits ({v[:40]!r}…); not an answer "
+                                "length", code="length_mismatch")
+        n = int(digits)
         if q1 != q2:
             log.debug("%s: unbalanced quotes in %r", what, v)
         if n != len(hx):
@@ -311,6 +323,29 @@ def _busy_hint(device: str) -> str:
             "without --direct: it goes through the daemon's socket")
 
 
+def _port_busy(device: str, lock_file: str) -> PortBusyError:
+    """port_busy that names the holder the lock file records (its PID, /proc/PID/cmdline): the
+    esim-agent daemon, another esim-agent command, or another program — only then the usual
+    suspects (ModemManager)."""
+    from ..pidlock import read_holder
+    h = read_holder(lock_file)
+    details: dict = {"lock_file": lock_file}
+    if h is not None:
+        details["pid"] = h.pid
+        if h.argv:
+            details["holder"] = h.shown()
+    if h is not None and h.daemon:
+        msg = (f"{device} is held by the esim-agent daemon (PID {h.pid}), which owns the modem while it runs: "
+               "run the command without --direct (it then goes through the daemon's socket), or stop the service "
+               "first (systemctl stop esim-agent)")
+    elif h is not None and h.esim_agent:
+        msg = f"{device} is in use by another esim-agent ({h.shown()}); wait for it to finish, or stop it"
+    else:
+        who = f" ({h.shown()})" if h is not None else ""
+        msg = f"{device} is locked by another process{who}, lock file {lock_file}: " + _busy_hint(device)
+    return PortBusyError(msg, details=details)
+
+
 class PortLock:
     """flock on <dir>/esim-agent.<realpath with / → _>.lock (non-blocking)."""
 
@@ -331,8 +366,7 @@ class PortLock:
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise PortBusyError(f"{realpath} is locked by another process (lock file {p}): "
-                                        + _busy_hint(realpath), details={"lock_file": p}) from None
+                    raise _port_busy(realpath, p) from None
                 raise
             self.path, self.fd = p, fd
             try:

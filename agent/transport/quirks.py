@@ -71,6 +71,8 @@ _BOOL_TRUE = {"1", "true", "yes", "on"}
 _BOOL_FALSE = {"0", "false", "no", "off"}
 _TRISTATE = {"no_prefix", "cgla_channel_in_cla"}
 _INTS = {"max_get_response", "max_apdu"}
+#: Upper bound of the number quirks (an extended-length APDU is at most 65 544 bytes).
+_INT_MAX = 65535
 
 
 def table_quirks(manufacturer: str | None, model: str | None) -> dict:
@@ -92,18 +94,20 @@ def _coerce(key: str, value):
         if key in _INTS:
             if v in ("none", "", "0"):
                 return None
-            if v.isdigit():
-                return int(v)
+            if v.isascii() and v.isdigit() and len(v) <= 9:   # "²".isdigit() is true, int() refuses it
+                return _coerce(key, int(v))
         elif v in _BOOL_TRUE:
             return True
         elif v in _BOOL_FALSE:
             return False
-        raise UsageError(f"quirk {key}: cannot understand value {value!r}", code="bad_quirk")
+        shown = repr(value) if len(value) <= 40 else repr(value[:40]) + f"… ({len(value)} characters)"
+        raise UsageError(f"quirk {key}: cannot understand value {shown}", code="bad_quirk")
     if key in _INTS:
         if value is None or value is False:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"quirk {key} wants a positive number, not {value!r}", code="bad_quirk")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _INT_MAX:
+            shown = repr(value) if not isinstance(value, int) or value.bit_length() <= 64 else "a larger one"
+            raise UsageError(f"quirk {key} wants a positive number up to {_INT_MAX}, not {shown}", code="bad_quirk")
         return value
     if value is None and key in _TRISTATE:
         return None
