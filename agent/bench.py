@@ -49,6 +49,18 @@ def agent_cmd() -> list[str]:
     return [sys.executable, "-m", "agent"]
 
 
+def stop_procs(procs: list, timeout: float = 10.0) -> None:
+    """Terminate the test-bed processes a benchmark started (last first), kill stragglers."""
+    import subprocess
+    for p in reversed(procs):
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def wait_for_path(path: Path, proc: subprocess.Popen, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -97,13 +109,7 @@ def cmd_bench_startup(args, out) -> int:
             measure(dargs, 1, env=env)          # the daemon's card worker starts on the first job
             daemon = measure(dargs, args.runs, env=env)
         finally:
-            for p in reversed(procs):
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_procs(procs)
     f = floor["wall_s"]["median"]
     ratio = {k: round(v["wall_s"]["median"] / f, 2) for k, v in (("sim", sim), ("modem", modem), ("daemon", daemon))}
     data = {"runs": args.runs, "floor_import_serial": floor, "chip_info_sim": sim, "chip_info_modem": modem,
@@ -218,13 +224,7 @@ def cmd_bench_download(args, out) -> int:
                              "apdus_to_card": delta["apdus_to_card"], "get_response": delta["get_response"],
                              "at_commands": delta["at_commands"], "notifications_delivered": len(sent)})
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_procs(procs)
     med = lambda k: statistics.median(x[k] for x in runs)  # noqa: E731
     data = {"baud": args.baud, "transport": args.bench_transport, "latency_s": args.latency, "runs": len(runs),
             "profile_size": args.profile_size,

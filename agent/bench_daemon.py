@@ -82,7 +82,7 @@ def _get_status(sock: str) -> tuple[int, dict]:
 
 
 def cmd_bench_daemon(args, out) -> int:
-    from .bench import agent_cmd, wait_for_path
+    from .bench import agent_cmd, stop_procs, wait_for_path
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="esim-bench-daemon-") as d:
         root = Path(d)
@@ -142,13 +142,7 @@ def cmd_bench_daemon(args, out) -> int:
                 if st != 200:
                     raise TransportError(f"GET /status answered {st}", code="bench_failed")
         finally:
-            for p in reversed(procs):
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_procs(procs)
     data = {"idle_rss_mb": round(max(rss), 1), "idle_cpu_s_per_min": round(cpu * 60 / idle_s, 4),
             "status_rtt_ms_median": round(statistics.median(rtts), 2),
             "status_rtt_ms_max": round(max(rtts), 2), "idle_seconds": round(idle_s, 1),
