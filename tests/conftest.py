@@ -5,6 +5,7 @@ CLI fixtures (H9): ``shared_sim_modem`` (module-scoped, read-only tests).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -126,24 +127,31 @@ class _Hang(Exception):
     pass
 
 
-@pytest.fixture
-def hang_guard():
-    """Fail a test that runs longer than 15 s instead of hanging the suite
-    (pytest-timeout is not installed). Main thread only (SIGALRM)."""
+@contextlib.contextmanager
+def time_limit(seconds: float, what: str = "test"):
+    """Fail (raise) instead of hanging when the block runs longer than ``seconds``
+    (pytest-timeout is not installed). SIGALRM: main thread only, elsewhere a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_alarm(signum, frame):
-        raise _Hang("test exceeded 15 s (hang guard)")
+        raise _Hang(f"{what} exceeded {seconds:g} s")
 
     old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, 15.0)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture
+def hang_guard():
+    """Fail a test that runs longer than 15 s instead of hanging the suite."""
+    with time_limit(15.0, "test (hang guard)"):
+        yield
 
 
 def _serve_in_thread(state_path, link, faults, card, *, baud=None, preload=2):

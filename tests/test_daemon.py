@@ -46,6 +46,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import time_limit
 
 from testbed import REPO, Bed, testbed_pki  # noqa: F401  (pytest fixture)
 
@@ -57,27 +58,11 @@ UNKNOWN_ICCID = "8999000000000000009"
 
 # --------------------------------------------------------------------------- a per-test time limit
 
-class _TestTimeout(Exception):
-    pass
-
-
 @pytest.fixture(autouse=True)
 def _time_limit():
-    """No hanging test (pytest-timeout is not installed): SIGALRM in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
+    """No test hangs the suite (conftest.time_limit: SIGALRM, main thread)."""
+    with time_limit(PER_TEST_LIMIT_S):
         yield
-        return
-
-    def on_alarm(signum, frame):
-        raise _TestTimeout(f"test exceeded {PER_TEST_LIMIT_S} s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, PER_TEST_LIMIT_S)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # --------------------------------------------------------------------------- small helpers

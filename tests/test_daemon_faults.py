@@ -47,6 +47,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import time_limit
 
 from testbed import REPO, make_bed, testbed_pki  # noqa: F401  (pytest fixtures)
 
@@ -58,27 +59,11 @@ READ_ONLY_KINDS = ("chip.info", "profile.list", "notification.list")
 
 # --------------------------------------------------------------------------- per-test time limit
 
-class _TestTimeout(Exception):
-    pass
-
-
 @pytest.fixture(autouse=True)
 def _time_limit():
-    """pytest-timeout is not installed: a SIGALRM guard (main thread) so no test hangs the suite."""
-    if threading.current_thread() is not threading.main_thread():
+    """No test hangs the suite (conftest.time_limit: SIGALRM, main thread)."""
+    with time_limit(PER_TEST_TIMEOUT_S):
         yield
-        return
-
-    def on_alarm(signum, frame):
-        raise _TestTimeout(f"test exceeded {PER_TEST_TIMEOUT_S} s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, PER_TEST_TIMEOUT_S)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # --------------------------------------------------------------------------- the report receiver

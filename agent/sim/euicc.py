@@ -133,7 +133,7 @@ def decode_cla(cla: int) -> tuple[int, bool]:
 
 
 class SimEuicc:
-    """The simulated eUICC (interfaces.md): ISO 7816-4 layer around the ISD-R."""
+    """The simulated eUICC: ISO 7816-4 layer around the ISD-R."""
 
     def __init__(self, state: CardState):
         self.state = state
@@ -200,7 +200,7 @@ class SimEuicc:
             self._state_lock.release()
             self._state_lock = None
 
-    # --- interfaces.md API ------------------------------------------------------
+    # --- public API (the modem, the CLI's --sim and the tests use it) ----------
     @property
     def eid(self) -> str:
         return self.state.eid
@@ -472,7 +472,7 @@ def _eum_eid_prefix(eum_cert) -> str:
 
 
 def _new_identity(*, pki_dir, euicc_cert, euicc_key, eum_certs, ci_certs) -> tuple[str, Identity]:
-    """EID and identity of a new card (interfaces.md SimEuicc.open)."""
+    """EID and identity of a new card (for SimEuicc.open)."""
     from .. import crypto
     from . import pki
 
