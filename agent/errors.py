@@ -244,6 +244,8 @@ _USAGE_CODES = (
     "pki_missing", "pki_mismatch", "pki_no_key", "bad_imsi",
     "sim_state_busy", "link_in_use", "link_dir_missing", "bad_listen_port", "listen_port_in_use",
     "pki_not_a_directory", "pki_unwritable",
+    # SGP.32: an ESipa version we do not speak (esipa.py)
+    "esipa_version",
 )
 
 _TRANSPORT_CODES = (
@@ -266,6 +268,8 @@ _TRANSPORT_CODES = (
     "tls_wrong_role", "tls_handshake_failed",
     # test bench helpers (bench.py)
     "sim_failed", "bench_failed",
+    # SGP.32: garbled eUICC packages / results and ESipa bodies (esep.py, esipa.py)
+    "bad_euicc_package", "bad_euicc_package_result", "bad_esipa_message",
 )
 
 

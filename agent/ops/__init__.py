@@ -52,6 +52,21 @@ class Steps:
 
 
 @dataclass
+class EimSettings:
+    """The IPA's eIM settings (config table ``[eim]``, SGP.32; docs/protocol.md §7).
+
+    ``url`` None: use the eIM address (eimFqdn) from the eUICC's own eIM configuration
+    (ES10b GetEimConfigurationData)."""
+    url: str | None = None
+    poll_interval: float = 86400.0       # seconds between polls (0: start-up and `ipa poll` only)
+    esipa_version: str = "1.2"           # "1.2" | "1.0": the eIM's ESipa wire forms
+    binding: str = "asn1"                # "asn1" | "json": ESipa HTTP binding
+    ca: str | None = None                # trusted CA(s) for the eIM's TLS; None: the eIM config's trustedPublicKeyDataTls, then the system store
+    fallback_after: float = 900.0        # seconds without registration before ExecuteFallbackMechanism
+    max_packages: int = 32               # packages one poll executes at most (a misbehaving eIM cannot loop us)
+
+
+@dataclass
 class Context:
     servers: ServerSettings = field(default_factory=ServerSettings)
     state_dir: Path | None = None
@@ -61,6 +76,7 @@ class Context:
     registration_poll: float = 2.0
     default_smdp: str | None = None     # `sync` asks this SM-DP+ instead of the eUICC's default
     auto_enable: bool = False           # `sync` enables what it installed (checked switch)
+    eim: EimSettings = field(default_factory=EimSettings)
     cancel: CancelToken = field(default_factory=CancelToken)
     steps: Steps = field(default_factory=Steps)
     # For people: progress(step, done, total) and warnings. Both may be None.
