@@ -150,7 +150,7 @@ class SimEuicc:
     @classmethod
     def open(cls, state_path, *, preload: int = 0, pki_dir=None, euicc_cert=None, euicc_key=None,
              eum_certs=(), ci_certs=(), free_nvm: int | None = None, lock: bool = False,
-             read_only_if_busy: bool = False) -> "SimEuicc":
+             read_only_if_busy: bool = False, iot: bool = False) -> "SimEuicc":
         """Load the card from ``state_path``, or create it there.
 
         A new card takes its identity from ``pki_dir`` (an eUICC certificate issued
@@ -159,6 +159,9 @@ class SimEuicc:
         serialNumber), or from a freshly generated CI → EUM → eUICC chain; then
         ``preload`` test profiles are installed (the first one enabled).  An existing
         card is loaded as it is: identity options and ``preload`` are ignored.
+
+        ``iot``: an SGP.32 IoT eUICC (``"iot": true`` in the state file, sim/iot.py); an
+        existing SGP.22 card given ``iot`` becomes one, and stays one.
 
         ``lock``: this process will write the card (``sim modem``, the CLI's ``--sim``): hold the
         state file's writer lock until ``close()``; another writer is refused (StateError
@@ -180,10 +183,15 @@ class SimEuicc:
                 return card
         try:
             if os.path.exists(path):
-                card = cls(load_state(path))
+                state = load_state(path)
+                if iot and not state.iot:
+                    state.iot = True
+                    state.save()
+                card = cls(state)
             else:
                 state = _new_card(path, pki_dir=pki_dir, euicc_cert=euicc_cert, euicc_key=euicc_key,
                                   eum_certs=eum_certs, ci_certs=ci_certs, preload=preload, free_nvm=free_nvm)
+                state.iot = iot
                 state.save()
                 card = cls(state)
         except BaseException:

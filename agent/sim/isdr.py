@@ -19,6 +19,10 @@ notifications to each address the profile's notificationConfigurationInfo
 lists for that event; every LoadBoundProfilePackage ends in a signed
 ProfileInstallationResult that is also kept as the install notification
 (docs/protocol.md §6.1).
+
+An IoT card (``state.iot``, SGP.32 v1.2) adds the ES10b functions of ``iot.IotFunctions``
+and reports itself the SGP.32 way (SGP32-EUICCInfo2 with ipaMode ipad, ProfileInfo with
+the fallback attribute, FCI template E1); everything an SGP.22 LPA uses keeps working.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from .. import tlv
 from ..errors import AgentError
 from ..es10 import bits_set, make_bits
 from ..ids import eid_to_bytes, iccid_from_bytes, iccid_to_bytes
-from .state import PROFILE_DISABLED, PROFILE_ENABLED, CardState, Notification, Profile
+from .state import EPR_OPERATION, PROFILE_DISABLED, PROFILE_ENABLED, CardState, Notification, Profile
 
 ISDR_AID = bytes.fromhex("A0000005591010FFFFFFFF8900000100")
 
@@ -67,6 +71,7 @@ PROFILE_INFO_TAGS = {
     0x91: "serviceProviderName", 0x92: "profileName", 0x93: "iconType", 0x94: "icon",
     0x95: "profileClass", 0xB6: "notificationConfigurationInfo", 0xB7: "profileOwner",
     0xB8: "dpProprietaryData", 0x99: "profilePolicyRules",
+    0x9F26: "fallbackAttribute", 0x9F67: "fallbackAllowed",     # SGP32-ProfileInfo (IoT cards only)
 }
 
 # AuthenticateServer / PrepareDownload error codes (docs/protocol.md §4.3)
@@ -196,6 +201,12 @@ class Isdr:
             0xBF35: self.load_crl,
             0xBF42: self.lpae_activation,
         }
+        #: the SGP.32 functions of an IoT card (None on an SGP.22 card)
+        self.iot = None
+        if state.iot:
+            from .iot import IotFunctions
+            self.iot = IotFunctions(self)
+            self.handlers.update(self.iot.handlers())
 
     # --- entry points ---------------------------------------------------------------
     def reset(self) -> None:
@@ -207,6 +218,8 @@ class Isdr:
         """ISD-R FCI: 6F{84 AID, A5{9F65 max command data}, E0{82 svn}} (docs/protocol.md §1.1)."""
         prop = tlv.encode(0xA5, tlv.encode(0x9F65, b"\xff"))
         isdr_template = tlv.encode(0xE0, tlv.encode(0x82, SVN))
+        if self.iot is not None:
+            isdr_template += self.iot.fci_template()
         return tlv.encode(0x6F, tlv.encode(0x84, ISDR_AID) + prop + isdr_template)
 
     def handle(self, request: bytes) -> bytes:
@@ -268,7 +281,7 @@ class Isdr:
         ext = (tlv.encode(0x81, _uint_bytes(len(self.state.profiles)))
                + tlv.encode(0x82, _uint_bytes(max(0, self.state.free_nvm)))
                + tlv.encode(0x83, _uint_bytes(FREE_VM)))
-        return self._enc("EUICCInfo2", {
+        value = {
             "profileVersion": PROFILE_VERSION,
             "svn": SVN,
             "euiccFirmwareVer": FIRMWARE_VERSION,
@@ -282,7 +295,13 @@ class Isdr:
             "euiccCategory": EUICC_CATEGORY_MEDIUM,
             "ppVersion": PP_VERSION,
             "sasAcreditationNumber": SAS_ACCREDITATION,
-        })
+        }
+        if self.iot is not None:
+            # SGP.32 §5.9.2: the SGP.22 fields plus ipaMode and iotSpecificInfo, appended
+            # after them, so an SGP.22 decoder (extensible EUICCInfo2) still reads it
+            value.update(self.iot.euicc_info2_extra())
+            return self._enc("SGP32-EUICCInfo2", value)
+        return self._enc("EUICCInfo2", value)
 
     def get_euicc_info2(self, req: bytes) -> bytes:
         self._dec("GetEuiccInfo2Request", req)
@@ -333,6 +352,11 @@ class Isdr:
             full["dpProprietaryData"] = {"dpOid": p.dp_oid}
         if p.ppr or (tags is not None and 0x99 in tags):
             full["profilePolicyRules"] = make_bits(p.ppr)
+        if self.iot is not None:
+            # SGP32-ProfileInfo: 9F26 TRUE marks the Fallback Profile (FALSE is the DER default)
+            full["fallbackAttribute"] = p.fallback
+            if p.fallback_allowed is not None:
+                full["fallbackAllowed"] = p.fallback_allowed
         if tags is None:
             return full
         wanted = {PROFILE_INFO_TAGS[t] for t in tags if t in PROFILE_INFO_TAGS}
@@ -340,19 +364,26 @@ class Isdr:
 
     def get_profiles_info(self, req: bytes) -> bytes:
         v = self._dec("ProfileInfoListRequest", req)
+        # an IoT card answers with SGP32-ProfileInfo (extra fields an SGP.22 decoder skips)
+        return self._enc("SGP32-ProfileInfoListResponse" if self.iot is not None else "ProfileInfoListResponse",
+                         self.profiles_info(v))
+
+    def profiles_info(self, v: dict) -> tuple:
+        """The ProfileInfoListResponse CHOICE value for a decoded ProfileInfoListRequest
+        (also the result of the SGP.32 listProfileInfo PSMO)."""
         tags = None
         if v.get("tagList") is not None:
             try:
                 tags = parse_tag_list(v["tagList"])
             except AgentError:
-                return self._enc("ProfileInfoListResponse", ("profileInfoListError", 1))
+                return ("profileInfoListError", 1)
         profiles = list(self.state.profiles)
         crit = v.get("searchCriteria")
         if crit is not None:
             kind, val = crit
             # asn1tools does not check SIZE constraints on decode: do it here
             if (kind == "iccid" and len(val) != 10) or (kind == "isdpAid" and not 5 <= len(val) <= 16):
-                return self._enc("ProfileInfoListResponse", ("profileInfoListError", 1))
+                return ("profileInfoListError", 1)
             if kind == "iccid":
                 profiles = [p for p in profiles if p.iccid == iccid_from_bytes(val)]
             elif kind == "isdpAid":
@@ -360,9 +391,8 @@ class Isdr:
             elif kind == "profileClass":
                 profiles = [p for p in profiles if p.profile_class == val]
             else:
-                return self._enc("ProfileInfoListResponse", ("profileInfoListError", 1))
-        return self._enc("ProfileInfoListResponse",
-                         ("profileInfoListOk", [self.profile_info(p, tags) for p in profiles]))
+                return ("profileInfoListError", 1)
+        return ("profileInfoListOk", [self.profile_info(p, tags) for p in profiles])
 
     # --- ES10c Enable / Disable / Delete ------------------------------------------------
     def _find(self, ident) -> Profile | None:
@@ -372,6 +402,13 @@ class Isdr:
         return self.state.find_aid(val.hex())
 
     def _changed(self) -> None:
+        # Any change of the enabled profile ends a pending rollback, a fallback to return from
+        # and the immediate-enable chance (SGP.32 §5.9.15/16/21: each is good for the state it
+        # was made in only); the SGP.32 function that made the change sets its own afterwards.
+        st = self.state
+        if st.rollback is not None or st.fallback_return is not None or st.immediate_candidate is not None:
+            st.rollback = st.fallback_return = st.immediate_candidate = None
+            self._save()
         cb = self.on_profile_change
         if cb is not None:
             cb()
@@ -403,39 +440,42 @@ class Isdr:
 
     def disable_profile(self, req: bytes) -> bytes:
         v = self._dec("DisableProfileRequest", _lenient_refresh_flag(req))
-        p = self._find(v["profileIdentifier"])
-        if p is None:
-            result = 1
-        elif not p.enabled:
-            result = 2                                # profileNotInEnabledState
-        elif PPR1 in p.ppr:
-            result = 3
-        elif self.cat_busy:
-            result = 5
-        else:
-            self.last_refresh_flag = bool(v["refreshFlag"])
-            p.state = PROFILE_DISABLED
-            self._notify(p, "disable")
-            self._save()
-            self._changed()
-            result = 0
+        result = self._disable(self._find(v["profileIdentifier"]), bool(v["refreshFlag"]))
         return self._enc("DisableProfileResponse", {"disableResult": result})
+
+    def _disable(self, p: Profile | None, refresh: bool) -> int:
+        if p is None:
+            return 1
+        if not p.enabled:
+            return 2                                  # profileNotInEnabledState
+        if PPR1 in p.ppr:
+            return 3
+        if self.cat_busy:
+            return 5
+        self.last_refresh_flag = refresh
+        p.state = PROFILE_DISABLED
+        self._notify(p, "disable")
+        self._save()
+        self._changed()
+        return 0
 
     def delete_profile(self, req: bytes) -> bytes:
         v = self._dec("DeleteProfileRequest", req)
-        p = self._find(v)
+        return self._enc("DeleteProfileResponse", {"deleteResult": self._delete(self._find(v))})
+
+    def _delete(self, p: Profile | None) -> int:
         if p is None:
-            result = 1
-        elif p.enabled:
-            result = 2                                # must be disabled first
-        elif PPR2 in p.ppr:
-            result = 3
-        else:
-            self._remove(p)
-            self._notify(p, "delete")
-            self._save()
-            result = 0
-        return self._enc("DeleteProfileResponse", {"deleteResult": result})
+            return 1
+        if p.enabled:
+            return 2                                  # must be disabled first
+        if self.iot is not None and (refused := self.iot.delete_refusal(p)):
+            return refused
+        if PPR2 in p.ppr:
+            return 3
+        self._remove(p)
+        self._notify(p, "delete")
+        self._save()
+        return 0
 
     def _remove(self, p: Profile) -> None:
         self.state.profiles.remove(p)
@@ -462,13 +502,18 @@ class Isdr:
             classes.add(2)          # deleteOperationalProfiles
         if 1 in bits:
             classes.add(0)          # deleteFieldLoadedTestProfiles
+        result = 0 if self.reset_memory(classes, reset_address=2 in bits) else 1    # 1: nothingToDelete
+        return self._enc("EuiccMemoryResetResponse", {"resetResult": result})
+
+    def reset_memory(self, classes: set[int], *, reset_address: bool) -> bool:
+        """Delete the profiles of ``classes`` (and the default SM-DP+ address); True if anything went."""
         doomed = [p for p in self.state.profiles if p.profile_class in classes]
         had_enabled = any(p.enabled for p in doomed)
         # A memory reset ignores PPRs and sends no delete notifications (unverified:
         # SGP.22 §5.7.19 as we read it).
         for p in doomed:
             self._remove(p)
-        address_reset = 2 in bits and self.state.default_dp_address is not None
+        address_reset = reset_address and self.state.default_dp_address is not None
         if address_reset:
             self.state.default_dp_address = None
         if doomed or address_reset:
@@ -477,10 +522,8 @@ class Isdr:
             self._save()
             if had_enabled:
                 self._changed()
-            result = 0
-        else:
-            result = 1              # nothingToDelete
-        return self._enc("EuiccMemoryResetResponse", {"resetResult": result})
+            return True
+        return False
 
     # --- notifications (docs/protocol.md §6) ---------------------------------------------
     def _metadata(self, n: Notification) -> dict:
@@ -504,8 +547,10 @@ class Isdr:
 
     @staticmethod
     def _pmo_filter(notifications, pmo) -> list[Notification]:
+        # kept eUICC Package Results (IoT) are no SGP.22 notifications: never listed here
+        notifications = [n for n in notifications if n.operation != EPR_OPERATION]
         if pmo is None:
-            return list(notifications)
+            return notifications
         wanted = set(bits_set(pmo))
         return [n for n in notifications if PMO_BITS[n.operation] in wanted]
 
@@ -516,8 +561,10 @@ class Isdr:
                          ("notificationMetadataList", [self._metadata(n) for n in ns]))
 
     def retrieve_notifications_list(self, req: bytes) -> bytes:
+        if self.iot is not None:
+            return self.iot.retrieve_notifications_list(req)
         v = self._dec("RetrieveNotificationsListRequest", req)
-        ns = self.state.notifications
+        ns = self._pmo_filter(self.state.notifications, None)
         crit = v.get("searchCriteria")
         if crit is not None:
             kind, val = crit
@@ -535,6 +582,10 @@ class Isdr:
             status = 1                                 # nothingToDelete
         else:
             self.state.notifications = keep
+            rb = self.state.rollback
+            if rb is not None and rb.get("seq") == v["seqNumber"]:
+                # the enable's result reached the eIM over the new profile: no rollback any more
+                self.state.rollback = None
             self._save()
             status = 0
         return self._enc("NotificationSentResponse", {"deleteNotificationStatus": status})
@@ -801,6 +852,8 @@ class Isdr:
         )
         self.state.profiles.append(p)
         self.state.free_nvm -= size
+        if self.state.iot:
+            self.state.immediate_candidate = p.iccid      # SGP.32 §5.9.15 ImmediateEnable
         self.state.ot_key = None          # the one-time key is spent once a profile is installed
         return self._finish(s, ("successResult", {"aid": bytes.fromhex(p.isdp_aid),
                                                   "simaResponse": SIMA_RESPONSE_OK}))

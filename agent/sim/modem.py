@@ -1061,12 +1061,13 @@ class ModemServer:
 def serve_modem(state_path, *, link: str | None = None, preload: int = 0, baud: int | None = None,
                 faults=(), pki_dir=None, ready: Callable[[ModemServer], None] | None = None,
                 euicc_kwargs: dict | None = None, card=None, network=(), stats_path: str | None = None,
-                latency: float = 0.0) -> None:
+                latency: float = 0.0, iot: bool = False) -> None:
     """Serve a simulated modem + eUICC on a new pseudo-terminal until SIGTERM/SIGINT
     (or ``server.stop()``, e.g. from the ``ready`` callback's argument).
 
     Prints the pty path on stdout (again after every re-enumeration); symlinks it at
     ``link`` (removed on exit). ``network``: ``--network`` specs (see parse_network).
+    ``iot``: the card is an SGP.32 IoT eUICC (sim/iot.py; an existing card becomes one).
     ``card`` replaces the SimEuicc (tests)."""
     f = parse_faults(faults)
     net = parse_network(network)
@@ -1079,7 +1080,7 @@ def serve_modem(state_path, *, link: str | None = None, preload: int = 0, baud: 
         if card is None:
             from .euicc import SimEuicc
             # lock: this modem is the card's one writer while it runs (sim/state.py StateLock).
-            card = opened = SimEuicc.open(state_path, preload=preload, pki_dir=pki_dir, lock=True,
+            card = opened = SimEuicc.open(state_path, preload=preload, pki_dir=pki_dir, lock=True, iot=iot,
                                           **(euicc_kwargs or {}))
         _warn_unknown_iccids(card, net)
         if latency < 0 or latency > 10:
@@ -1169,11 +1170,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="repeatable: how the network treats the profile with ICCID (default ok)")
     p.add_argument("--stats", metavar="FILE", help="keep JSON line/APDU counters in FILE")
     p.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="per AT+CSIM/CGLA answer delay")
+    p.add_argument("--iot", action="store_true", help="an SGP.32 IoT eUICC (eIM packages, fallback, rollback)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
         serve_modem(args.state, link=args.link, preload=args.preload, baud=args.baud, faults=args.fault,
-                    pki_dir=args.pki, network=args.network, stats_path=args.stats, latency=args.latency)
+                    pki_dir=args.pki, network=args.network, stats_path=args.stats, latency=args.latency,
+                    iot=args.iot)
     except AgentError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return e.exit_code

@@ -7,6 +7,12 @@ with the exact signed DER the eUICC produced, docs/protocol.md §6), the counter
 the configured addresses (SGP.22 ES10a), the free-NVM budget and the stored
 one-time ECKA key pair kept for a BPP retry (docs/protocol.md §4.3).
 
+An IoT card (``"iot": true``, SGP.32, docs/protocol.md §7) also keeps its eIM
+associations (``eims``: configuration DER, public key, last counter, association
+token), the immediate-enable configuration, the pending rollback and fallback
+return points and, among the notifications, its signed eUICC Package Results.
+Every one of these keys is optional on load, so a file written before them still opens.
+
 The file is written atomically after every change (temporary file in the same
 directory, fsync, rename).  One process writes it at a time: a writer (``sim modem``,
 the CLI's ``--sim``) holds ``STATE.lock`` (``StateLock``) while it has the card open, so a
@@ -67,6 +73,8 @@ class Profile:
     smdp_address: str | None = None
     imsi: str | None = None
     size: int = 0                         # NVM bytes it occupies
+    fallback: bool = False                # SGP.32 fallbackAttribute (9F26): the Fallback Profile
+    fallback_allowed: bool | None = None  # SGP.32 fallbackAllowed (9F67), set by the Profile Owner
 
     @property
     def enabled(self) -> bool:
@@ -77,13 +85,20 @@ class Profile:
         return [e["address"] for e in self.nci if op_bit in e.get("ops", [])]
 
 
+#: Notification.operation of a kept eUICC Package Result (SGP.32 §2.11.2.1): not an SGP.22
+#: notification, so ListNotification and an unfiltered RetrieveNotificationsList skip it.
+EPR_OPERATION = "euiccPackageResult"
+
+
 @dataclass
 class Notification:
     """A pending notification: its metadata, for ListNotification, and the exact
-    signed PendingNotification DER (BF37 or 30) for RetrieveNotificationsList."""
+    signed PendingNotification DER (BF37 or 30) for RetrieveNotificationsList.
+    On an IoT card also a signed eUICC Package Result (BF51, ``EPR_OPERATION``,
+    ``address`` = the eIM's id) kept until RemoveNotificationFromList."""
 
     seq: int
-    operation: str            # install | enable | disable | delete
+    operation: str            # install | enable | disable | delete | euiccPackageResult
     address: str
     iccid: str | None
     der: str                  # hex
@@ -161,6 +176,23 @@ class Identity:
 
 
 @dataclass
+class EimEntry:
+    """One associated eIM (SGP.32 §2.11.1.1.1): its EimConfigurationData as stored (hex DER,
+    with the association token this card assigned), the key that verifies its packages
+    (SPKI PEM), the last counter value accepted from it and its association token."""
+
+    eim_id: str
+    config: str                           # hex DER of EimConfigurationData
+    public_key: str | None = None         # PEM SubjectPublicKeyInfo
+    counter: int = 0                      # last accepted counterValue
+    association_token: int | None = None
+
+    @property
+    def config_der(self) -> bytes:
+        return bytes.fromhex(self.config)
+
+
+@dataclass
 class CardState:
     """Everything the simulated eUICC remembers across power cycles."""
 
@@ -175,6 +207,20 @@ class CardState:
     free_nvm: int = DEFAULT_FREE_NVM
     # One-time ECKA key pair kept for a retry/rebind: {"otsk": PEM, "otpk": hex}
     ot_key: dict | None = None
+    # --- SGP.32 (IoT) ---
+    iot: bool = False
+    #: ESipa/ESep version whose EPR signature input the card uses: "1.2" (also 1.1) or "1.0"
+    esipa_version: str = "1.2"
+    eims: list[EimEntry] = field(default_factory=list)
+    next_association_token: int = 1
+    #: ConfigureImmediateProfileEnabling: {"flag": bool, "smdp_oid": str?, "smdp_address": str?}
+    immediate_enable: dict | None = None
+    #: ICCID of the profile just downloaded, which ImmediateEnable may enable
+    immediate_candidate: str | None = None
+    #: one allowed ProfileRollback: {"iccid": enabled, "previous": ICCID or None, "seq": EPR seq, "index": n}
+    rollback: dict | None = None
+    #: ExecuteFallbackMechanism done: {"fallback": ICCID, "previous": ICCID or None} for ReturnFromFallback
+    fallback_return: dict | None = None
     path: str | None = field(default=None, repr=False, compare=False)
     # Set on a read-only snapshot of a file another process writes: why it must not be saved.
     busy: str | None = field(default=None, repr=False, compare=False)
@@ -189,6 +235,12 @@ class CardState:
 
     def enabled_profile(self) -> Profile | None:
         return next((p for p in self.profiles if p.enabled), None)
+
+    def find_eim(self, eim_id: str) -> EimEntry | None:
+        return next((e for e in self.eims if e.eim_id == eim_id), None)
+
+    def fallback_profile(self) -> Profile | None:
+        return next((p for p in self.profiles if p.fallback), None)
 
     # --- allocators -----------------------------------------------------------
     def take_seq(self) -> int:
@@ -222,6 +274,14 @@ class CardState:
             "root_ds_address": self.root_ds_address,
             "free_nvm": self.free_nvm,
             "ot_key": self.ot_key,
+            "iot": self.iot,
+            "esipa_version": self.esipa_version,
+            "eims": [asdict(e) for e in self.eims],
+            "next_association_token": self.next_association_token,
+            "immediate_enable": self.immediate_enable,
+            "immediate_candidate": self.immediate_candidate,
+            "rollback": self.rollback,
+            "fallback_return": self.fallback_return,
         }
 
     @classmethod
@@ -244,8 +304,20 @@ class CardState:
             root_ds_address=d.get("root_ds_address", DEFAULT_ROOT_DS),
             free_nvm=int(d.get("free_nvm", DEFAULT_FREE_NVM)),
             ot_key=d.get("ot_key"),
+            iot=bool(d.get("iot", False)),
+            esipa_version=str(d.get("esipa_version", "1.2")),
+            eims=[EimEntry(**_known(EimEntry, e)) for e in d.get("eims", [])],
+            next_association_token=int(d.get("next_association_token", 1)),
+            immediate_enable=d.get("immediate_enable"),
+            immediate_candidate=d.get("immediate_candidate"),
+            rollback=d.get("rollback"),
+            fallback_return=d.get("fallback_return"),
             path=path,
         )
+        if st.esipa_version not in ("1.2", "1.1", "1.0"):
+            raise ValueError(f"esipa_version {st.esipa_version!r} is not 1.0, 1.1 or 1.2")
+        for e in st.eims:
+            bytes.fromhex(e.config)
         if sum(1 for p in st.profiles if p.enabled) > 1:
             raise ValueError("more than one profile is enabled")
         for n in st.notifications:
