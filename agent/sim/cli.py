@@ -29,6 +29,9 @@ def add_parsers(sub) -> None:
                    help="how the network treats a profile (repeatable; default ok): ok (registered at once), "
                         "roaming, never (searching for ever), denied, after=SECONDS (searching, then registered); "
                         "the modem's +CEREG/+CREG/+C5GREG follow the enabled profile")
+    m.add_argument("--iot", action="store_true",
+                   help="an SGP.32 IoT eUICC: eIM association, signed eUICC packages, fallback and rollback "
+                        "(kept in the state file; an existing SGP.22 card becomes one)")
     _identity_args(m)
     m.set_defaults(func=cmd_sim_modem)
 
@@ -50,6 +53,16 @@ def add_parsers(sub) -> None:
                    help="forget unfinished download sessions after SECONDS; an order whose package was "
                         "fetched but never installed becomes available again (default 600)")
     s.set_defaults(func=cmd_sim_smdpp)
+
+    e = ss.add_parser("eim", help="serve a local eIM (SGP.32 ESipa over HTTPS) with an emnify-style operations API")
+    e.add_argument("--pki", required=True, metavar="DIR",
+                   help="test PKI written by `sim pki`; the eIM keeps its certificates, state and "
+                        "EimConfigurationData (eim-config.der, for `ipa add-eim`) in DIR/eim")
+    e.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: any free port)")
+    e.add_argument("--token", metavar="T", help="Bearer token the operations API requires (default: none)")
+    e.add_argument("--esipa-version", choices=("1.2", "1.0"), default="1.2",
+                   help="ESipa wire forms to speak (default 1.2)")
+    e.set_defaults(func=cmd_sim_eim)
 
 
 def _identity_args(p) -> None:
@@ -75,7 +88,7 @@ def cmd_sim_modem(args, out) -> int:
     pki_dir = kw.pop("pki_dir")
     serve_modem(args.state, link=args.link, preload=args.preload, baud=args.baud, faults=args.fault,
                 pki_dir=pki_dir, euicc_kwargs=kw, network=args.network, stats_path=args.stats,
-                latency=args.latency)
+                latency=args.latency, iot=args.iot)
     return 0
 
 
@@ -103,6 +116,23 @@ def cmd_sim_smdpp(args, out) -> int:
     try:
         serve_smdpp(args.pki, port=args.port, address=args.address, auth=auth, state_path=args.state, ready=ready,
                     profile_size=args.profile_size, session_ttl=args.session_ttl)
+    except ListenError as e:
+        raise _listen_refused(e) from None
+    return 0
+
+
+def cmd_sim_eim(args, out) -> int:
+    from .eim import run_eim
+    from .smdpp import ListenError
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is not a TCP port: use 0-65535 (0: any free port)",
+                         code="bad_listen_port")
+
+    def ready(server) -> None:
+        print(f"local eIM listening on https://127.0.0.1:{server.port} (ESipa {server.version}); "
+              f"eIM configuration for `ipa add-eim`: {server.config_path}", flush=True)
+    try:
+        run_eim(args.pki, port=args.port, token=args.token, version=args.esipa_version, ready=ready)
     except ListenError as e:
         raise _listen_refused(e) from None
     return 0

@@ -91,7 +91,9 @@ def _name(*, cn: str, org: str = "esim-agent test", serial: str | None = None, c
 
 
 def _policies(role: str) -> x509.CertificatePolicies:
-    return x509.CertificatePolicies([x509.PolicyInformation(x509.ObjectIdentifier(crypto.ROLE_OIDS[role]), None)])
+    # a role name from crypto.ROLE_OIDS, or a dotted policy OID (the test bed's eIM certificates)
+    oid = crypto.ROLE_OIDS.get(role, role)
+    return x509.CertificatePolicies([x509.PolicyInformation(x509.ObjectIdentifier(oid), None)])
 
 
 def _now() -> dt.datetime:
@@ -295,3 +297,77 @@ def load_pki(directory, *, require_keys: bool = True) -> Pki:
         parts[attr] = CertKey(cert, key)
     oid = crypto.smdp_oid(parts["dpauth"].cert) or DEFAULT_SMDP_OID
     return Pki(smdp_oid=oid, directory=d, **parts)
+
+
+# --- the local eIM's certificates (SGP.32 test bed) -------------------------------------------------
+#
+# ``esim-agent sim eim --pki DIR`` keeps its own files under DIR/eim/, made on first use and
+# remade when they no longer chain to DIR's CI (the PKI was rewritten):
+#   eim.pem / eim.key.pem  the eIM's ESep signing certificate (P-256; its key signs eUICC packages)
+#   tls.pem / tls.key.pem  its HTTPS server certificate (SAN 127.0.0.1 and localhost)
+# SGP.32 gives the eIM no GSMA certificate policy, so both carry test-arc OIDs of ours.
+
+EIM_DIR = "eim"
+EIM_SIGN_OID = "2.999.20"
+EIM_TLS_OID = "2.999.21"
+EIM_FILES = {"sign": ("eim.pem", "eim.key.pem"), "tls": ("tls.pem", "tls.key.pem")}
+
+
+@dataclass
+class EimPki:
+    ci: CertKey
+    sign: CertKey        # eim.pem: the key that signs eUICC packages
+    tls: CertKey         # tls.pem: the HTTPS server certificate
+    directory: Path      # DIR/eim
+
+    @property
+    def ci_pkid(self) -> bytes:
+        return crypto.ski(self.ci.cert)
+
+
+def _eim_sign_cert(ci: CertKey) -> CertKey:
+    key = crypto.generate_key()
+    cert = _build(subject=_name(cn="esim-agent test eIM", org="esim-agent eIM"), key=key, issuer=ci,
+                  role=EIM_SIGN_OID, ca=False, policies_critical=False)
+    return CertKey(cert, key)
+
+
+def _eim_tls_cert(ci: CertKey) -> CertKey:
+    key = crypto.generate_key()
+    san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    cert = _build(subject=_name(cn="localhost", org="esim-agent eIM"), key=key, issuer=ci, role=EIM_TLS_OID,
+                  ca=False, san=san, server_auth=True, policies_critical=False)
+    return CertKey(cert, key)
+
+
+def _load_eim_part(d: Path, cf: str, kf: str, ci: CertKey) -> CertKey | None:
+    """The pair in ``d`` if both files are there, match, and the certificate was issued by ``ci``."""
+    if not ((d / cf).is_file() and (d / kf).is_file()):
+        return None
+    try:
+        cert = crypto.load_cert((d / cf).read_bytes())
+        key = crypto.load_key((d / kf).read_bytes())
+    except (OSError, ValueError, crypto.CryptoError):
+        return None
+    if crypto.public_point(key) != crypto.public_point(cert) or not crypto.verify_issued_by(cert, ci.cert):
+        return None
+    return CertKey(cert, key)
+
+
+def ensure_eim_pki(directory) -> EimPki:
+    """Load (making what is missing or stale) the local eIM's certificates under ``directory``/eim."""
+    pki = load_pki(directory)
+    d = Path(directory) / EIM_DIR
+    _writable_dir(d)
+    parts = {}
+    for attr, (cf, kf) in EIM_FILES.items():
+        ck = _load_eim_part(d, cf, kf, pki.ci)
+        if ck is None:
+            ck = _eim_sign_cert(pki.ci) if attr == "sign" else _eim_tls_cert(pki.ci)
+            try:
+                save_certkey(ck, d / cf, d / kf)
+            except OSError as e:
+                raise InputError(f"cannot write the eIM certificates to {d}: {e.strerror or e}",
+                                 code="pki_unwritable") from None
+        parts[attr] = ck
+    return EimPki(ci=pki.ci, directory=d, **parts)
