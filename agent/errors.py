@@ -216,6 +216,11 @@ _REFUSED_CODES = (
     "smdp_oid_mismatch", "smdp_address_mismatch",
     # the notification outbox (store.py)
     "store_unavailable", "store_busy", "store_too_new", "unknown_notification", "bad_store_input",
+    # SGP.32 ES10b results (es10.py SGP.32 tables) and the IPA (ipa.py, eim_client.py): the eIM
+    # answered an error, or a package / download / rollback the eUICC refused
+    "associated_eim_already_exists", "invalid_association_token", "counter_value_out_of_range",
+    "command_error", "rollback_not_allowed", "fallback_not_available", "ecall_active",
+    "immediate_enable_not_available", "invalid_ci_pk_id", "eim_refused", "incorrect_tag_list",
 )
 
 _USAGE_CODES = (
@@ -224,6 +229,7 @@ _USAGE_CODES = (
     "no_default_smdp", "no_device", "bad_timeout", "bad_segment_size", "bad_baud", "bad_latency", "bad_aid",
     "bad_transport", "bad_quirk", "segment_size_too_small", "bad_runs", "unknown_operation",
     "config_missing", "config_invalid", "daemon_running",
+    "eim_options_direct",   # --eim-url/--esipa-version/--binding while the daemon runs the card (cli.py)
     # values given to us
     "bad_iccid", "bad_eid", "bad_imei", "bad_profile_id", "bad_nickname", "bad_address", "bad_es9p_input",
     "bad_key",
@@ -246,6 +252,8 @@ _USAGE_CODES = (
     "pki_not_a_directory", "pki_unwritable",
     # SGP.32: an ESipa version we do not speak (esipa.py)
     "esipa_version",
+    # SGP.32 IPA: no eIM to poll, an unusable EimConfigurationData file (ops/ipa.py)
+    "no_eim_configured", "bad_eim_config", "eim_config_unreadable",
 )
 
 _TRANSPORT_CODES = (

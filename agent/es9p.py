@@ -288,6 +288,9 @@ class Es9pClient:
     """One SM-DP+ (one address).  Reuse the instance for a whole download: keep-alive
     keeps a single TLS connection across the four calls."""
 
+    #: What the messages call the server (eim_client.EimClient reuses the HTTP machinery).
+    server_kind = "SM-DP+"
+
     def __init__(self, address: str, *, session: requests.Session | None = None, ca=None,
                  config_ca=None, insecure_http: bool = False, timeout=DEFAULT_TIMEOUT,
                  trust: Trust | None = None, retries: int = 2, backoff: float = 0.5,
@@ -396,7 +399,7 @@ class Es9pClient:
                                   ConnectionRefusedError)) for e in chain)
 
     def _map_exception(self, exc: BaseException, function: str, *, connected: bool = True) -> Exception:
-        where = f"SM-DP+ {self.address}"
+        where = f"{self.server_kind} {self.address}"
         chain = list(_walk(exc))
         details = {"function": function, "address": self.address, "error": str(exc)[:300]}
         timed_out = isinstance(exc, requests.exceptions.Timeout) or any(
@@ -441,6 +444,10 @@ class Es9pClient:
         handshake and the whole answer within ``self.deadline`` seconds (one deadline)."""
         url = self.base_url + PATH_PREFIX + function
         data = json.dumps(body, separators=(",", ":")).encode()
+        return self._send(function, url, data, self._headers())
+
+    def _send(self, function: str, url: str, data: bytes, headers: dict) -> tuple[int, bytes]:
+        """POST ``data`` to ``url`` under the one deadline of ``function`` (see ``_post``)."""
         if self.trust is not None:
             self.trust.check_clock()
         end = time.monotonic() + self.deadline
@@ -455,7 +462,7 @@ class Es9pClient:
             answered = False          # the status line and headers arrived
             with DeadlineWatch(left) as watch:
                 try:
-                    resp = self.session.post(url, data=data, headers=self._headers(), allow_redirects=False,
+                    resp = self.session.post(url, data=data, headers=headers, allow_redirects=False,
                                              stream=True, timeout=(min(self.timeout[0], left),
                                                                    min(self.timeout[1], left)))
                     answered = True
@@ -493,7 +500,7 @@ class Es9pClient:
 
     def _deadline_error(self, function: str, attempts: int, watch: DeadlineWatch, answered: bool) -> TimeoutError_:
         """The one deadline of ``function`` ran out: say where it stood and after how many attempts."""
-        where = f"SM-DP+ {self.address}"
+        where = f"{self.server_kind} {self.address}"
         tail = f"within the {self.deadline:g} s deadline ({_attempts(attempts)})"
         details = {"function": function, "address": self.address, "deadline_s": self.deadline,
                    "attempts": attempts}
@@ -530,8 +537,8 @@ class Es9pClient:
                 break
             buf += chunk
             if len(buf) > MAX_BODY:
-                raise ProtocolError(f"SM-DP+ answer to {function} is larger than {MAX_BODY // 1024} KiB; "
-                                    "not an ES9+ response", code="response_too_large",
+                raise ProtocolError(f"{self.server_kind} answer to {function} is larger than "
+                                    f"{MAX_BODY // 1024} KiB; not a response of its interface", code="response_too_large",
                                     details={"function": function})
         return bytes(buf)
 

@@ -102,7 +102,7 @@ class Context:
 
 def registry() -> dict[str, Callable[..., dict]]:
     """Operation name → function. Names are what the daemon's socket API takes."""
-    from . import chip, download, notifications, profiles, switch
+    from . import chip, download, ipa, notifications, profiles, switch
     return {
         "chip.info": chip.info,
         "chip.set_default_dp": chip.set_default_dp,
@@ -118,11 +118,17 @@ def registry() -> dict[str, Callable[..., dict]]:
         "notification.drop": notifications.drop,
         "notification.process": notifications.process_op,
         "sync": download.sync,
+        "ipa.add_eim": ipa.add_eim,
+        "ipa.list_eim": ipa.list_eim,
+        "ipa.poll": ipa.poll,
+        "ipa.status": ipa.status,
+        "ipa.return_from_fallback": ipa.return_from_fallback,
+        "ipa.fallback": ipa.fallback,
     }
 
 
 #: Operations that only read: the daemon does not journal their steps and never retries them.
-READ_ONLY = frozenset({"chip.info", "profile.list", "notification.list"})
+READ_ONLY = frozenset({"chip.info", "profile.list", "notification.list", "ipa.list_eim", "ipa.status"})
 
 
 def check_http_timeout(value, name: str = "--http-timeout") -> float:
