@@ -30,6 +30,14 @@ Example::
 
     [quirks]                    # forced modem quirks (see transport/quirks.py)
     no_prefix = true
+
+    [eim]                       # SGP.32 IPAd: present = the daemon polls an eIM
+    url = "https://eim.example.com"   # default: the eIM address in the eUICC's own eIM configuration
+    poll_interval = 86400       # seconds; 0 = only at start-up and on `esim-agent ipa poll`
+    esipa_version = "1.2"       # "1.2" | "1.0"
+    binding = "asn1"            # "asn1" | "json"
+    ca = "/etc/esim-agent/eim-ca.pem"
+    fallback_after = 900        # seconds without registration before the fallback profile; 0 = never
 """
 from __future__ import annotations
 
@@ -45,6 +53,8 @@ DEFAULT_PATH = Path("/etc/esim-agent/agent.toml")
 DEFAULT_SOCKET = "/run/esim-agent/agent.sock"
 LOG_LEVELS = ("info", "debug")
 TRANSPORTS = ("auto", "csim", "cgla")
+ESIPA_VERSIONS = ("1.2", "1.0")
+BINDINGS = ("asn1", "json")
 
 
 @dataclass
@@ -76,7 +86,8 @@ class Config:
     report_insecure_http: bool = False
     report_ca: str | None = None             # PEM CA bundle for report_url (default: the system's trust store)
     log_level: str = "info"
-    eim: dict = field(default_factory=dict)  # reserved for SGP.32 (eIM); any keys for now
+    # [eim] (SGP.32 IPAd): None = no table; else the checked keys (eim_settings() fills the defaults)
+    eim: dict | None = None
     # -- where it came from (not a key)
     source: str | None = None
 
@@ -84,8 +95,18 @@ class Config:
         """The settings as a JSON-able dict for status output, with report_token masked."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["report_token"] = "(set)" if self.report_token else None
-        d["aids"], d["quirks"], d["eim"] = list(self.aids), dict(self.quirks), dict(self.eim)
+        d["aids"], d["quirks"] = list(self.aids), dict(self.quirks)
+        if self.eim is not None:
+            from dataclasses import asdict
+            d["eim"] = asdict(self.eim_settings())
         return d
+
+    def eim_settings(self, **overrides):
+        """The IPA's settings (ops.EimSettings) from [eim]: defaults for what the table (or
+        the absent table) leaves out; ``overrides`` (command-line options) win when not None."""
+        from .ops import EimSettings
+        given = {**(self.eim or {}), **{k: v for k, v in overrides.items() if v is not None}}
+        return EimSettings(**given)
 
 
 def load(path: str | None = None) -> Config:
@@ -113,6 +134,8 @@ def load(path: str | None = None) -> Config:
         raise UsageError(f"config {p}: unknown key(s) {', '.join(sorted(unknown))}", code="config_invalid")
     for k, v in data.items():
         setattr(cfg, k, _checked(p, k, v))
+    if "eim" in data:
+        cfg.eim = _checked_eim(p, cfg.eim)
     if cfg.report_url and urlsplit(cfg.report_url).scheme.lower() == "http" and not cfg.report_insecure_http:
         raise UsageError(f"config {p}: report_url must be an https:// URL (plain http:// only with "
                          f"report_insecure_http = true), not {_show(cfg.report_url)}", code="config_invalid")
@@ -308,7 +331,53 @@ _KEYS = {
     "report_insecure_http": _bool,
     "report_ca": _path("a path (a PEM file of CA certificates for report_url)"),
     "log_level": _one_of(LOG_LEVELS, fold=True),
-    "eim": _table,
+    "eim": _table,                          # its keys: _EIM_KEYS, checked by _checked_eim
+}
+
+
+def _https_url(v):
+    """An https:// URL with a host, without credentials, spaces or control characters."""
+    rule = "an https:// URL (e.g. https://eim.example.com)"
+    if not isinstance(v, str) or not v or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in v):
+        raise _Bad(rule)
+    try:
+        u = urlsplit(v)
+        u.port                             # raises ValueError on a bad port
+    except ValueError:
+        raise _Bad(rule) from None
+    if u.scheme.lower() != "https" or not u.hostname:
+        raise _Bad(rule)
+    if u.username is not None or u.password is not None:
+        raise _Bad("a URL without a user or password in it", show=False)
+    return v
+
+
+def _esipa_version(v):
+    # `esipa_version = 1.2` (a TOML float, quotes forgotten) means the same as "1.2".
+    if _is_number(v) and v in (1.2, 1.0):
+        v = f"{v:.1f}"
+    return _one_of(ESIPA_VERSIONS)(v)
+
+
+def _existing_file(rule: str):
+    path = _path(rule)
+
+    def check(v):
+        path(v)
+        if not os.path.isfile(v):
+            raise _Bad(f"{rule} that exists")
+        return v
+    return check
+
+
+#: [eim] (SGP.32 IPAd; docs/protocol.md §7): key -> check. The defaults are ops.EimSettings'.
+_EIM_KEYS = {
+    "url": _https_url,
+    "poll_interval": _seconds(zero_ok=True, zero_means="0 = only at start-up and on `esim-agent ipa poll`"),
+    "esipa_version": _esipa_version,
+    "binding": _one_of(BINDINGS),
+    "ca": _existing_file("a path to a PEM file of CA certificates for the eIM's TLS"),
+    "fallback_after": _seconds(zero_ok=True, zero_means="0 = never fall back"),
 }
 
 
@@ -323,6 +392,30 @@ def _checked(p: Path, key: str, value):
     except _Bad as bad:
         tail = f", not {_show(value)}" if bad.show else ""
         raise UsageError(f"config {p}: {key} must be {bad.rule}{tail}", code="config_invalid") from None
+
+
+def _checked_eim(p: Path, table: dict) -> dict:
+    unknown = set(table) - set(_EIM_KEYS)
+    if unknown:
+        raise UsageError(f"config {p}: unknown key(s) in [eim]: {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(_EIM_KEYS)})", code="config_invalid")
+    checked = {}
+    for k, v in table.items():
+        try:
+            checked[k] = _EIM_KEYS[k](v)
+        except _Bad as bad:
+            tail = f", not {_show(v)}" if bad.show else ""
+            raise UsageError(f"config {p}: eim.{k} must be {bad.rule}{tail}", code="config_invalid") from None
+    return checked
+
+
+def check_eim_value(key: str, value, name: str):
+    """One [eim] value given elsewhere (a command-line option ``name``), checked like the file's."""
+    try:
+        return _EIM_KEYS[key](value)
+    except _Bad as bad:
+        tail = f", not {_show(value)}" if bad.show else ""
+        raise UsageError(f"{name} must be {bad.rule}{tail}", code="bad_input") from None
 
 
 def state_dir(cfg: Config | None = None) -> Path:

@@ -70,7 +70,7 @@ def test_defaults():
     assert (cfg.socket, cfg.state_dir, cfg.discovery_interval, cfg.auto_enable, cfg.rollback_after) == \
         ("/run/esim-agent/agent.sock", None, 21600, False, 420)
     assert (cfg.report_url, cfg.report_token, cfg.report_insecure_http, cfg.default_smdp) == (None, None, False, None)
-    assert (cfg.http_timeout, cfg.eim, cfg.log_level) == (30, {}, "info")
+    assert (cfg.http_timeout, cfg.eim, cfg.log_level) == (30, None, "info")
     assert (cfg.device, cfg.transport, cfg.timeout, cfg.long_timeout, cfg.segment_size) == (None, "auto", 10, 300, 255)
 
 
@@ -92,15 +92,13 @@ default_smdp = "SMDP.Example.com:8443"
 http_timeout = 12
 log_level = "DEBUG"
 [eim]
-anything = "goes"
-[eim.nested]
-deeper = [1, 2]
+poll_interval = 0
 '''))
     assert cfg.socket == "/run/esim-agent/x.sock" and cfg.discovery_interval == 0 and cfg.auto_enable is True
     assert cfg.rollback_after == 90.5 and cfg.http_timeout == 12 and cfg.log_level == "debug"
     assert cfg.report_url == "https://fleet.example.com/esim/report?gw=1" and cfg.report_token == "tok-123"
     assert cfg.default_smdp == "smdp.example.com:8443"                       # normalised like an AC address
-    assert cfg.eim == {"anything": "goes", "nested": {"deeper": [1, 2]}}
+    assert cfg.eim == {"poll_interval": 0}
     assert cfg.source.endswith("agent.toml")
 
 
@@ -155,6 +153,7 @@ BAD = [  # (TOML, the key the message must name, a fragment of the reason)
     ("http_timeout = -30", "http_timeout", "above 0"),
     ("http_timeout = 86400", "http_timeout", "at most 3600"),
     ("eim = 5", "eim", "a table"),
+    ("eim = []", "eim", "a table"),
     ('eim = "https://eim.example.com"', "eim", "a table"),
     ('log_level = "warning"', "log_level", '"info" or "debug"'),
     ("log_level = 10", "log_level", '"info" or "debug"'),
@@ -206,7 +205,7 @@ def test_unreadable_file(tmp_path):
 
 
 def test_unknown_keys_name_file_and_keys(tmp_path):
-    p = write(tmp_path, 'report_tokn = "x"\nsocket_path = "/run/a.sock"\n[eim]\nfree = 1\n')
+    p = write(tmp_path, 'report_tokn = "x"\nsocket_path = "/run/a.sock"\n[eim]\nfree = 1\n')  # top level first
     with pytest.raises(UsageError) as ei:
         config.load(p)
     assert ei.value.message == f"config {p}: unknown key(s) report_tokn, socket_path"
@@ -250,13 +249,17 @@ def test_example_config_covers_every_key_with_valid_examples(tmp_path):
     """Every key is in the example (set, or commented out with an example value), and the
     commented-out examples are valid too."""
     text = EXAMPLE.read_text()
-    uncommented = re.sub(r"(?m)^# ?([a-z_]+ = )", r"\1", text)
-    present = set(re.findall(r"(?m)^([a-z_]+) = ", uncommented)) | set(re.findall(r"(?m)^\[([a-z_]+)\]", text))
+    uncommented = re.sub(r"(?m)^# ?([a-z_]+ = |\[[a-z_]+\]$)", r"\1", text)
+    eim_ca = tmp_path / "eim-ca.pem"                   # eim.ca must name a file that exists
+    eim_ca.write_text("")
+    uncommented = uncommented.replace('"/etc/esim-agent/eim-ca.pem"', f'"{eim_ca}"')
+    present = set(re.findall(r"(?m)^([a-z_]+) = ", uncommented)) | set(re.findall(r"(?m)^\[([a-z_]+)\]", uncommented))
     names = {f.name for f in dataclasses.fields(config.Config)} - {"source"}
     assert names <= present, f"missing from the example: {sorted(names - present)}"
     cfg = config.load(write(tmp_path, uncommented))
     assert cfg.aids and cfg.default_smdp and cfg.report_url.startswith("https://") and cfg.report_token
     assert cfg.quirks                                   # the commented quirks are examples too
+    assert set(cfg.eim) == set(config._EIM_KEYS)        # and so are the [eim] keys
     defaults = config.Config()
     for f in dataclasses.fields(config.Config):         # each key's comment states its default
         if f.name == "source":

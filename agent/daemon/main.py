@@ -13,6 +13,10 @@ What it does, and why it is split the way it is:
   a ``sync`` job asks the default SM-DP+ whether a profile waits for this eUICC;
 * retries notifications left in the outbox with back-off, and delivers reports
   to ``report_url`` (report.py);
+* SGP.32 IPAd, with ``[eim]`` or once the eUICC has an eIM: ``ipa.poll`` jobs at
+  start-up, every ``poll_interval`` and when connectivity returns, and
+  ``ipa.fallback`` when the enabled profile stays unregistered for
+  ``fallback_after`` (the rules: ipa_schedule.py);
 * tells systemd READY=1, STATUS= and WATCHDOG=1 (sdnotify.py).
 
 Logs: one ``key=value`` line per event on stdout (journald); no secrets.
@@ -40,7 +44,8 @@ VERSION = "0.3.0"
 RECENT_JOBS = 20
 JOB_KINDS = {"chip.info", "chip.set_default_dp", "chip.reset", "profile.list", "profile.enable", "profile.disable",
              "profile.delete", "profile.nickname", "profile.download", "notification.list", "notification.remove",
-             "notification.drop", "notification.process", "sync"}
+             "notification.drop", "notification.process", "sync",
+             "ipa.add_eim", "ipa.list_eim", "ipa.poll", "ipa.status", "ipa.return_from_fallback", "ipa.fallback"}
 
 
 class Daemon:
@@ -67,6 +72,10 @@ class Daemon:
         self.next_notifications: float | None = None
         self.reporter = None
         self.server: UnixHttpServer | None = None
+        self.ipa = None                            # ipa_schedule.IpaSchedule, made in run()
+        self.watch_wanted = False                  # a registration watch waits for an idle worker
+        self.watch_sent = False
+        self.ipa_last: dict = {}                   # the daemon's last eIM poll, for status
 
     # --- start-up -----------------------------------------------------------------
     def take_port(self) -> None:
@@ -163,10 +172,14 @@ class Daemon:
                     self.snapshot = msg.get("data") or {}
                     self._after_snapshot()
                     self.follow_port()
+                elif ev == "watch":
+                    self.watch_sent = False
+                    self._after_watch(msg.get("data") or {})
                 self.lock.notify_all()
         proc.wait()
         with self.lock:
             if self.worker is proc:
+                self.watch_sent = False
                 if self.worker_busy:
                     # The worker died mid-job (a bug, or killed): the job is reconciled on the next run.
                     emit("worker_died", logging.WARNING, job=self.worker_busy, rc=proc.returncode)
@@ -192,6 +205,8 @@ class Daemon:
         if job.kind == "sync" and job.state == "done" and isinstance(job.result, dict):
             if job.result.get("outcome") == "nothing_waiting":
                 emit("discovery", outcome="nothing_waiting", smdp=job.result.get("smdp_address"))
+        if job.kind.startswith("ipa."):
+            self._ipa_job_finished(job)
         if job.kind == "notification.process":
             if job.state == "done" and not any(n.get("status") == "failed"
                                                for n in (job.result or {}).get("notifications", [])):
@@ -199,7 +214,65 @@ class Daemon:
             else:
                 self.notif_failures += 1
 
+    # --- SGP.32: eIM polls, the registration watch, fallback ------------------------------
+    def _ipa_queue(self, jobs) -> None:
+        for j in jobs:
+            if j.kind == "watch":
+                self.watch_wanted = True
+                continue
+            if self._open_of_kind(j.kind):
+                continue            # one waiting poll (or fallback) is enough
+            job = self.journal.create(j.kind, j.params, source="eim")
+            emit("job_queued", job=job.id, kind=j.kind, source="eim", why=j.why)
+
+    def _ipa_observe(self, data: dict, **watch) -> None:
+        if self.ipa is None:
+            return
+        now = time.monotonic()
+        if "eim_count" in data:
+            self._ipa_queue(self.ipa.card_eim_count(data["eim_count"], now))
+        reg = data.get("registration")
+        registered = reg.get("registered") if isinstance(reg, dict) else None
+        enabled = next((p.get("iccid") for p in data.get("profiles") or [] if p.get("state") == "enabled"),
+                       data.get("enabled_iccid"))
+        was = self.ipa.registered
+        self._ipa_queue(self.ipa.observe(registered=registered, enabled_iccid=enabled, now=now, **watch))
+        if registered is not None and registered != was and was is not None:
+            emit("registration", registered=registered, iccid=enabled)
+
+    def _after_watch(self, data: dict) -> None:
+        if "error" in data:
+            emit("watch_failed", logging.WARNING, error=(data["error"] or {}).get("code"))
+        self._ipa_observe(data, fallback_iccid=data.get("fallback_iccid"),
+                          fallback_known="fallback_iccid" in data)
+
+    def _ipa_job_finished(self, job) -> None:
+        if self.ipa is not None:
+            self.ipa.job_finished(job.kind, job.state, job.params, job.result)
+        if job.kind == "ipa.poll":
+            res = job.result if isinstance(job.result, dict) else {}
+            self.ipa_last = {"job": job.id, "source": job.source, "state": job.state, "finished_at": job.finished_at,
+                             "error": (job.error or {}).get("code"), "eim_id": res.get("eim_id"),
+                             "eim_url": res.get("eim_url"),
+                             "executed": len(res["executed"]) if isinstance(res.get("executed"), list) else None}
+            emit("eim_polled", job=job.id, state=job.state, eim=res.get("eim_id"),
+                 executed=self.ipa_last["executed"])
+        elif job.kind == "ipa.fallback" and job.state == "done":
+            emit("fallback", iccid=(job.result or {}).get("iccid") if isinstance(job.result, dict) else None)
+
+    def _send_watch(self) -> None:
+        """The registration watch: a read in the card worker (not a journal job: every few
+        minutes for years would crowd the journal and `status`), only while no job waits."""
+        w = self._ensure_worker()
+        try:
+            w.stdin.write(json.dumps({"watch": True}) + "\n")
+            w.stdin.flush()
+            self.watch_wanted, self.watch_sent = False, True
+        except (BrokenPipeError, OSError):
+            pass
+
     def _after_snapshot(self) -> None:
+        self._ipa_observe(self.snapshot)
         pending = max(self.snapshot.get("outbox_pending") or 0, self.snapshot.get("notifications_on_card") or 0)
         if pending and self.next_notifications is None:
             from .worker import backoff
@@ -232,10 +305,14 @@ class Daemon:
         """Hand the next due job to the worker. Returns seconds until a queued job becomes due."""
         if self.stop_reason:
             return None
-        if self.worker_busy or (self.sent_to_worker and self.worker is not None and self.worker.poll() is None):
+        if self.worker_busy or self.watch_sent or (self.sent_to_worker and self.worker is not None
+                                                   and self.worker.poll() is None):
             return None
         job, later = self.journal.next_due()
         if job is None:
+            if self.watch_wanted and not self.watch_sent:
+                self._send_watch()
+                return None
             if later is None:
                 return None
             t = dt.datetime.fromisoformat(later)
@@ -343,7 +420,28 @@ class Daemon:
             "job_counts": self.journal.counts(),
             "outbox": outbox,
             "reports": self.journal.report_counts(),
+            "ipa": self._ipa_status(jobs),
         }
+
+    def _ipa_status(self, jobs) -> dict | None:
+        """The eIM side of `status`: whether and when the daemon polls, the last poll, the fallback watch."""
+        sch = self.ipa
+        if sch is None or (self.cfg.eim is None and not sch.active):
+            return None
+        eim = self.cfg.eim_settings()
+        now = time.monotonic()
+        last = self.ipa_last or next(({"job": j.id, "source": j.source, "state": j.state,
+                                       "finished_at": j.finished_at, "error": (j.error or {}).get("code")}
+                                      for j in jobs if j.kind == "ipa.poll" and not j.open), None)
+        return {"configured": self.cfg.eim is not None, "polling": sch.active,
+                "url": eim.url, "esipa_version": eim.esipa_version, "binding": eim.binding,
+                "card_eims": sch.card_eims, "poll_interval": eim.poll_interval,
+                "next_poll_in_s": round(sch.next_poll - now, 1) if sch.next_poll is not None else None,
+                "last_poll": last,
+                "fallback_after": sch.fallback_after or None,
+                "fallback_iccid": sch.fallback_iccid,
+                "unregistered_for_s": round(now - sch.lost_since, 1) if sch.lost_since is not None else None,
+                "pending_state_change_cause": sch.pending_cause}
 
     # --- the main loop -------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
@@ -369,6 +467,11 @@ class Daemon:
         next_wd = time.monotonic() + wd if wd else None
         # Discovery at start-up, then every discovery_interval (0: only at start-up and on `sync`).
         self.next_discovery = time.monotonic()
+        eim = self.cfg.eim_settings()
+        from .ipa_schedule import IpaSchedule
+        self.ipa = IpaSchedule(configured=self.cfg.eim is not None, url=bool(eim.url),
+                               poll_interval=eim.poll_interval, fallback_after=eim.fallback_after,
+                               now=self.next_discovery)
         last_status = None
         with self.lock:
             while not self.stop_reason:
@@ -382,6 +485,7 @@ class Daemon:
                     self.next_notifications = None
                     if not self._open_of_kind("notification.process"):
                         self.journal.create("notification.process", {}, source="outbox")
+                self._ipa_queue(self.ipa.due(now))
                 due_in = self._dispatch()
                 if next_wd is not None and now >= next_wd:
                     sdnotify.watchdog()
@@ -390,7 +494,8 @@ class Daemon:
                 if st != last_status:
                     sdnotify.status(st)
                     last_status = st
-                waits = [t - now for t in (self.next_discovery, self.next_notifications, next_wd) if t is not None]
+                waits = [t - now for t in (self.next_discovery, self.next_notifications, next_wd,
+                                           self.ipa.next_time()) if t is not None]
                 if due_in is not None:
                     waits.append(due_in)
                 self.lock.wait(max(0.05, min(waits)) if waits else None)

@@ -28,6 +28,7 @@ def local_status(args, *, card_settings_fn) -> dict:
                 from ..network import query_registration
                 reg = query_registration(card.at_port)
                 data["registration"] = reg.to_json() if reg else None
+            data["ipa"] = _local_ipa(args.config, card)
     except AgentError as e:
         data["card_error"] = e.to_json()
     sd = config.state_dir(args.config)
@@ -49,6 +50,21 @@ def local_status(args, *, card_settings_fn) -> dict:
     else:
         data["jobs"] = []
     return data
+
+
+def _local_ipa(cfg, card) -> dict | None:
+    """No daemon, so nobody polls: the [eim] settings and the eIMs the eUICC holds (SGP.32)."""
+    try:
+        eims = [e.eim_id for e in card.es10.get_eim_configuration_data()]
+    except AgentError:          # an SGP.22 eUICC does not know the command
+        eims = None
+    if cfg.eim is None and not eims:
+        return None
+    eim = cfg.eim_settings()
+    return {"configured": cfg.eim is not None, "polling": False, "url": eim.url, "esipa_version": eim.esipa_version,
+            "binding": eim.binding, "card_eims": len(eims) if eims is not None else None, "eim_ids": eims,
+            "poll_interval": eim.poll_interval, "fallback_after": (eim.fallback_after or None)
+            if cfg.eim is not None else None}
 
 
 def render(d: dict) -> str:
@@ -88,7 +104,43 @@ def render(d: dict) -> str:
     ob = d.get("outbox")
     if ob:
         lines.append(f"Outbox:        {ob.get('pending', 0)} notification(s) waiting, {ob.get('delivered', 0)} delivered")
+    ipa = d.get("ipa")
+    if ipa:
+        lines.append(_render_ipa(ipa))
     rp = d.get("reports")
     if rp and (rp.get("waiting") or rp.get("delivered")):
         lines.append(f"Reports:       {rp.get('waiting', 0)} waiting, {rp.get('delivered', 0)} delivered")
+    return "\n".join(lines)
+
+
+def _render_ipa(ipa: dict) -> str:
+    """The eIM line(s) of `status` (SGP.32 IPAd; the daemon's ipa_schedule.py)."""
+    where = ipa.get("url") or "the eUICC's eIM configuration"
+    if ipa.get("eim_ids") is not None:          # no daemon: what the eUICC holds
+        ids = ipa["eim_ids"]
+        head = f"eIM:           {', '.join(ids) if ids else 'none on the eUICC (esim-agent ipa add-eim FILE)'}" + \
+            ("; no daemon polls it" if ids else "")
+    elif not ipa.get("polling"):
+        head = "eIM:           not polling: " + ("no eIM on the eUICC (esim-agent ipa add-eim FILE)"
+                                                 if ipa.get("card_eims") == 0 else "no eIM known yet")
+    else:
+        every = ipa.get("poll_interval") or 0
+        nxt = ipa.get("next_poll_in_s")
+        head = (f"eIM:           {where} (ESipa {ipa.get('esipa_version')}, {ipa.get('binding')}), "
+                + (f"poll every {every:g} s" if every else "polls at start-up, on `ipa poll` and when the network returns")
+                + (f", next in {nxt:.0f} s" if nxt is not None else ""))
+    lines = [head]
+    last = ipa.get("last_poll")
+    if last:
+        what = last.get("state") or "?"
+        if last.get("executed") is not None:
+            what += f", executed {last['executed']}"
+        lines.append(f"  last poll:   {last.get('finished_at') or '?'} {what}"
+                     + (f" ({last['error']})" if last.get("error") else ""))
+    if ipa.get("fallback_after"):
+        fb = ipa.get("fallback_iccid")
+        lost = ipa.get("unregistered_for_s")
+        lines.append(f"  fallback:    after {ipa['fallback_after']:g} s without registration, "
+                     + (f"to {fb}" if fb else "when the eIM sets a fallback profile")
+                     + (f"; unregistered for {lost:.0f} s" if lost is not None else ""))
     return "\n".join(lines)

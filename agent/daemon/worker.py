@@ -2,8 +2,10 @@
 
 The daemon (main.py) stays small — socket, timers, journal, reports — and
 starts this worker when there is work, sending it job IDs on stdin, one JSON
-object a line (``{"run": ID}``, ``{"cancel": ID}``); it answers on stdout
-(``{"event": "started"|"finished"|"snapshot", ...}``). Jobs run one at a
+object a line (``{"run": ID}``, ``{"cancel": ID}``, ``{"watch": true}``); it answers on stdout
+(``{"event": "started"|"finished"|"snapshot"|"watch", ...}``). A watch is the
+read-only look at the network registration the daemon's fallback rule needs
+(ipa_schedule.py): not a journal job, it changes nothing. Jobs run one at a
 time, so jobs queue for the port. The worker exits when stdin closes or after
 it was idle for a while (the parsed ASN.1 modules, TLS and HTTP code cost tens
 of MB that an idle gateway should not hold), and dies with the daemon
@@ -34,6 +36,7 @@ from .log import kv
 log = logging.getLogger("esim-agent.worker")
 
 IDLE_EXIT_S = 15.0
+WATCH = object()        # the inbox item of a registration watch
 #: Unattended jobs are retried this many times on transient failures (network, modem).
 MAX_ATTEMPTS = 5
 
@@ -61,6 +64,7 @@ class Worker:
         self.current: tuple[str, object] | None = None      # (job id, CancelToken)
         self.stopping: str | None = None
         self._lock = threading.Lock()
+        self.eim_unsupported = False        # the open card refused GetEimConfigurationData: do not ask again
 
     # --- messages -------------------------------------------------------------------
     def emit(self, **msg) -> None:
@@ -90,6 +94,8 @@ class Worker:
                 continue
             if "run" in msg:
                 self.inbox.put(msg["run"])
+            elif msg.get("watch"):
+                self.inbox.put(WATCH)
             elif "cancel" in msg:
                 self.cancel(msg["cancel"])
             elif msg.get("stop"):
@@ -123,6 +129,7 @@ class Worker:
             except Exception as e:
                 log.debug("closing the card failed: %s", e)
             self.card = None
+            self.eim_unsupported = False
 
     # --- jobs -----------------------------------------------------------------------
     def context(self, job, token, warnings: list):
@@ -136,7 +143,7 @@ class Worker:
                        state_dir=config_mod.state_dir(c),
                        notifications=c.process_notifications, refresh=c.refresh,
                        rollback_after=float(c.rollback_after), default_smdp=c.default_smdp,
-                       auto_enable=bool(c.auto_enable), cancel=token,
+                       auto_enable=bool(c.auto_enable), eim=c.eim_settings(), cancel=token,
                        steps=JournalSteps(self.journal, job.id), warn=warnings.append)
 
     def run_job(self, job_id: str) -> None:
@@ -243,6 +250,9 @@ class Worker:
                 from ..network import query_registration
                 reg = query_registration(card.at_port)
                 snap["registration"] = reg.to_json() if reg else None
+            count = self.eim_count(card)
+            if count is not None:
+                snap["eim_count"] = count
         except AgentError as e:
             snap["error"] = e.to_json()
         except Exception as e:  # never let status reading kill the worker
@@ -262,6 +272,60 @@ class Worker:
         self.emit(event="snapshot", data=snap)
         return snap
 
+    def eim_count(self, card) -> int | None:
+        """How many eIMs the eUICC is associated with (SGP.32 GetEimConfigurationData), so the
+        daemon polls a card a technician associated; None when the card cannot say (not an IoT
+        eUICC by its EUICCInfo2: asked once per opening of the card)."""
+        from ..errors import AgentError, ProtocolError, TransportError
+        if self.eim_unsupported:
+            return None
+        try:
+            if not card.es10.get_iot_info().is_iot:     # an SGP.22 eUICC: no unknown command sent to it
+                self.eim_unsupported = True
+                return None
+            return len(card.es10.get_eim_configuration_data())
+        except ProtocolError:           # an answer that is no GetEimConfigurationDataResponse
+            self.eim_unsupported = True
+        except TransportError:
+            raise                       # the port, not the card's answer
+        except AgentError:              # a status word: not an SGP.32 eUICC
+            self.eim_unsupported = True
+        return None
+
+    def watch(self) -> None:
+        """The registration watch (no journal job; read-only): the network registration, the
+        enabled profile and the fallback profile (SGP.32 fallbackAttribute)."""
+        from ..cancel import CancelToken
+        from ..errors import AgentError
+        data: dict = {"at": time.time()}
+        token = CancelToken()
+        with self._lock:
+            if self.stopping:
+                return
+            self.current = ("watch", token)
+        try:
+            card = self.ensure_card(token)
+            profiles = card.es10.get_iot_profiles()
+            data["enabled_iccid"] = next((p.iccid for p in profiles if p.state == "enabled"), None)
+            data["fallback_iccid"] = next((p.iccid for p in profiles if p.fallback_attribute), None)
+            data["registration"] = None
+            if card.at_port is not None:
+                from ..network import query_registration
+                reg = query_registration(card.at_port)
+                data["registration"] = reg.to_json() if reg else None
+        except AgentError as e:
+            data["error"] = e.to_json()
+            if getattr(e, "exit_code", 1) == 3:
+                self.drop_card()
+        except Exception as e:  # never let the watch kill the worker
+            log.exception("registration watch: internal error")
+            data["error"] = {"code": "internal_error", "message": str(e)}
+            self.drop_card()
+        finally:
+            with self._lock:
+                self.current = None
+        self.emit(event="watch", data=data)
+
     def loop(self) -> int:
         last = time.monotonic()
         while not self.stopping:
@@ -273,7 +337,10 @@ class Worker:
                 continue
             if item is None:
                 break
-            self.run_job(item)
+            if item is WATCH:
+                self.watch()
+            else:
+                self.run_job(item)
             last = time.monotonic()
         self.drop_card()
         self.journal.close()
