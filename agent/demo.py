@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
     d = sub.add_parser("demo", help="run the whole download flow on the embedded simulators")
     d.add_argument("--keep", metavar="DIR", help="keep the test bed's files in DIR")
     d.add_argument("--baud", type=int, help="emulate a UART at this speed")
+    d.add_argument("--iot", action="store_true",
+                   help="the SGP.32 story instead: local eIM with an emnify-style operations API, IoT eUICC, "
+                        "daemon; the five emnify actions scheduled and executed")
     d.set_defaults(func=cmd_demo)
 
 
@@ -28,6 +31,9 @@ class DemoError(AgentError):
 
 
 def cmd_demo(args, out) -> int:
+    if getattr(args, "iot", False):
+        from .demo_iot import run
+        return run(args, out)
     import json
     import secrets
     import subprocess
