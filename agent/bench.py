@@ -95,8 +95,10 @@ def cmd_bench_startup(args, out) -> int:
         sim = measure(cli + ["--sim", str(state), "--json", "chip", "info"], args.runs, env=env)
         link = root / "tty"
         try:
+            # at 115200 baud, as a real modem's UART and the download benchmark (an unpaced pty
+            # would hide the line time a user waits for)
             procs.append(subprocess.Popen(agent_cmd() + ["sim", "modem", "--state", str(state2), "--link", str(link),
-                                                         "--preload", "2"],
+                                                         "--preload", "2", "--baud", "115200"],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
             wait_for_path(link, procs[-1])
             modem = measure(cli + ["--device", str(link), "--json", "chip", "info"], args.runs, env=env)

@@ -12,6 +12,12 @@ without importing the top-level ``asn1tools`` package, whose ``__init__`` pulls
 in the ASN.1 parser (pyparsing) and every other codec (~75 ms); only the BER/DER
 codec modules the pickle refers to are loaded.
 
+The types are pickled in two sets: the base set (SGP.22 and the PKIX modules it
+imports, from rsp.asn and pkix.asn) is loaded on first use; the SGP.32 set
+(sgp32*.asn) only when one of its types is first asked for, so an SGP.22 command
+neither unpickles nor holds it (about 60 % of the compiled tables).  ``has_type``
+knows the SGP.32 names without loading them; ``spec()`` loads both.
+
 asn1tools behaviours corrected here because they matter for SGP.22:
 
 * it ignores trailing bytes after the top-level value, and does not bound inner
@@ -32,9 +38,7 @@ worked around in the .asn files themselves: see the notes in asn1/rsp.asn and th
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import pickle
 import sys
 import threading
 from pathlib import Path
@@ -44,8 +48,13 @@ from .errors import ProtocolError
 Any = object  # annotations only; `typing` is not imported to keep start-up lean
 
 _ASN_FILES = ("rsp.asn", "pkix.asn", "sgp32.asn", "sgp32v10.asn")
-_FORMAT = 1          # bump when the pickled layout below changes
-_types: dict[str, Any] | None = None
+_BASE_FILES = 2      # the first two (SGP.22 + PKIX) form the base set; the rest the SGP.32 set
+_FORMAT = 2          # bump when the pickled layout below changes
+_SETS = ("base", "sgp32")
+_types: dict[str, Any] | None = None       # name -> compiled type, of the sets loaded so far
+_extra_names: frozenset = frozenset()      # the SGP.32 set's names (known before it is loaded)
+_extra_loaded = False
+_pending_checkers: list[bytes] = []        # checker pickles of loaded sets, not attached yet
 _lock = threading.Lock()   # first load swaps sys.modules entries: one thread at a time
 
 
@@ -93,8 +102,21 @@ def _asn1tools_version() -> str:
         return version("asn1tools")
 
 
+def _sha256():
+    """hashlib.sha256 without importing hashlib (which loads OpenSSL's libcrypto: ~4 ms and
+    ~3.5 MB of RSS for a CLI command that needs no TLS). Same digest."""
+    try:
+        from _sha2 import sha256          # Python >= 3.12
+    except ImportError:
+        try:
+            from _sha256 import sha256    # Python 3.11
+        except ImportError:
+            from hashlib import sha256
+    return sha256()
+
+
 def _cache_key(sources: list[Path]) -> str:
-    h = hashlib.sha256()
+    h = _sha256()
     h.update(f"esim-agent-codec-{_FORMAT}\0{sys.version_info[:2]}\0{_asn1tools_version()}\0".encode())
     for p in sources:
         data = p.read_bytes()
@@ -266,17 +288,69 @@ def _codec_module():
     return ber
 
 
+_ALPHABET_MODULE = "asn1tools.codecs.permitted_alphabet"
+
+
+def _install_permitted_alphabet() -> None:
+    """Provide asn1tools.codecs.permitted_alphabet with the same constants, built fast.
+
+    The constraints checkers (needed to encode) import it, and its BMP_STRING (every
+    BMP code point but the surrogates) is built there from a 63,488-element list of
+    one-character strings: ~10 ms and a 5 MB peak on every CLI run that encodes.
+    Here the same string comes from UTF-16 bytes (~1 ms, no peak). Only the asn1tools
+    release it was checked against (tests/test_asn1.py compares the constants)."""
+    if _ALPHABET_MODULE in sys.modules:
+        return
+    import string
+    import types
+    if _asn1tools_version() != "__version__ = '0.169.0'":
+        return
+    m = types.ModuleType(_ALPHABET_MODULE, "Permitted alphabet.")
+    m.string, m.unichr = string, chr
+    m.NUMERIC_STRING = " 0123456789"
+    m.PRINTABLE_STRING = string.ascii_uppercase + string.ascii_lowercase + string.digits + " '()+,-./:=?"
+    m.IA5_STRING = bytes(range(128)).decode("ascii")
+    b = bytearray(0x20000)                    # UTF-16-LE of U+0000..U+FFFF
+    b[0::2] = bytes(range(256)) * 256
+    b[1::2] = b"".join(bytes([i]) * 256 for i in range(256))
+    m.BMP_STRING = (b[:0xD800 * 2] + b[0xE000 * 2:]).decode("utf-16-le")
+    m.VISIBLE_STRING = bytes(range(32, 127)).decode("ascii")
+    sys.modules[_ALPHABET_MODULE] = m
+    pkg = sys.modules.get("asn1tools.codecs")
+    if pkg is not None:
+        setattr(pkg, "permitted_alphabet", m)
+
+
 # --- compile / cache -----------------------------------------------------------------
 
-def _compile(sources: list[Path]) -> dict[str, Any]:
+def _compile(sources: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(base set, SGP.32 set): every type of the specification, each in the set of the
+    file its module comes from (a name is never in both: the flat ``types`` decides)."""
     import asn1tools
-    spec = asn1tools.compile_files([str(p) for p in sources], "der")
-    return dict(spec.types)
+    base_files = [str(p) for p in sources[:_BASE_FILES]]
+    parsed = asn1tools.parse_files([str(p) for p in sources])
+    base_modules = set(asn1tools.parse_files(base_files))
+    spec = asn1tools.compile_dict(parsed, "der")
+    base_objs = {id(t) for m, types in spec.modules.items() if m in base_modules for t in types.values()}
+    base, extra = {}, {}
+    for name, t in spec.types.items():
+        (base if id(t) in base_objs else extra)[name] = t
+    return base, extra
+
+
+def _unpickle(raw: bytes):
+    """pickle.loads, without importing the pickle module (only needed to write the cache)."""
+    try:
+        from _pickle import loads
+    except ImportError:
+        from pickle import loads
+    return loads(raw)
 
 
 def _split_checkers(types: dict[str, Any]) -> bytes:
     """Detach the constraints checkers (only needed to encode) into a nested pickle,
     so decoding never imports asn1tools' constraints machinery (~6 ms)."""
+    import pickle
     checkers = {}
     for name, t in types.items():
         checkers[name] = t.constraints_checker
@@ -308,7 +382,8 @@ def _trusted_dir(d: Path) -> bool:
     return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
-def _load_cached(path: Path) -> tuple[dict[str, Any], bytes, bytes] | None:
+def _load_cached(path: Path, which: str) -> tuple[dict, bytes] | None:
+    """(the pickled dict, its raw bytes), or None when absent, untrusted or unusable."""
     if not _trusted(path):
         return None
     try:
@@ -317,19 +392,23 @@ def _load_cached(path: Path) -> tuple[dict[str, Any], bytes, bytes] | None:
         return None
     try:
         with _LightAsn1tools():
-            obj = pickle.loads(raw)
-        if (isinstance(obj, dict) and obj.get("format") == _FORMAT and isinstance(obj.get("types"), dict)
-                and isinstance(obj.get("checkers"), bytes)):
-            return obj["types"], obj["checkers"], raw
+            obj = _unpickle(raw)
+        if (isinstance(obj, dict) and obj.get("format") == _FORMAT and obj.get("set") == which
+                and isinstance(obj.get("types"), dict) and isinstance(obj.get("checkers"), bytes)
+                and (which != "base" or isinstance(obj.get("extra_names"), list))):
+            return obj, raw
     except Exception:  # corrupt or stale pickle: recompile silently
         pass
     return None
 
 
-def _dump(types: dict[str, Any], checkers: bytes) -> bytes | None:
+def _dump(which: str, types: dict[str, Any], checkers: bytes, extra_names: list | None = None) -> bytes | None:
+    import pickle
+    obj = {"format": _FORMAT, "set": which, "types": types, "checkers": checkers}
+    if extra_names is not None:
+        obj["extra_names"] = extra_names
     try:
-        return pickle.dumps({"format": _FORMAT, "types": types, "checkers": checkers},
-                            protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, RecursionError, TypeError, AttributeError):
         return None
 
@@ -356,76 +435,133 @@ def _store(path: Path, blob: bytes) -> bool:
         return False
 
 
-_checkers_blob: bytes | None = None
-_checkers_loaded = False
+_keys: dict[tuple, str] = {}
+
+
+def _cache_name(sources: list[Path], which: str) -> str:
+    k = tuple(sources)
+    if k not in _keys:
+        _keys[k] = _cache_key(sources)[:32]
+    return f"asn1-{_keys[k]}-{which}.pickle"
 
 
 def _load() -> dict[str, Any]:
+    """The base set (loading it if needed); the dict grows when the SGP.32 set loads."""
     if _types is not None:
         return _types
     with _lock:
         return _load_locked()
 
 
-def _load_locked() -> dict[str, Any]:
-    global _types, _checkers_blob
-    if _types is not None:
-        return _types
-    sources = asn_sources()
-    name = f"asn1-{_cache_key(sources)[:32]}.pickle"
-    _patch_asn1tools(_codec_module())
-    missed = []
-    for d in _cache_dirs():
-        hit = _load_cached(d / name)
-        if hit is not None:
-            _types, _checkers_blob, raw = hit
-            for m in missed:   # e.g. the user cache became usable again: put it back there
-                if _store(m / name, raw):
-                    break
-            return _types
-        missed.append(d)
-    types = _compile(sources)
-    checkers = _split_checkers(types)
-    blob = _dump(types, checkers)
-    if blob is not None:
-        for d in missed:
-            if _store(d / name, blob):
-                break
-    _types, _checkers_blob = types, checkers
+def _load_all() -> dict[str, Any]:
+    types = _load()
+    if not _extra_loaded:
+        with _lock:
+            _load_extra_locked()
     return types
 
 
-def _attach_checkers() -> None:
-    global _checkers_loaded
-    if _checkers_loaded:
+def _from_cache(sources: list[Path], which: str) -> dict | None:
+    name = _cache_name(sources, which)
+    missed = []
+    for d in _cache_dirs():
+        hit = _load_cached(d / name, which)
+        if hit is not None:
+            obj, raw = hit
+            for m in missed:   # e.g. the user cache became usable again: put it back there
+                if _store(m / name, raw):
+                    break
+            return obj
+        missed.append(d)
+    return None
+
+
+def _compile_and_store(sources: list[Path]) -> tuple[dict, dict]:
+    """Compile both sets, cache both; returns (base set, SGP.32 set), checkers detached
+    (and queued in the pending list by the caller)."""
+    base, extra = _compile(sources)
+    blobs = {}
+    for which, types in (("base", base), ("sgp32", extra)):
+        checkers = _split_checkers(types)
+        blobs[which] = checkers
+        blob = _dump(which, types, checkers, sorted(extra) if which == "base" else None)
+        if blob is not None:
+            name = _cache_name(sources, which)
+            for d in _cache_dirs():
+                if _store(d / name, blob):
+                    break
+    return {"types": base, "checkers": blobs["base"], "extra_names": sorted(extra)}, \
+        {"types": extra, "checkers": blobs["sgp32"]}
+
+
+def _load_locked() -> dict[str, Any]:
+    global _types, _extra_names, _extra_loaded
+    if _types is not None:
+        return _types
+    sources = asn_sources()
+    _patch_asn1tools(_codec_module())
+    base = _from_cache(sources, "base")
+    extra = None
+    if base is None:
+        base, extra = _compile_and_store(sources)
+    types = dict(base["types"])
+    _pending_checkers.append(base["checkers"])
+    _extra_names = frozenset(base["extra_names"])
+    if extra is not None:       # compiled just now: both sets are here anyway
+        types.update(extra["types"])
+        _pending_checkers.append(extra["checkers"])
+        _extra_loaded = True
+    _types = types
+    return types
+
+
+def _load_extra_locked() -> None:
+    global _extra_loaded, _extra_names
+    if _extra_loaded:
         return
-    types = _load()
+    sources = asn_sources()
+    extra = _from_cache(sources, "sgp32")
+    if extra is None or set(extra["types"]) != _extra_names:
+        _, extra = _compile_and_store(sources)
+        _extra_names = frozenset(extra["types"])
+    _types.update(extra["types"])
+    _pending_checkers.append(extra["checkers"])
+    _extra_loaded = True
+
+
+def _attach_checkers() -> None:
+    if not _pending_checkers:
+        return
     with _lock:
-        if _checkers_loaded:
-            return
-        with _LightAsn1tools():
-            checkers = pickle.loads(_checkers_blob)
-        for name, c in checkers.items():
-            if name in types:
-                types[name].constraints_checker = c
-        _checkers_loaded = True
+        while _pending_checkers:
+            blob = _pending_checkers[0]
+            _install_permitted_alphabet()
+            with _LightAsn1tools():
+                checkers = _unpickle(blob)
+            for name, c in checkers.items():
+                if name in _types:
+                    _types[name].constraints_checker = c
+            _pending_checkers.pop(0)
 
 
 def spec() -> dict[str, Any]:
     """The compiled types (name -> asn1tools compiled type), compiling if needed."""
-    return _load()
+    return _load_all()
 
 
 def has_type(type_name: str) -> bool:
-    return type_name in _load()
+    return type_name in _load() or type_name in _extra_names
 
 
 def _type(type_name: str, action: str):
-    try:
-        return _load()[type_name]
-    except KeyError:
+    types = _load()
+    t = types.get(type_name)
+    if t is None and type_name in _extra_names:
+        t = _load_all().get(type_name)
+    if t is None:
         # a programming error, not bad input: name it plainly
-        raise KeyError(f"cannot {action} {type_name!r}: no such type in asn1/*.asn") from None
+        raise KeyError(f"cannot {action} {type_name!r}: no such type in asn1/*.asn")
+    return t
 
 
 # --- public API ----------------------------------------------------------------------

@@ -664,13 +664,15 @@ def test_cache_is_written_then_used_without_importing_the_asn1_parser(tmp_path):
     assert 'asn1tools.compiler' in sys.modules      # cold: really compiled
     """, tmp_path)
     assert r.returncode == 0, r.stderr
-    pickles = list((tmp_path / "esim-agent").glob("asn1-*.pickle"))
-    assert len(pickles) == 1
+    pickles = sorted((tmp_path / "esim-agent").glob("asn1-*.pickle"))
+    assert [p.name.rsplit("-", 1)[1] for p in pickles] == ["base.pickle", "sgp32.pickle"]   # the two sets
     warm = DECODE_EID + """
     import sys
     assert 'pyparsing' not in sys.modules, 'warm path imported pyparsing'
     assert 'asn1tools.compiler' not in sys.modules
     assert 'asn1tools.codecs.constraints_checker' not in sys.modules
+    assert not codec._extra_loaded and 'hashlib' not in sys.modules  # SGP.22 only: the SGP.32 set stays on disk
+    assert codec.has_type('EsipaMessageFromEimToIpa') and not codec._extra_loaded
     # encoding still works (constraints checkers load lazily) and so does the real package afterwards
     assert codec.encode('GetEuiccDataRequest', {'tagList': b'Z'}) == bytes.fromhex('BF3E035C015A')
     import asn1tools
@@ -678,12 +680,12 @@ def test_cache_is_written_then_used_without_importing_the_asn1_parser(tmp_path):
     """
     r = _run(warm, tmp_path)
     assert r.returncode == 0, r.stderr
-    assert list((tmp_path / "esim-agent").glob("asn1-*.pickle")) == pickles
+    assert sorted((tmp_path / "esim-agent").glob("asn1-*.pickle")) == pickles
 
 
 def test_corrupt_cache_is_recompiled_silently(tmp_path):
     assert _run(DECODE_EID, tmp_path).returncode == 0
-    (p,) = (tmp_path / "esim-agent").glob("asn1-*.pickle")
+    (p,) = (tmp_path / "esim-agent").glob("asn1-*-base.pickle")
     p.write_bytes(b"\x80\x05garbage")
     r = _run(DECODE_EID, tmp_path)
     assert r.returncode == 0, r.stderr
@@ -717,7 +719,7 @@ def test_cache_key_changes_with_the_sources(tmp_path, monkeypatch):
 def test_cache_in_a_directory_others_can_write_is_not_trusted(tmp_path):
     assert _run(DECODE_EID, tmp_path).returncode == 0
     d = tmp_path / "esim-agent"
-    (p,) = d.glob("asn1-*.pickle")
+    (p,) = d.glob("asn1-*-base.pickle")
     before = p.stat().st_mtime_ns
     d.chmod(0o777)        # e.g. a pre-created shared directory: never unpickle from or write to it
     tmp = tmp_path / "tmp"

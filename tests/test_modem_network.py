@@ -325,7 +325,8 @@ def test_checked_switch_on_the_real_card(modem, tmp_path):
     t = open_transport(server.link, transport="cgla", timeout=3.0, lock_dir=str(tmp_path))
     try:
         t.port.command("AT+CEREG=1")
-        assert query_registration(t.port).registered                  # the first one has been on for long
+        # the first one registers 0.3 s after the network was set (opening the port may be quicker)
+        wait_for(lambda: query_registration(t.port).registered, what="registration on the first profile")
         with Isdr(t) as isdr:
             Es10(isdr).enable_profile(second, refresh=False)
         assert server.card.enabled_iccid() == second

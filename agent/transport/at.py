@@ -79,6 +79,7 @@ _SMALL_NUMBER = re.compile(r"\A[0-9]{1,9}\Z")
 # bytes.translate(None, _JUNK) drops everything that is not printable ASCII (or TAB).
 _JUNK = bytes(b for b in range(256) if not (0x20 <= b <= 0x7E or b == 0x09))
 _SPLIT = re.compile(rb"[\r\n]")
+_CMEE_VALUE = re.compile(r"^\+CMEE:\s*([0-9])$", re.I)
 
 # TS 27.007 §9.2 codes seen with SIM access (docs/modem.md §1.4).
 CME_TEXT = {
@@ -416,6 +417,7 @@ class AtPort:
         self._cancel_raised = False
         self.pending = False          # a command was interrupted before its final result
         self.dead = False             # the port stopped answering even AT
+        self._stale_at_open = False   # input was waiting when the port was opened (see start())
         if not os.path.exists(device):
             why = "a dangling link" if os.path.islink(device) else "no such file"
             raise TransportError(f"modem port {device} not found ({why}): check the modem is connected and "
@@ -450,9 +452,12 @@ class AtPort:
                                      "port's group (usually `dialout`)", code="permission_denied") from None
             raise TransportError(f"cannot open modem port {self.device}: {text}", code="port_open_failed") from None
         try:
+            # Bytes already waiting at open belong to someone else's session: note them, so
+            # start() resynchronises with the quiet wait instead of taking the fast path.
+            self._stale_at_open = bool(ser.in_waiting)
             ser.reset_input_buffer()
         except Exception:
-            pass
+            self._stale_at_open = True
         return ser
 
     # --- raw I/O -------------------------------------------------------------
@@ -674,17 +679,84 @@ class AtPort:
         echoes a command line as it reads it, before acting on it: the answer to our
         ATE0 came back echoed exactly when echo was on. (Without an answer to ATE0,
         the ``AT`` of the resynchronisation before it tells the same.)"""
-        if not self.resync(tries=5, deadline=min(self.timeout, 1.5)):
-            raise TimeoutError_(f"no answer to AT on {self.device} (5 tries): is this the modem's AT port? "
-                                "(QMI, diag and NMEA ports stay silent)", code="modem_not_responding")
-        r = self.try_command("ATE0")
-        self._echo_before = r.echoed if r is not None else self._resync_echoed
-        # Remember the error-report mode to restore it on close: other tools that share
-        # the port (lpac's AT driver) treat only OK/ERROR as final and would hang on the
-        # "+CME ERROR" we switch on.
-        before = self.query("AT+CMEE?", "+CMEE:", timeout=min(self.timeout, 2.0))
-        self._cmee_before = before.strip() if before and before.strip().isdigit() else None
-        self.try_command("AT+CMEE=1")
+        each = min(self.timeout, 1.5)
+        fast = self._fast_sync(each)
+        if fast is None:
+            # Trouble (stale input, a straggler, garbage, a URC, no answer): the full
+            # resynchronisation, quiet wait included. The fast attempt was the first of 5 tries.
+            if not self.resync(tries=4, deadline=each):
+                raise TimeoutError_(f"no answer to AT on {self.device} (5 tries): is this the modem's AT port? "
+                                    "(QMI, diag and NMEA ports stay silent)", code="modem_not_responding")
+            r = self.try_command("ATE0")
+            self._echo_before = r.echoed if r is not None else self._resync_echoed
+            # Remember the error-report mode to restore it on close: other tools that share
+            # the port (lpac's AT driver) treat only OK/ERROR as final and would hang on the
+            # "+CME ERROR" we switch on.
+            before = self.query("AT+CMEE?", "+CMEE:", timeout=min(self.timeout, 2.0))
+            self._cmee_before = before.strip() if before and before.strip().isdigit() else None
+            self.try_command("AT+CMEE=1")
+            return
+        echoed, cmee = fast
+        # Echo was on exactly when our AT+CMEE? came back echoed; nothing to switch (or to
+        # restore on close) when echo is already off and numeric errors already on.
+        if echoed:
+            r = self.try_command("ATE0")
+            self._echo_before = r.echoed if r is not None else True
+        else:
+            self._echo_before = False
+        self._cmee_before = cmee
+        if cmee != "1":
+            self.try_command("AT+CMEE=1")
+
+    def _fast_sync(self, deadline: float) -> tuple[bool, str] | None:
+        """The happy-path session start: one ``AT+CMEE?``, with no quiet wait.
+
+        Its answer proves the line is in step: a ``+CMEE: <n>`` line comes before the
+        ``OK``, so a late final result of someone else's command (a bare ``OK``) cannot
+        be taken for ours. Returns (echo was on, the CMEE mode) — or None on any trouble:
+        input waiting at open, a line that is neither our echo nor our answer (a
+        straggler, garbage, a URC), an error, no answer within ``deadline``. The caller
+        then resynchronises the slow way (``resync``: AT until OK, then the quiet wait)."""
+        if self._stale_at_open or self._queue:
+            return None
+        try:
+            if self._ser.in_waiting:
+                return None
+        except Exception:
+            return None
+        self._split.clear()
+        cmd = "AT+CMEE?"
+        try:
+            self._write(cmd.encode("ascii") + b"\r")
+        except TransportError:
+            return None
+        self.stats.at_commands += 1
+        self._trace("AT>", cmd)
+        end = time.monotonic() + deadline
+        echoed, value = False, None
+        while time.monotonic() < end:
+            while self._queue:
+                line = self._queue.popleft()
+                self._trace("AT<", line)
+                up = line.upper()
+                if up == cmd and value is None and not echoed:
+                    echoed = True
+                    continue
+                m = _CMEE_VALUE.match(line)
+                if m and value is None:
+                    value = m.group(1)
+                    continue
+                if up == "OK" and value is not None:
+                    self._resync_echoed = echoed
+                    return echoed, value
+                log.debug("session start: unexpected %r; resynchronising", line[:40])
+                return None
+            try:
+                self._read_some()
+            except TransportError:
+                return None
+        log.debug("session start: no answer to %s within %g s; resynchronising", cmd, deadline)
+        return None
 
     # --- life cycle ---------------------------------------------------------------
     def _restore_settings(self) -> None:
