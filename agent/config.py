@@ -282,20 +282,26 @@ def _default_smdp(v):
         raise _Bad(f"a valid SM-DP+ address: {e.message}", show=False) from None
 
 
-def _report_url(v):
-    rule = "an https:// URL (e.g. https://fleet.example.com/esim/report)"
-    if not isinstance(v, str) or not v or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in v):
-        raise _Bad(rule)
-    try:
-        u = urlsplit(v)
-        u.port                             # raises ValueError on a bad port
-    except ValueError:
-        raise _Bad(rule) from None
-    if u.scheme.lower() not in ("https", "http") or not u.hostname:
-        raise _Bad(rule)
-    if u.username is not None or u.password is not None:
-        raise _Bad("a URL without a user or password in it (put the credential in report_token)", show=False)
-    return v
+def _url(schemes: tuple[str, ...], rule: str, no_credentials: str):
+    """A URL check: one of ``schemes``, a host, a valid port, no credentials, spaces or control characters."""
+    def check(v):
+        if not isinstance(v, str) or not v or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in v):
+            raise _Bad(rule)
+        try:
+            u = urlsplit(v)
+            u.port                             # raises ValueError on a bad port
+        except ValueError:
+            raise _Bad(rule) from None
+        if u.scheme.lower() not in schemes or not u.hostname:
+            raise _Bad(rule)
+        if u.username is not None or u.password is not None:
+            raise _Bad(no_credentials, show=False)
+        return v
+    return check
+
+
+_report_url = _url(("https", "http"), "an https:// URL (e.g. https://fleet.example.com/esim/report)",
+                   "a URL without a user or password in it (put the credential in report_token)")
 
 
 def _report_token(v):
@@ -335,21 +341,8 @@ _KEYS = {
 }
 
 
-def _https_url(v):
-    """An https:// URL with a host, without credentials, spaces or control characters."""
-    rule = "an https:// URL (e.g. https://eim.example.com)"
-    if not isinstance(v, str) or not v or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in v):
-        raise _Bad(rule)
-    try:
-        u = urlsplit(v)
-        u.port                             # raises ValueError on a bad port
-    except ValueError:
-        raise _Bad(rule) from None
-    if u.scheme.lower() != "https" or not u.hostname:
-        raise _Bad(rule)
-    if u.username is not None or u.password is not None:
-        raise _Bad("a URL without a user or password in it", show=False)
-    return v
+_https_url = _url(("https",), "an https:// URL (e.g. https://eim.example.com)",
+                  "a URL without a user or password in it")
 
 
 def _esipa_version(v):

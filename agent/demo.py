@@ -30,11 +30,31 @@ class DemoError(AgentError):
     code = "demo_failed"
 
 
+def run_cli(options: list[str], argv, env: dict, timeout: float = 120.0) -> dict:
+    """Run `esim-agent OPTIONS --json ARGV` as a user would; its data, or DemoError naming the step."""
+    import json
+    import subprocess
+
+    from .bench import agent_cmd
+    full = agent_cmd() + list(options) + ["--json", *argv]
+    try:
+        r = subprocess.run(full, capture_output=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DemoError(f"`esim-agent {' '.join(argv)}` did not finish within {timeout:.0f} s") from None
+    try:
+        doc = json.loads(r.stdout)
+    except ValueError:
+        raise DemoError(f"`esim-agent {' '.join(argv)}` printed no JSON (exit {r.returncode}): "
+                        f"{r.stderr.decode(errors='replace')[-400:]}") from None
+    if not doc.get("ok"):
+        raise DemoError(f"`esim-agent {' '.join(argv)}` failed: {doc['error']['message']}")
+    return doc["data"]
+
+
 def cmd_demo(args, out) -> int:
     if getattr(args, "iot", False):
         from .demo_iot import run
         return run(args, out)
-    import json
     import secrets
     import subprocess
     import tempfile
@@ -82,19 +102,7 @@ def cmd_demo(args, out) -> int:
         env = dict(os.environ, ESIM_AGENT_STATE_DIR=str(env_state))
 
         def agent(*argv: str) -> dict:
-            full = agent_cmd() + ["--device", str(link), "--json", *argv]
-            try:
-                r = subprocess.run(full, capture_output=True, env=env, timeout=120)
-            except subprocess.TimeoutExpired:
-                raise DemoError(f"`esim-agent {' '.join(argv)}` did not finish within 120 s") from None
-            try:
-                doc = json.loads(r.stdout)
-            except ValueError:
-                raise DemoError(f"`esim-agent {' '.join(argv)}` printed no JSON (exit {r.returncode}): "
-                                f"{r.stderr.decode(errors='replace')[-400:]}")
-            if not doc.get("ok"):
-                raise DemoError(f"`esim-agent {' '.join(argv)}` failed: {doc['error']['message']}")
-            return doc["data"]
+            return run_cli(["--device", str(link)], argv, env)
 
         api = requests.Session()
         api.auth = (sid, token)

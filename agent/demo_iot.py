@@ -10,7 +10,6 @@ and the eUICC record's profiles are printed.
 """
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import socket
@@ -19,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .demo import DemoError
+from .demo import DemoError, run_cli
 
 ACTIONS = {1: "audit", 2: "download", 3: "enable", 4: "set fallback", 5: "delete"}
 OPERATION_STATUS = {1: "Scheduled", 2: "Succeeded", 3: "Failed", 4: "Expired", 5: "Canceled"}
@@ -116,19 +115,7 @@ def run(args, out) -> int:
         say(f"5. daemon running, socket {sock}")
 
         def agent(*argv: str) -> dict:
-            full = agent_cmd() + ["--config", str(cfg), "--json", *argv]
-            try:
-                r = subprocess.run(full, capture_output=True, env=env, timeout=120)
-            except subprocess.TimeoutExpired:
-                raise DemoError(f"`esim-agent {' '.join(argv)}` did not finish within 120 s") from None
-            try:
-                doc = json.loads(r.stdout)
-            except ValueError:
-                raise DemoError(f"`esim-agent {' '.join(argv)}` printed no JSON (exit {r.returncode}): "
-                                f"{r.stderr.decode(errors='replace')[-400:]}") from None
-            if not doc.get("ok"):
-                raise DemoError(f"`esim-agent {' '.join(argv)}` failed: {doc['error']['message']}")
-            return doc["data"]
+            return run_cli(["--config", str(cfg)], argv, env)
 
         eim_api = requests.Session()
         eim_api.verify = ca
