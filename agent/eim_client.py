@@ -42,6 +42,10 @@ ADMIN_PROTOCOL = "gsma/rsp/v2.1.0"
 #: GetEimPackageResponse alternatives that carry work, with their leading tag.
 PACKAGE_TAGS = {0xBF51: "euiccPackageRequest", 0xBF52: "ipaEuiccDataRequest",
                 0xBF54: "profileDownloadTriggerRequest"}
+#: The ESipa messages of an indirect download (SGP.32 §6.3.2.1-5): their answers are ESipa
+#: messages too (esipa.py carries them whole in the JSON binding), handleNotification has none.
+DOWNLOAD_MESSAGES = ("initiateAuthenticationRequestEsipa", "authenticateClientRequestEsipa",
+                     "getBoundProfilePackageRequestEsipa", "cancelSessionRequestEsipa", "handleNotificationEsipa")
 GET_PACKAGE_ERRORS = {1: "noEimPackageAvailable", 2: "eidNotFound", 3: "invalidEid", 4: "missingEid",
                       127: "undefinedError"}
 
@@ -160,6 +164,8 @@ class EimClient(Es9pClient):
                              details={"function": function})
 
     def _decode_asn1(self, name: str, function: str, content: bytes):
+        if name == "handleNotificationEsipa":        # no answer but the HTTP status (SGP.32 §6.3.2.4)
+            return None, None, b""
         if not content:
             if name == "provideEimPackageResult":     # HTTP 204: nothing acknowledged
                 return esipa.RESPONSE_FOR[name], None, b""
@@ -193,6 +199,8 @@ class EimClient(Es9pClient):
         return None
 
     def _decode_json(self, name: str, function: str, content: bytes):
+        if name == "handleNotificationEsipa":
+            return None, None, b""
         if not content.strip():
             if name == "provideEimPackageResult":
                 return esipa.RESPONSE_FOR[name], None, b""
@@ -215,6 +223,8 @@ class EimClient(Es9pClient):
         raw = b""
         if name == "getEimPackageRequest" and isinstance(value, tuple) and value[0] in body:
             raw = _b64_or_none(body[value[0]]) or b""
+        elif name in DOWNLOAD_MESSAGES:
+            raw = _b64_or_none(body.get("message")) or b""     # the whole message's DER (esipa.py)
         return got, value, raw
 
     # -- ESipa functions --
@@ -253,6 +263,20 @@ class EimClient(Es9pClient):
         if alt == "provideEimPackageResultError":
             return ProvideAnswer([], error=v)
         return ProvideAnswer([])
+
+    def download_call(self, name: str, value, *, relayed: list[bytes] = ()) -> tuple[str | None, object, bytes]:
+        """One ESipa message of an indirect profile download (SGP.32 §6.3.2.1-5; esipa_download.py
+        uses it): returns (response name, decoded value, DER of the whole response message as
+        received), or (None, None, b"") for handleNotification, which has no answer.  ``relayed``:
+        the eUICC's signed blobs, which must appear byte for byte in the encoded request."""
+        if name not in DOWNLOAD_MESSAGES:
+            raise ValueError(f"{name} is not an ESipa download message")
+        der = esipa.encode_request(name, value, version=self.version)
+        for blob in relayed:
+            if bytes(blob) not in der:
+                raise ProtocolError(f"what the eUICC signed would not go to the eIM byte for byte in {name} (it "
+                                    "is not DER); not sending a re-encoded copy", code="bad_esipa_message")
+        return self._exchange(name, value)
 
     def _check_relayed(self, value, relayed) -> None:
         if not relayed:

@@ -221,6 +221,9 @@ _REFUSED_CODES = (
     "associated_eim_already_exists", "invalid_association_token", "counter_value_out_of_range",
     "command_error", "rollback_not_allowed", "fallback_not_available", "ecall_active",
     "immediate_enable_not_available", "invalid_ci_pk_id", "eim_refused", "incorrect_tag_list",
+    # the eIM's error answers in an indirect download (esipa_download.py) without an ES9+ twin above
+    "invalid_eim_transaction_id", "ppr_not_allowed", "event_id_unknown", "bpp_rebinding_refused",
+    "metadata_mismatch",
 )
 
 _USAGE_CODES = (

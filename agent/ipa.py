@@ -71,8 +71,8 @@ def unknown_tags(tags: list[int], version: str) -> list[int]:
 
 
 def ipa_capabilities(indirect: bool = False) -> dict:
-    """IpaCapabilities (SGP.32 §4.1): direct downloads (ES9+), indirect ones when relayed by the eIM;
-    polling over HTTPS."""
+    """IpaCapabilities (SGP.32 §4.1): direct downloads (ES9+), indirect ones relayed by the eIM
+    (esipa_download.py, used when the eIM's configuration offers it); polling over HTTPS."""
     return {"ipaFeatures": make_bits([0, 1] if indirect else [0]), "ipaSupportedProtocols": make_bits([0])}
 
 
@@ -111,7 +111,11 @@ class Ipa:
 
     # --- the round ------------------------------------------------------------------
     def poll(self, state_change_cause: int | None = None) -> list[dict]:
+        relayed = self.deliver_via_eim()
         done = self.deliver_pending()
+        if relayed:
+            # install results of earlier indirect downloads (not a package; listed so a caller sees them)
+            done.insert(0, {"kind": "relayedNotifications", "outcome": "redelivered", "notifications": relayed})
         first = True
         for _ in range(max(1, int(self.ctx.eim.max_packages))):
             self.ctx.cancel.check()
@@ -422,7 +426,7 @@ class Ipa:
         if "associationToken" in wanted and self.eim is not None and self.eim.association_token is not None:
             data["associationToken"] = self.eim.association_token
         if "ipaCapabilities" in wanted:
-            data["ipaCapabilities"] = ipa_capabilities()
+            data["ipaCapabilities"] = ipa_capabilities(indirect=True)
         if "deviceInfo" in wanted:
             from .flows.download import device_info
             data["deviceInfo"] = device_info(self.card.imei())
@@ -464,15 +468,25 @@ class Ipa:
         return [i for i in items if tlv.parse_single(i).tag != 0xBF51]
 
     # --- Profile Download Trigger ----------------------------------------------------------
+    @property
+    def indirect(self) -> bool:
+        """Downloads go through the eIM when its configuration on the eUICC offers it
+        (EimConfigurationData indirectProfileDownload, SGP.32 §2.11.1.1.1 v1.2); else directly."""
+        return self.eim is not None and self.eim.indirect_download
+
     def download_trigger(self, req: dict) -> dict:
         tid = req.get("eimTransactionId")
         entry: dict = {"kind": "profileDownloadTriggerRequest", "eim_transaction_id": _hex(tid)}
         self._dl += 1
         sub = dataclasses.replace(self.ctx, steps=self.ctx.steps.child(f"dl.{_hex(tid) or self._dl}"))
+        # a resumed job keeps the kind it started with
+        started = sub.steps.seen("start")
+        indirect = started.get("mode") == "indirect" if started is not None else self.indirect
+        entry["mode"] = "indirect" if indirect else "direct"
         pir: bytes | None = None
         error: AgentError | None = None
         try:
-            pir = self._direct_download(sub, req.get("profileDownloadData"), entry)
+            pir = self._download(sub, req.get("profileDownloadData"), entry, indirect, tid)
         except AgentError as e:
             if getattr(e, "reason", None) in ("interrupted", "terminated"):
                 raise
@@ -499,13 +513,20 @@ class Ipa:
             v["eimTransactionId"] = tid
         self._provide("profileDownloadTriggerResult", v, relayed, entry)
         if pir is not None and error is not None:
-            from .ops.notifications import safe_deliver
-            safe_deliver(self.ctx, self.card)       # the refused package's PIR also goes to the SM-DP+
+            # the refused package's PIR also goes to the SM-DP+ (through the eIM when it was indirect)
+            if indirect:
+                self._via_eim(sub, tid, entry, seq=error.details.get("notification_seq"))
+            else:
+                from .ops.notifications import safe_deliver
+                safe_deliver(self.ctx, self.card)
         return entry
 
-    def _direct_download(self, ctx, data, entry: dict) -> bytes:
-        """ES9+ download from the SM-DP+ the trigger names (SGP.22 flow, flows/download.py);
-        returns the PIR as the eUICC signed it.  The PIR stays in the outbox for the SM-DP+."""
+    def _download(self, ctx, data, entry: dict, indirect: bool, tid: bytes | None) -> bytes:
+        """Download the profile the trigger names with flows/download.py: directly over ES9+ from
+        the SM-DP+ (SGP.22 flow), or indirectly, every ES9+ step relayed by the eIM over ESipa
+        (SGP.32 §3.2.3, esipa_download.py); returns the PIR as the eUICC signed it.  The PIR is
+        kept in the outbox for the SM-DP+ and sent to it: directly, or through the eIM's
+        handleNotification."""
         from .flows.download import Downloader, DownloadOptions
         from .ops.download import resolve
         from .ops.notifications import after_change, server_answered
@@ -519,6 +540,8 @@ class Ipa:
         stored = ctx.steps.seen("pir")
         if stored is not None:
             entry["iccid"] = stored.get("iccid")
+            if indirect:        # cut off before the eIM took the install result: it goes now
+                self._via_eim(ctx, tid, entry, seq=stored.get("seq"))
             return bytes.fromhex(stored["der"])
         address, mid, oid, acobj = resolve(self.card, activation_code=ac)
         entry["smdp_address"] = address
@@ -530,31 +553,111 @@ class Ipa:
             pir = self._find_pir(earlier["iccid"])
             if pir is not None:
                 entry["iccid"] = earlier["iccid"]
+                if indirect:
+                    seq = next((p.seq_number for p in self.es10.retrieve_notifications(operation="install")
+                                if p.der == pir), None)
+                    self._via_eim(ctx, tid, entry, seq=seq)
                 return pir
-        pool = ctx.servers.pool()
-        try:
-            opts = DownloadOptions(address=address, matching_id=mid, imei=self.card.imei(),
-                                   consent=lambda meta: True, smdp_oid=oid, progress=ctx.progress,
-                                   long_timeout=self.card.settings.long_timeout, cancel=ctx.cancel,
-                                   record=ctx.steps.step)
-            ctx.steps.step("start", address=address, matching_id=mid)
-            res = Downloader(self.es10, pool(address), opts).run()
-        finally:
-            pool.close()
+        opts = DownloadOptions(address=address, matching_id=mid, imei=self.card.imei(),
+                               consent=lambda meta: True, smdp_oid=oid, progress=ctx.progress,
+                               long_timeout=self.card.settings.long_timeout, cancel=ctx.cancel,
+                               record=ctx.steps.step)
+        ctx.steps.step("start", address=address, matching_id=mid, mode=entry["mode"])
+        if indirect:
+            from .esipa_download import EsipaDownloadClient
+            res = Downloader(self.es10, EsipaDownloadClient(self.client, eim_transaction_id=tid), opts).run()
+        else:
+            pool = ctx.servers.pool()
+            try:
+                res = Downloader(self.es10, pool(address), opts).run()
+            finally:
+                pool.close()
         found = [p.der for p in self.es10.retrieve_notifications(seq=res.notification_seq)] \
             if res.notification_seq is not None else []
         pir = found[0] if found else self._find_pir(res.iccid)
         if pir is None:
             raise ProtocolError("the profile was installed but its ProfileInstallationResult is gone from the eUICC",
                                 code="no_install_result")
-        ctx.steps.step("pir", der=pir.hex(), iccid=res.iccid)
+        ctx.steps.step("pir", der=pir.hex(), iccid=res.iccid, seq=res.notification_seq)
         entry["iccid"] = res.iccid
+        if indirect:
+            self._via_eim(ctx, tid, entry, seq=res.notification_seq)
+            return pir
         data_out: dict = {}
         server_answered(ctx, address)
         after_change(ctx, self.card, data_out)
         if "notifications" in data_out:
             entry["notifications"] = data_out["notifications"]
         return pir
+
+    # --- notifications relayed by the eIM ---------------------------------------------------
+    def _via_eim(self, ctx, tid: bytes | None, entry: dict, *, seq: int | None) -> None:
+        """The install result of an indirect download goes to the SM-DP+ through the eIM
+        (ESipa handleNotification, SGP.32 §6.3.2.4), never directly (the device may not reach
+        the SM-DP+).  Kept durably as any notification (flows/notifications.py: recorded in
+        the outbox first, removed from the eUICC only once the eIM accepted it), under the
+        address ``esipa:<eIM>`` (esipa_download.VIA_EIM), which only the poll round delivers
+        (:meth:`deliver_via_eim`).  A failure is reported, not raised: the trigger's result
+        still goes to the eIM, and the next poll tries again."""
+        if seq is None:
+            return
+        from .esipa_download import EsipaDownloadClient
+        from .flows.notifications import process
+        from .store import Outbox
+        relay = EsipaDownloadClient(self.client, eim_transaction_id=tid)
+        try:
+            with Outbox(ctx.outbox_path()) as ob:
+                # recorded even when notifications are not sent right away: it must go through the eIM
+                on_card = self.es10.retrieve_notifications(seq=seq)
+                for p in on_card:
+                    ob.record(self.eid, p.seq_number, p.operation, relay.outbox_address, p.iccid, p.der)
+                held = ob.get(self.eid, seq)
+                if not ctx.notifications or (not on_card and (held is None or held.delivered)):
+                    return          # not now, or delivered already (a resumed job)
+                done = process(self.es10, ob, lambda address: relay, eid=self.eid, seqs=[seq], cancel=ctx.cancel,
+                               force=True, via_eim=True)
+        except AgentError as e:
+            if getattr(e, "reason", None) in ("interrupted", "terminated"):
+                raise
+            entry["notifications_error"] = e.to_json()
+            ctx.warning(f"the install result was not sent through the eIM: {e.message}; the next poll sends it")
+            return
+        entry["notifications"] = [d.to_json() for d in done]
+        for d in done:
+            if d.status not in ("delivered", "removed"):
+                ctx.warning(f"notification {d.seq_number} was not sent through the eIM"
+                            f"{': ' + d.error['message'] if d.error else ''}; it stays in the outbox and the "
+                            "next poll sends it")
+
+    def deliver_via_eim(self) -> list[dict]:
+        """Install results of earlier indirect downloads that did not reach this eIM yet (outbox
+        address ``esipa:<this eIM>``): delivered first in every poll round."""
+        from .esipa_download import VIA_EIM, EsipaDownloadClient
+        path = self.ctx.outbox_path()
+        address = getattr(self.client, "address", None)
+        if not self.ctx.notifications or address is None or not path.exists():
+            return []
+        from .flows.notifications import process
+        from .store import Outbox
+        try:
+            with Outbox(path) as ob:
+                seqs = [n.seq_number for n in ob.pending(self.eid) if n.address == VIA_EIM + address]
+                if not seqs:
+                    return []
+                relay = EsipaDownloadClient(self.client)
+                done = process(self.es10, ob, lambda a: relay, eid=self.eid, seqs=seqs, cancel=self.ctx.cancel,
+                               force=True, via_eim=True)
+        except AgentError as e:
+            if getattr(e, "reason", None) in ("interrupted", "terminated"):
+                raise
+            self.ctx.warning(f"earlier install results were not sent through the eIM: {e.message}")
+            return []
+        out = [d.to_json() for d in done]
+        for d in out:
+            if d["status"] not in ("delivered", "removed"):
+                self.ctx.warning(f"notification {d['seq_number']} still not sent through the eIM; it stays in the "
+                                 "outbox")
+        return out
 
     def _find_pir(self, iccid: str) -> bytes | None:
         """The PIR of ``iccid``: on the eUICC, else in the outbox (delivered to the SM-DP+ already)."""

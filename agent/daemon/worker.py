@@ -204,7 +204,11 @@ class Worker:
             self.current = None
         if self.card is not None and not self.card.healthy:
             self.drop_card()        # the port died under an operation that carried on (e.g. notifications)
-        snap = self.snapshot()      # the card after the job: for status and for the job's report
+        # A read-only job changes nothing `status` shows and has no report: its caller (a CLI
+        # waiting on the socket) gets the answer first, the status refresh (~0.1 s of AT commands
+        # and APDUs) follows. Other jobs: the card after the job, for status and the job's report.
+        quick = state != "requeue" and job.kind in ops.READ_ONLY
+        snap = None if quick else self.snapshot()
         if state == "requeue":
             import datetime as dt
             # Stopped by the service manager: resume at the next start. Transient failure: back off.
@@ -223,6 +227,8 @@ class Worker:
                 report = report_body(self.journal.get(job_id), snap or {}, state=state, error=error, finished_at=now)
             self.journal.finish(job_id, state, result=result, error=error, report=report)
         self.emit(event="finished", job=job_id, state=state)
+        if quick:
+            self.snapshot()
 
     def snapshot(self) -> None:
         """What `status` shows about the modem and the card, refreshed after every job."""
@@ -261,7 +267,16 @@ class Worker:
             from ..store import Outbox
             with Outbox(self.journal.path) as ob:
                 pend = ob.pending(snap.get("eid")) if snap.get("eid") else ob.pending()
+                # What goes through the eIM (SGP.32 indirect download) leaves with the next poll
+                # round, not with a notification job: it does not make the daemon run those.
+                from ..flows.notifications import VIA_EIM
+                via_eim = {n.seq_number for n in pend if n.address.startswith(VIA_EIM)}
+                pend = [n for n in pend if not n.address.startswith(VIA_EIM)]
                 snap["outbox_pending"] = len(pend)
+                if via_eim:
+                    snap["outbox_via_eim"] = len(via_eim)
+                    card_notes = [n for n in card_notes if n.seq_number not in via_eim]
+                    snap["notifications_on_card"] = len(card_notes)
                 # Every address of what is pending backs off (store.py): the daemon's retry waits
                 # until the first of them is due instead of running jobs that only wait.
                 retry_at = ob.retry_at({n.address for n in pend} | {n.address for n in card_notes})

@@ -25,6 +25,10 @@ from ..es10 import Es10
 log = logging.getLogger(__name__)
 
 
+#: outbox address prefix of a notification the eIM relays (agent/esipa_download.py)
+VIA_EIM = "esipa:"
+
+
 @dataclass
 class Delivery:
     seq_number: int
@@ -53,11 +57,14 @@ class Delivery:
 
 
 def process(es10: Es10, outbox, client_for: Callable[[str], object], *, eid: str,
-            seqs: Iterable[int] | None = None, cancel=None, force: bool = False) -> list[Delivery]:
+            seqs: Iterable[int] | None = None, cancel=None, force: bool = False,
+            via_eim: bool = False) -> list[Delivery]:
     """Deliver pending notifications (all, or those in ``seqs``) and remove them from the card.
 
     ``cancel`` (a CancelToken) is checked before each delivery: a stop between two
-    notifications leaves the rest pending in the outbox, nothing half-done."""
+    notifications leaves the rest pending in the outbox, nothing half-done. ``via_eim``: the
+    caller's ``client_for`` relays ``esipa:`` addresses through the eIM (the IPA's poll round);
+    without it those stay pending."""
     wanted = set(seqs) if seqs is not None else None
     on_card = es10.list_notifications()
     rec = outbox.reconcile(eid, [n.seq_number for n in on_card])
@@ -113,6 +120,13 @@ def process(es10: Es10, outbox, client_for: Callable[[str], object], *, eid: str
         if cancel is not None:
             cancel.check()
         held = "outbox" if n.removed_externally else "euicc+outbox"
+        if n.address.startswith(VIA_EIM) and not via_eim:
+            # The result of an indirect download (SGP.32): the SM-DP+ hears of it through the eIM
+            # (ESipa handleNotification), which only the IPA's poll round talks to.
+            results.append(Delivery(n.seq_number, n.operation, n.address, n.iccid, "waiting",
+                                    attempts=n.attempts, held_in=held,
+                                    last_error="goes through the eIM: sent by the next `esim-agent ipa poll`"))
+            continue
         w = outbox.waiting(n.address) if (not force or n.address in failed_now) else None
         if w is not None:
             results.append(Delivery(n.seq_number, n.operation, n.address, n.iccid, "waiting",

@@ -62,6 +62,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--token", metavar="T", help="Bearer token the operations API requires (default: none)")
     e.add_argument("--esipa-version", choices=("1.2", "1.0"), default="1.2",
                    help="ESipa wire forms to speak (default 1.2)")
+    e.add_argument("--indirect", action="store_true",
+                   help="offer indirect profile download (indirectProfileDownload in eim-config.der): IPAs "
+                        "then download through the eIM, which relays ES9+ to the SM-DP+ (trusting DIR/ci.pem)")
     e.set_defaults(func=cmd_sim_eim)
 
 
@@ -129,10 +132,12 @@ def cmd_sim_eim(args, out) -> int:
                          code="bad_listen_port")
 
     def ready(server) -> None:
-        print(f"local eIM listening on https://127.0.0.1:{server.port} (ESipa {server.version}); "
+        print(f"local eIM listening on https://127.0.0.1:{server.port} (ESipa {server.version}"
+              f"{', indirect download' if server.indirect else ''}); "
               f"eIM configuration for `ipa add-eim`: {server.config_path}", flush=True)
     try:
-        run_eim(args.pki, port=args.port, token=args.token, version=args.esipa_version, ready=ready)
+        run_eim(args.pki, port=args.port, token=args.token, version=args.esipa_version, ready=ready,
+                indirect=args.indirect)
     except ListenError as e:
         raise _listen_refused(e) from None
     return 0

@@ -163,7 +163,7 @@ class Eim:
     """The eIM's state machine over an EimStore. Thread safe (every entry point holds the store)."""
 
     def __init__(self, store, *, sign_key, ci_cert, version: str = "1.2", eim_id: str = EIM_ID,
-                 clock=time.time):
+                 clock=time.time, indirect: bool = False, smdp_ca: str | None = None):
         if version not in ESIPA_VERSIONS:
             raise ValueError(f"ESipa version {version!r} is not one of {ESIPA_VERSIONS}")
         self.store = store
@@ -172,6 +172,9 @@ class Eim:
         self.version = version
         self.eim_id = eim_id
         self.clock = clock
+        # indirect profile download: the ES9+' relay (SGP.32 §3.2.3); smdp_ca verifies the SM-DP+'s TLS
+        self.indirect = bool(indirect)
+        self.relay = Es9Relay(self, smdp_ca) if indirect else None
 
     # --- records ------------------------------------------------------------------------------
 
@@ -261,10 +264,12 @@ class Eim:
             name, value = esipa.decode_request(body, version=self.version)
         except AgentError as e:
             raise EsipaReject(400, f"not an ESipa message: {e.message}") from None
-        raw = self._raw_result_asn1(body) if name == "provideEimPackageResult" else None
+        raw = self._raw_result_asn1(body) if name == "provideEimPackageResult" else body
         out = self._call(name, value, raw)
         if out is None:
             return 204, None
+        if isinstance(out, bytes):       # a relayed answer, cut together as DER (esipa_download.py)
+            return 200, out
         rname, rvalue = out
         return 200, esipa.encode_response(rname, rvalue, version=self.version)
 
@@ -279,9 +284,13 @@ class Eim:
         raw = None
         if name == "provideEimPackageResult":
             raw = self._raw_result_json(body)
+        elif isinstance(body.get("message"), str):
+            raw = base64.b64decode(body["message"])      # the whole message's DER (esipa.py checked it)
         out = self._call(name, value, raw)
         if out is None:
             return 204, None
+        if isinstance(out, bytes):
+            return 200, {"message": _b64(out)}
         rname, rvalue = out
         return 200, esipa.response_to_json(rname, rvalue, version=self.version)
 
@@ -306,10 +315,14 @@ class Eim:
         if name == "provideEimPackageResult":
             return "provideEimPackageResultResponse", self.provide_result(value, raw)
         if name == "handleNotificationEsipa":
+            if self.relay is not None:
+                self.relay.notification(value, raw)      # to the SM-DP+ first: a failure is the IPA's to retry
             self.handle_notification(value)
             return None
         if name == "transferEimPackageResponse":
             return None      # we never push (eimInjectHttps is not offered in our configuration)
+        if self.relay is not None and name in Es9Relay.FUNCTIONS:
+            return self.relay.call(name, value, raw)
         # indirect profile download through the eIM is not offered (eimConfiguration has no
         # indirectProfileDownload): answer each function's own error
         refusals = {"initiateAuthenticationRequestEsipa": ("initiateAuthenticationResponseEsipa",
@@ -841,13 +854,240 @@ def _notification_iccid(n) -> str | None:
         return None
 
 
+# --- indirect profile download: the ES9+' relay ------------------------------------------------------
+
+
+class Es9Relay:
+    """The eIM's half of an indirect profile download (SGP.32 §3.2.3, §6.3.2.1-5).
+
+    Each ESipa download message from the IPA is relayed over ES9+' to the SM-DP+ with the
+    agent's own ES9+ client (agent.es9p, TLS verified against the PKI's CI, which also issued
+    the local SM-DP+'s TLS certificate), and the SM-DP+'s answer goes back in the ESipa response
+    type (agent.esipa_download builds it, the SM-DP+'s signed parts byte for byte; the eUICC's
+    signed parts go to the SM-DP+ as the IPA sent them).
+
+    The SM-DP+ is the one of the activation code of the trigger named by eimTransactionId
+    (v1.2), or the request's smdpAddress (v1.0 has no eimTransactionId); both given and
+    different: smdpAddressMismatch.  One session per SM-DP+ transactionId (the IPA uses it in
+    the next calls) keeps the address and the HTTPS client, until cancelSession, the PIR
+    (handleNotification, relayed to the SM-DP+ before the eIM records it) or SESSION_TTL.  An
+    ES9+ failure becomes the function's ESipa error number (esipa_download.error_number).
+    While relaying, the eUICC's profile shows Downloading, then Downloaded once the package
+    went out.
+    """
+
+    FUNCTIONS = {"initiateAuthenticationRequestEsipa": "initiateAuthentication",
+                 "authenticateClientRequestEsipa": "authenticateClient",
+                 "getBoundProfilePackageRequestEsipa": "getBoundProfilePackage",
+                 "cancelSessionRequestEsipa": "cancelSession"}
+    MAX_SESSIONS = 64
+    SESSION_TTL = 600.0
+    USER_AGENT = "esim-agent-eim/1 (ES9+')"
+
+    def __init__(self, eim: "Eim", ca: str | None, *, deadline: float = 20.0):
+        self.eim = eim
+        self.ca = ca
+        self.deadline = deadline
+        self._lock = threading.Lock()
+        self._sessions: dict[str, dict] = {}     # SM-DP+ transactionId (hex) -> session
+        self.addresses: set[str] = set()         # SM-DP+s we relayed to (where their notifications go)
+
+    def _client(self, address: str):
+        from ..es9p import Es9pClient
+        return Es9pClient(address, ca=self.ca, deadline=self.deadline, user_agent=self.USER_AGENT)
+
+    def call(self, name: str, value, raw: bytes | None) -> bytes:
+        """An ESipa download request -> the ESipa response message (DER)."""
+        from ..esipa_download import error_answer
+        function = self.FUNCTIONS[name]
+        if raw is None:
+            return error_answer(function, UNDEFINED)
+        try:
+            return getattr(self, "_" + function)(function, value, raw)
+        except AgentError as e:        # a request we could not take apart
+            log(f"relay {function}: {e.message}")
+            return error_answer(function, UNDEFINED)
+
+    def _failed(self, function: str, e: AgentError, address: str) -> bytes:
+        from ..esipa_download import error_answer, error_number
+        n = error_number(function, e.code)
+        log(f"relay {function} to {address}: {e.message} -> ESipa error {n}")
+        return error_answer(function, n)
+
+    def _session(self, txid: str) -> dict | None:
+        with self._lock:
+            return self._sessions.get(txid)
+
+    def _end(self, txid: str) -> None:
+        with self._lock:
+            sess = self._sessions.pop(txid, None)
+        if sess is not None:
+            sess["client"].close()
+
+    def _keep(self, txid: str, sess: dict) -> None:
+        now = time.monotonic()
+        with self._lock:
+            old = [k for k, v in self._sessions.items() if now - v["created"] > self.SESSION_TTL]
+            while len(self._sessions) - len(old) >= self.MAX_SESSIONS:
+                old.append(min((k for k in self._sessions if k not in old),
+                               key=lambda k: self._sessions[k]["created"]))
+            gone = [self._sessions.pop(k) for k in old]
+            self._sessions[txid] = sess
+        for g in gone:
+            g["client"].close()
+
+    def _mark(self, sess: dict, iccid: str | None, status: int) -> None:
+        if not iccid or not sess.get("eid"):
+            return
+        with self.eim.store as data:
+            rec = data["euiccs"].get(sess["eid"])
+            if rec is not None:
+                self.eim._set_profile(rec, iccid, status=status, preloaded=False)
+
+    def _initiateAuthentication(self, f: str, value, raw: bytes) -> bytes:
+        from ..ac import parse_activation_code
+        from ..esipa_download import error_answer, initiate_authentication_ok, relayed_part
+        eim_txid = value.get("eimTransactionId")
+        ac_address = eid = None
+        with self.eim.store as data:
+            if eim_txid is not None:
+                rec, step = self.eim._inflight_by_txid(data, eim_txid, None)
+                if step is None or step.get("kind") != "pdt":
+                    log(f"relay {f}: eimTransactionId {eim_txid.hex().upper()} names no download of ours")
+                    return error_answer(f, 52)                      # invalidEimTransactionId
+            else:
+                found = [(r, r["inflight"]) for r in data["euiccs"].values()
+                         if r["inflight"] is not None and r["inflight"]["kind"] == "pdt"]
+                rec, step = found[0] if len(found) == 1 else (None, None)
+            if step is not None:
+                eid = rec["eid"]
+                try:
+                    ac_address = parse_activation_code(step["ac"]).address
+                except AgentError:
+                    ac_address = None
+        address = value.get("smdpAddress") or ac_address
+        if not address:
+            return error_answer(f, 1)                                # invalidDpAddress
+        if ac_address and address.lower() != ac_address.lower():
+            log(f"relay {f}: the IPA names SM-DP+ {address}, the trigger {ac_address}")
+            return error_answer(f, 50)                               # smdpAddressMismatch
+        info1 = relayed_part(raw, 0xBF20)
+        try:
+            client = self._client(address)
+        except AgentError as e:
+            return self._failed(f, e, address)
+        try:
+            ia = client.initiate_authentication(value["euiccChallenge"], info1, address)
+        except AgentError as e:
+            client.close()
+            return self._failed(f, e, address)
+        self.addresses.add(address.lower())
+        self._keep(ia.transaction_id.upper(), {"address": address, "client": client, "eid": eid,
+                                               "eim_txid": eim_txid.hex().upper() if eim_txid else None,
+                                               "created": time.monotonic(), "iccid": None})
+        log(f"relay {f}: SM-DP+ {address} opened transaction {ia.transaction_id}")
+        return initiate_authentication_ok(ia)
+
+    def _authenticateClient(self, f: str, value, raw: bytes) -> bytes:
+        from ..esipa_download import authenticate_client_ok, error_answer, relayed_part
+        txid = value["transactionId"].hex().upper()
+        sess = self._session(txid)
+        if sess is None:
+            return error_answer(f, 10)                               # invalidTransactionId
+        try:
+            ac = sess["client"].authenticate_client(txid, relayed_part(raw, 0xBF38))
+        except AgentError as e:
+            return self._failed(f, e, sess["address"])
+        try:
+            sess["iccid"] = iccid_from_bytes(codec.decode("StoreMetadataRequest", ac.profile_metadata)["iccid"])
+        except (AgentError, KeyError):
+            sess["iccid"] = None
+        self._mark(sess, sess["iccid"], P_DOWNLOADING)
+        return authenticate_client_ok(ac)
+
+    def _getBoundProfilePackage(self, f: str, value, raw: bytes) -> bytes:
+        from ..esipa_download import error_answer, get_bound_profile_package_ok, relayed_part
+        txid = value["transactionId"].hex().upper()
+        sess = self._session(txid)
+        if sess is None:
+            return error_answer(f, 95)                               # invalidTransactionId
+        try:
+            bpp = sess["client"].get_bound_profile_package(txid, relayed_part(raw, 0xBF21))
+        except AgentError as e:
+            return self._failed(f, e, sess["address"])
+        self._mark(sess, sess["iccid"], P_DOWNLOADED)
+        return get_bound_profile_package_ok(txid, bpp)
+
+    def _cancelSession(self, f: str, value, raw: bytes) -> bytes:
+        from ..esipa_download import CANCEL_SESSION_OK, card_cancel_response, error_answer
+        txid = value["transactionId"].hex().upper()
+        sess = self._session(txid)
+        if sess is None:
+            return error_answer(f, 1)                                # invalidTransactionId
+        try:
+            sess["client"].cancel_session(txid, card_cancel_response(raw))
+        except AgentError as e:
+            self._end(txid)         # the SM-DP+ ended it, or will let it expire
+            return self._failed(f, e, sess["address"])
+        self._end(txid)
+        log(f"relay {f}: transaction {txid} cancelled at SM-DP+ {sess['address']}")
+        return CANCEL_SESSION_OK
+
+    def notification(self, value, raw: bytes | None) -> None:
+        """handleNotification: a PendingNotification for an SM-DP+ we relayed to goes there
+        (ES9+' handleNotification).  If it cannot be delivered the IPA is answered HTTP 502 and
+        keeps it (it removes a notification from the eUICC only once we accepted it)."""
+        from ..esipa_download import relayed_notification
+        alt, v = value
+        der = relayed_notification(raw) if alt == "pendingNotification" and raw is not None else None
+        if der is None:
+            return
+        kind, n = v
+        sess, txid = None, None
+        try:
+            if kind == "profileInstallationResult":
+                data = n["profileInstallationResultData"]
+                txid = data["transactionId"].hex().upper()
+                sess = self._session(txid)
+                address = data["notificationMetadata"].get("notificationAddress")
+            elif kind == "otherSignedNotification":
+                address = n["tbsOtherNotification"].get("notificationAddress")
+            else:
+                address = None
+        except (KeyError, TypeError, AttributeError):
+            address = None
+        if sess is not None:
+            address = sess["address"]
+        elif not address or address.lower() not in self.addresses:
+            return          # not for an SM-DP+ we relay to: recorded only
+        client = sess["client"] if sess is not None else self._client(address)
+        try:
+            client.handle_notification(der)
+        except AgentError as e:
+            log(f"relay handleNotification to {address}: {e.message}")
+            raise EsipaReject(502, f"the SM-DP+ {address} did not take the notification: {e.message}") from None
+        finally:
+            if sess is None:
+                client.close()
+        if txid is not None and sess is not None:
+            self._end(txid)          # the PIR ends the session (docs/protocol.md §6.3)
+        log(f"relay handleNotification: {kind} delivered to SM-DP+ {address}")
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for sess in sessions:
+            sess["client"].close()
+
+
 # --- EimConfigurationData --------------------------------------------------------------------------
 
 
-def eim_configuration(eim_pki, *, port: int, eim_id: str = EIM_ID) -> bytes:
+def eim_configuration(eim_pki, *, port: int, eim_id: str = EIM_ID, indirect: bool = False) -> bytes:
     """DER EimConfigurationData of this eIM (SGP.32 §2.11.1.1.1) for ``ipa add-eim``.
 
-    No associationToken: a card that assigns one reports it in IpaEuiccData."""
+    No associationToken: a card that assigns one reports it in IpaEuiccData.  ``indirect``:
+    offer indirect profile download (indirectProfileDownload, 89, v1.2)."""
     cfg = {
         "eimId": eim_id,
         "eimFqdn": f"127.0.0.1:{port}",
@@ -858,6 +1098,8 @@ def eim_configuration(eim_pki, *, port: int, eim_id: str = EIM_ID) -> bytes:
         "eimSupportedProtocol": (b"\x80", 1),           # eimRetrieveHttps
         "euiccCiPKId": eim_pki.ci_pkid,
     }
+    if indirect:
+        cfg["indirectProfileDownload"] = None
     return codec.encode("EimConfigurationData", cfg)
 
 
@@ -927,7 +1169,7 @@ class EimServer:
     """
 
     def __init__(self, pki_dir, *, port: int = 0, host: str = "127.0.0.1", token: str | None = None,
-                 version: str = "1.2", state_path=None):
+                 version: str = "1.2", state_path=None, indirect: bool = False):
         import ssl
         from .eim_api import EimApi
         from .eim_store import EimStore
@@ -950,11 +1192,14 @@ class EimServer:
             self.host = host
             self.port = self.httpd.server_address[1]
             self.version = version
-            self.eim = Eim(self.store, sign_key=self.pki.sign.key, ci_cert=self.pki.ci.cert, version=version)
+            # the SM-DP+'s TLS certificate chains to the same CI (DIR/ci.pem)
+            self.indirect = bool(indirect)
+            self.eim = Eim(self.store, sign_key=self.pki.sign.key, ci_cert=self.pki.ci.cert, version=version,
+                           indirect=indirect, smdp_ca=os.fspath(Path(pki_dir) / "ci.pem"))
             self.api = EimApi(self.eim, token=token)
             self.config_path = Path(d) / "eim-config.der"
             from .pki import _write
-            _write(self.config_path, eim_configuration(self.pki, port=self.port), 0o644)
+            _write(self.config_path, eim_configuration(self.pki, port=self.port, indirect=indirect), 0o644)
         except BaseException:
             self.store.close()
             raise
@@ -979,6 +1224,8 @@ class EimServer:
             self._thread.join(timeout=5)
             self._thread = None
         self.httpd.server_close()
+        if self.eim.relay is not None:
+            self.eim.relay.close()
         self.store.close()
 
     stop = shutdown
@@ -991,16 +1238,19 @@ class EimServer:
 
 
 def serve_eim(pki_dir, port: int = 0, token: str | None = None, version: str = "1.2", *,
-              host: str = "127.0.0.1", state_path=None) -> EimServer:
-    """Start the local eIM in a background thread and return it (``.port``, ``.shutdown()``)."""
-    return EimServer(pki_dir, port=port, host=host, token=token, version=version, state_path=state_path).start()
+              host: str = "127.0.0.1", state_path=None, indirect: bool = False) -> EimServer:
+    """Start the local eIM in a background thread and return it (``.port``, ``.shutdown()``).
+    ``indirect``: offer and relay indirect profile downloads (Es9Relay)."""
+    return EimServer(pki_dir, port=port, host=host, token=token, version=version, state_path=state_path,
+                     indirect=indirect).start()
 
 
-def run_eim(pki_dir, *, port: int = 0, token: str | None = None, version: str = "1.2", ready=None) -> None:
+def run_eim(pki_dir, *, port: int = 0, token: str | None = None, version: str = "1.2", ready=None,
+            indirect: bool = False) -> None:
     """`esim-agent sim eim`: serve in the foreground until SIGINT/SIGTERM."""
     import signal
     _log_to_stderr()
-    server = EimServer(pki_dir, port=port, token=token, version=version)
+    server = EimServer(pki_dir, port=port, token=token, version=version, indirect=indirect)
 
     def _term(signum, frame):
         raise KeyboardInterrupt
@@ -1017,4 +1267,6 @@ def run_eim(pki_dir, *, port: int = 0, token: str | None = None, version: str = 
         pass
     finally:
         server.httpd.server_close()
+        if server.eim.relay is not None:
+            server.eim.relay.close()
         server.store.close()
