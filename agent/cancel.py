@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 from .errors import AgentError
 
@@ -44,6 +45,7 @@ class CancelToken:
         self._event = threading.Event()
         self.reason: str | None = None
         self.deadline = deadline        # time.monotonic() value, or None
+        self._holds = 0                 # > 0: inside held(), a request waits until the step is over
 
     def cancel(self, reason: str = "cancelled") -> None:
         if not self._event.is_set():
@@ -52,12 +54,30 @@ class CancelToken:
 
     @property
     def cancelled(self) -> bool:
+        if self._holds:
+            return False
         if self._event.is_set():
             return True
         if self.deadline is not None and time.monotonic() >= self.deadline:
             self.cancel("deadline")
             return True
         return False
+
+    @contextmanager
+    def held(self):
+        """A step that must not be cut: a cancel request made meanwhile takes effect after it.
+        For commit points, where stopping half-way would lose the only record of what the
+        other side did (the last LoadBoundProfilePackage segment: the eUICC installs on it,
+        and its ProfileInstallationResult is the answer we would drop)."""
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+
+    def requested(self) -> bool:
+        """Whether a cancel was asked for, also inside held()."""
+        return self._event.is_set()
 
     def check(self, detail: str = "") -> None:
         """Raise Cancelled if the token was cancelled (or its deadline passed)."""

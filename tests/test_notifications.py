@@ -473,7 +473,7 @@ def test_daemon_waits_for_the_back_off_and_does_not_count_it_as_a_failure(tmp_pa
 
     from agent.daemon import main as dmain
     d = dmain.Daemon.__new__(dmain.Daemon)
-    d.next_notifications, d.notif_failures = None, 0
+    d.next_notifications, d.notif_failures, d.ipa = None, 0, None   # no [eim]: no IPA schedule
     later = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=900)).isoformat(timespec="milliseconds")
     d.snapshot = {"outbox_pending": 1, "notifications_on_card": 1, "outbox_retry_at": later}
     d._after_snapshot()

@@ -15,6 +15,8 @@ answer) and the error names the failed step.
 """
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -357,7 +359,7 @@ class Downloader:
         return DownloadError(step, Es10Error(step, name, code, _refusal_hint(name)))
 
     def _load(self, bpp: bytes, meta: ProfileMetadata) -> DownloadResult:
-        from ..es8p import BPP_COMMAND_NAMES, ERROR_REASON_NAMES, split_bpp
+        from ..es8p import split_bpp
         o = self.opts
         commands = split_bpp(bpp)
         total = sum(len(c) for c in commands)
@@ -365,7 +367,7 @@ class Downloader:
         pir_raw = b""
         self._record("loading", transaction_id=self.txid, iccid=meta.iccid)
         self._progress("loading profile", 0, total)
-        for cmd in commands:
+        for cmd in commands[:-1]:
             resp = self.es10.call_raw(cmd, what="LoadBoundProfilePackage", timeout=o.long_timeout)
             done += len(cmd)
             self._progress("loading profile", done, total)
@@ -373,6 +375,18 @@ class Downloader:
                 # SGP.22 §2.5.5: a ProfileInstallationResult may come early (on error); stop there.
                 pir_raw = resp
                 break
+        # The last segment is the commit point (SGP.22 §2.5.5): the eUICC installs on it. A cancel
+        # from here on would drop its ProfileInstallationResult and report "cancelled" for a
+        # profile that is on the card, so it waits until the result is read.
+        with o.cancel.held() if o.cancel is not None else contextlib.nullcontext():
+            if not pir_raw and commands:
+                pir_raw = self.es10.call_raw(commands[-1], what="LoadBoundProfilePackage", timeout=o.long_timeout)
+                self._progress("loading profile", total, total)
+            return self._installed(pir_raw, meta, total)
+
+    def _installed(self, pir_raw: bytes, meta: ProfileMetadata, total: int) -> DownloadResult:
+        """Read the ProfileInstallationResult of a loaded package."""
+        from ..es8p import BPP_COMMAND_NAMES, ERROR_REASON_NAMES
         if not pir_raw:
             # Some modem paths lose the last answer: the profile may be installed with its
             # result pending as a notification (the caller processes notifications).
