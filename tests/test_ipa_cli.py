@@ -364,52 +364,13 @@ def test_status_renders_the_eim_lines():
 # through its socket; the eIM's REST API is what tells whether the IPA did its work.
 
 import shutil  # noqa: E402
-import ssl  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from conftest import time_limit  # noqa: E402
-from test_daemon import REPO, World, _env  # noqa: E402
-
-EIM_TOKEN = "eim-test-token"
-
-
-class LocalEim:
-    """`esim-agent sim eim` in a subprocess; ``api()`` calls its REST API (the test does not
-    check the eIM's TLS certificate: what it looks at is the API, the agent checks TLS)."""
-
-    def __init__(self, pki: Path, log: Path):
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "sim", "eim", "--pki", str(pki), "--port", "0",
-                                      "--token", EIM_TOKEN], cwd=REPO, env=_env(), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
-        line = self.proc.stdout.readline()
-        assert "listening on https://127.0.0.1:" in line, f"the local eIM did not start: {line!r} {log.read_text()}"
-        self.port = int(line.split("https://127.0.0.1:")[1].split()[0].rstrip(";"))
-
-    def api(self, method: str, path: str, body=None):
-        ctx = ssl.create_default_context()
-        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        req = urllib.request.Request(f"https://127.0.0.1:{self.port}{path}", method=method,
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Authorization": f"Bearer {EIM_TOKEN}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
-            return json.loads(r.read())
-
-    def euicc(self, eid: str) -> dict | None:
-        found = self.api("GET", f"/api/v1/euicc?q=eid:{eid}")
-        return self.api("GET", f"/api/v1/euicc/{found[0]['id']}") if found else None
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+from iot_testbed import LocalEim  # noqa: E402
+from iot_testbed import wait_for as _wait  # noqa: E402
+from test_daemon import World  # noqa: E402
 
 
 def _iot_world(name: str, *, eim_lines: list[str], network=(), config=None):
@@ -427,17 +388,6 @@ def _iot_world(name: str, *, eim_lines: list[str], network=(), config=None):
               config={"ca_bundle": str(pki / "ci.pem"), "rollback_after": 15, **(config or {})})
     w.cfg.write_text(w.cfg.read_text() + "[eim]\n" + "\n".join(x.format(pki=pki) for x in eim_lines) + "\n")
     return w, eim, pki, iccids
-
-
-def _wait(pred, timeout: float, what: str, world=None):
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"{what} within {timeout} s\n{world.log_tail() if world else ''}")
-        time.sleep(0.2)
 
 
 def _teardown(w, eim):
