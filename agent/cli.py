@@ -13,22 +13,83 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-from typing import Any, Callable
 
 from .errors import AgentError, UsageError
 
+TYPE_CHECKING = False       # typing itself is not imported at run time (a few ms at every start)
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, with the terminal's width found without importing shutil
+    (with bz2 and lzma, a few ms at every start; the width is the one shutil would give)."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        if width is None:
+            width = _terminal_columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def _terminal_columns() -> int:
+    """shutil.get_terminal_size().columns: $COLUMNS, else stdout's terminal, else 80."""
+    import os
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of printing and exiting,
     so ``--json`` callers still get one JSON document."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _SubParsers)
+
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+#: While build_parser(group, leaf) runs: (the group's prog, the one action to build under it).
+_ONLY_LEAF: tuple[str, str] | None = None
+
+
+class _SubParsers(argparse._SubParsersAction):
+    """Sub-commands; under ``_ONLY_LEAF``'s group, only its action is built (the others get a
+    stand-in that takes the same calls and builds nothing)."""
+
+    def add_parser(self, name, **kwargs):
+        if _ONLY_LEAF is not None and self._prog_prefix == _ONLY_LEAF[0] and name != _ONLY_LEAF[1]:
+            return _NotBuilt()
+        return super().add_parser(name, **kwargs)
+
+
+class _NotBuilt:
+    """A sub-command parser left out of this run's tree: every builder call is a no-op."""
+
+    required = False
+
+    def __getattr__(self, name):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def __setattr__(self, name, value) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------- output
@@ -178,8 +239,17 @@ def _tracer():
 def _through_daemon(args) -> bool:
     if getattr(args, "direct", False) or args.sim:
         return False
-    from .daemon.client import daemon_answers
-    return daemon_answers(args.config)
+    known = getattr(args, "_daemon_answers", None)
+    if known is None:
+        import os
+        from .config import DEFAULT_SOCKET
+        if not os.path.exists(getattr(args.config, "socket", None) or DEFAULT_SOCKET):
+            known = False               # no socket file, no daemon (and no socket module to import)
+        else:
+            from .daemon.client import daemon_answers
+            known = daemon_answers(args.config)
+        args._daemon_answers = known
+    return known
 
 
 def execute(args, out: "Output", op: str, params: dict, *, prepare=None) -> dict:
@@ -194,7 +264,19 @@ def execute(args, out: "Output", op: str, params: dict, *, prepare=None) -> dict
     return _direct(args, out, op, params, prepare)
 
 
+def _configure_logging(args) -> None:
+    """Log records on stderr, at WARNING (-v INFO, -vv DEBUG). A command answered by the
+    daemon's socket never needs it (and skips importing logging)."""
+    import logging
+    if getattr(args, "_logging_done", False):
+        return
+    args._logging_done = True
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
 def _direct(args, out, op, params, prepare) -> dict:
+    _configure_logging(args)
     from . import ops
     from .ops.card import Card
     ctx = context(args, out, args.cancel)
@@ -877,13 +959,31 @@ def _leaves(p: argparse.ArgumentParser):
             yield from _leaves(child)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, leaf: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser: the whole tree, or with ``only`` the top level with just
+    that command group under it, and with ``leaf`` just that action of the group (what a run
+    needs: building every group's parsers, and importing the modules that define them, costs
+    more than some commands take to run)."""
+    global _ONLY_LEAF
     p = _Parser(prog="esim-agent", description="Device-side eSIM agent: the SGP.22 LPA over a modem's AT port, with a simulated test bed.")
     _add_global_options(p)
 
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    _ONLY_LEAF = (f"{p.prog} {only}", leaf) if only is not None and leaf is not None else None
+    try:
+        for name, add in _GROUPS.items():
+            if only is None or name == only:
+                add(sub)
+    finally:
+        _ONLY_LEAF = None
+    for leaf in _leaves(p):
+        if leaf is not p:
+            _add_global_options(leaf, suppress=True)
+    return p
 
+
+def _add_chip_parsers(sub) -> None:
     chip = sub.add_parser("chip", help="the eUICC itself").add_subparsers(dest="sub", metavar="ACTION", parser_class=_Parser)
     chip.required = True
     chip.add_parser("info", help="EID, EUICCInfo2, configured addresses").set_defaults(func=cmd_chip_info)
@@ -894,6 +994,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--yes", action="store_true")
     c.set_defaults(func=cmd_chip_reset)
 
+
+def _add_profile_parsers(sub) -> None:
     prof = sub.add_parser("profile", help="installed profiles").add_subparsers(dest="sub", metavar="ACTION", parser_class=_Parser)
     prof.required = True
     prof.add_parser("list", help="list installed profiles").set_defaults(func=cmd_profile_list)
@@ -921,6 +1023,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_profile_nickname)
     _add_download_parser(prof)
 
+
+def _add_notification_parsers(sub) -> None:
     notif = sub.add_parser("notification", help="pending notifications").add_subparsers(dest="sub", metavar="ACTION", parser_class=_Parser)
     notif.required = True
     c = notif.add_parser("list", help="list pending notifications (on the eUICC and in the outbox)")
@@ -938,22 +1042,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_notification_drop)
     _add_notification_process_parser(notif)
 
+
+def _add_status_parser(sub) -> None:
     c = sub.add_parser("status", help="daemon, modem, eUICC, profiles, jobs and outbox at a glance")
     c.set_defaults(func=cmd_status)
+
+
+def _add_sync_parser(sub) -> None:
     c = sub.add_parser("sync", help="ask the default SM-DP+ whether a profile waits for this eUICC; install it")
     _server_args(c)
     c.set_defaults(func=cmd_sync)
+
+
+def _add_daemon_parser(sub) -> None:
     c = sub.add_parser("daemon", help="run the gateway service in the foreground (systemd supervises it)")
     c.set_defaults(func=cmd_daemon)
-
-    _add_ipa_parsers(sub)
-    _add_sim_parsers(sub)
-    _add_bench_parsers(sub)
-    _add_demo_parser(sub)
-    for leaf in _leaves(p):
-        if leaf is not p:
-            _add_global_options(leaf, suppress=True)
-    return p
 
 
 def _server_args(p) -> None:
@@ -1000,6 +1103,64 @@ def _add_bench_parsers(sub) -> None:
 def _add_demo_parser(sub) -> None:
     from . import demo
     demo.add_parser(sub)
+
+
+#: Commands that run as a job of the daemon when one answers (execute()): the CLI then only
+#: sends the request and prints the answer, without logging's set-up.
+_SOCKET_COMMANDS = frozenset((
+    cmd_chip_info, cmd_chip_set_default_dp, cmd_chip_reset, cmd_profile_list, cmd_profile_enable,
+    cmd_profile_disable, cmd_profile_delete, cmd_profile_nickname, cmd_profile_download,
+    cmd_notification_list, cmd_notification_remove, cmd_notification_drop, cmd_notification_process,
+    cmd_ipa_add_eim, cmd_ipa_list_eim, cmd_ipa_poll, cmd_ipa_status, cmd_ipa_return_from_fallback))
+
+#: The command groups, in the order --help lists them.
+_GROUPS = {"chip": _add_chip_parsers, "profile": _add_profile_parsers, "notification": _add_notification_parsers,
+           "status": _add_status_parser, "sync": _add_sync_parser, "daemon": _add_daemon_parser,
+           "ipa": _add_ipa_parsers, "sim": _add_sim_parsers, "bench": _add_bench_parsers, "demo": _add_demo_parser}
+
+#: Options of the top level that take a value (``--device PATH``); the others are flags.
+_GLOBAL_VALUED = frozenset(("--device", "--sim", "--transport", "--aid", "--timeout", "--long-timeout", "--baud",
+                            "--segment-size", "--config"))
+_GLOBAL_FLAGS = frozenset(("--direct", "--json", "--verbose", "--trace"))
+
+
+def _group_of(argv: list[str]) -> tuple[str, str | None] | None:
+    """The command group a command line names, and its action, when that is certain: the first
+    word after the top level's own options, and the word right after it (None when an option
+    follows). None (build the whole tree) for help, abbreviated or unknown options, or
+    anything else argparse might read differently."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-h", "--help") or a == "--":
+            return None
+        if not a.startswith("-") or a == "-":
+            if a not in _GROUPS or any(x in ("-h", "--help") for x in argv[i + 1:]):
+                return None
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            return a, (nxt if nxt and not nxt.startswith("-") else None)
+        flag, eq, _ = a.partition("=")
+        if flag in _GLOBAL_VALUED:
+            i += 1 if eq else 2
+        elif flag in _GLOBAL_FLAGS and not eq:
+            i += 1
+        elif a.startswith("-v") and a[1:] == "v" * (len(a) - 1):
+            i += 1
+        else:
+            return None
+    return None
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """argv parsed with only the named command group's parsers when that suffices; the whole
+    tree otherwise, and for every error, so messages and usage lines are the whole tree's."""
+    named = _group_of(argv)
+    if named is not None:
+        try:
+            return build_parser(*named).parse_args(argv)
+        except UsageError:
+            pass
+    return build_parser().parse_args(argv)
 
 
 def _install_signals(token) -> dict:
@@ -1060,13 +1221,13 @@ def main(argv: list[str] | None = None) -> int:
     previous = {}
     verbose = 0
     try:
-        args = _daemon_args(argv) or build_parser().parse_args(argv)
+        args = _daemon_args(argv) or parse_args(argv)
         out = Output(args.json)
         verbose = args.verbose
-        logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), stream=sys.stderr,
-                            format="%(levelname)s %(name)s: %(message)s")
         from . import config
         args.config = config.load(args.config_path)
+        if not (args.func in _SOCKET_COMMANDS and _through_daemon(args)):
+            _configure_logging(args)        # a job the daemon runs logs there, not here
         args.cancel = token
         if args.func is not cmd_daemon:      # the daemon handles its own signals
             previous = _install_signals(token)

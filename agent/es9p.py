@@ -40,19 +40,14 @@ import datetime as _dt
 import json
 import logging
 import re
-import socket
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Callable
-
-import requests
-import urllib3.exceptions as u3
 
 from . import tlv
 from .errors import AgentError, InputError, ProtocolError, ServerError, TimeoutError_, TransportError, UsageError
-from .httpdeadline import DeadlineWatch, WatchedAdapter
-from .tls import TlsError, Trust, load_trust, make_session, map_ssl_error, walk_exception as _walk
+from .httpdeadline import ConnectFailed, DeadlineWatch, HttpFailure
+from .tls import TlsError, Trust, load_trust, make_session, map_ssl_error
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +67,39 @@ OK_STATUSES = ("Executed-Success", "Executed-WithWarning")
 _IDEMPOTENT = {"initiateAuthentication", "handleNotification"}
 
 
+_USER_AGENT: str | None = None
+
+
+def _installed_version() -> str | None:
+    """The installed distribution's version, from its ``esim_agent-VERSION.dist-info`` directory
+    name (what importlib.metadata reads too, without its ~25 ms import on a download's path)."""
+    import os
+    import sys
+    for d in sys.path:
+        try:
+            names = os.listdir(d or ".")
+        except OSError:
+            continue
+        for n in names:
+            if n.startswith("esim_agent-") and n.endswith(".dist-info"):
+                return n[len("esim_agent-"):-len(".dist-info")]
+    return None
+
+
 def _user_agent() -> str:
-    try:
-        ver = metadata.version("esim-agent")
-    except metadata.PackageNotFoundError:  # running from a source tree
-        ver = "dev"
-    # "gsma-rsp-lpad" first: it is what SM-DP+ deployments see from LPAs (docs/protocol.md §3.1).
-    return f"gsma-rsp-lpad esim-agent/{ver}"
+    """Looked up once per process."""
+    global _USER_AGENT
+    if _USER_AGENT is None:
+        ver = _installed_version()
+        if ver is None:
+            from importlib import metadata
+            try:
+                ver = metadata.version("esim-agent")
+            except metadata.PackageNotFoundError:  # running from a source tree
+                ver = "dev"
+        # "gsma-rsp-lpad" first: it is what SM-DP+ deployments see from LPAs (docs/protocol.md §3.1).
+        _USER_AGENT = f"gsma-rsp-lpad esim-agent/{ver}"
+    return _USER_AGENT
 
 
 # --- results ---------------------------------------------------------------------
@@ -286,12 +307,15 @@ def _with_attempts(err: Exception, attempts: int, *, deadline: float | None = No
 
 class Es9pClient:
     """One SM-DP+ (one address).  Reuse the instance for a whole download: keep-alive
-    keeps a single TLS connection across the four calls."""
+    keeps a single TLS connection across the four calls.
+
+    ``session`` is accepted for callers of the former requests-based client and not used:
+    the client always has its own connection (verified against ``trust`` only)."""
 
     #: What the messages call the server (eim_client.EimClient reuses the HTTP machinery).
     server_kind = "SM-DP+"
 
-    def __init__(self, address: str, *, session: requests.Session | None = None, ca=None,
+    def __init__(self, address: str, *, session=None, ca=None,
                  config_ca=None, insecure_http: bool = False, timeout=DEFAULT_TIMEOUT,
                  trust: Trust | None = None, retries: int = 2, backoff: float = 0.5,
                  narrow_trust: bool = True, sleep: Callable[[float], None] = time.sleep,
@@ -324,9 +348,7 @@ class Es9pClient:
             self.trust = trust or load_trust(ca, config_ca=config_ca, clock=clock)
             if clock is not None:
                 self.trust.clock = clock
-        self._own_session = session is None
-        self.session = session or requests.Session()
-        self._mount()
+        self.session = make_session(self.trust)
 
     # -- setup --
     @staticmethod
@@ -349,16 +371,6 @@ class Es9pClient:
             raise UsageError(f"SM-DP+ address {address!r} is not a host name or host:port", code="bad_address")
         return a
 
-    def _mount(self) -> None:
-        if self.trust is None:      # plain HTTP (test servers): its connections obey the deadline too
-            self.session.mount(self.base_url + "/", WatchedAdapter())
-        if self.trust is not None:
-            prefix = self.base_url + "/"
-            old = self.session.adapters.get(prefix)
-            make_session(self.trust, session=self.session, prefix=prefix)
-            if old is not None:
-                old.close()  # its pooled connection was verified against the previous CI set
-
     def narrow_to(self, ci_pkids) -> None:
         """Trust only the CIs the eUICC lists for verification (falls back with a warning)."""
         if self.trust is None:
@@ -366,11 +378,11 @@ class Es9pClient:
         narrowed = self.trust.for_euicc(ci_pkids)
         if narrowed is not self.trust:
             self.trust = narrowed
-            self._mount()
+            self.session.close()     # a kept connection was verified against the previous CI set
+            self.session = make_session(self.trust)
 
     def close(self) -> None:
-        if self._own_session:
-            self.session.close()
+        self.session.close()
 
     def __enter__(self):
         return self
@@ -387,56 +399,44 @@ class Es9pClient:
         return {"Content-Type": "application/json", "Accept": "application/json",
                 "X-Admin-Protocol": ADMIN_PROTOCOL, "User-Agent": self.user_agent}
 
-    @staticmethod
-    def _before_send(exc: BaseException) -> bool:
-        """True if the failure certainly happened before the request reached the server."""
-        if isinstance(exc, requests.exceptions.ConnectTimeout):
-            return True
-        chain = list(_walk(exc))
-        if any(isinstance(e, (u3.ReadTimeoutError, u3.ProtocolError)) for e in chain):
-            return False
-        return any(isinstance(e, (u3.NewConnectionError, u3.NameResolutionError, socket.gaierror,
-                                  ConnectionRefusedError)) for e in chain)
-
-    def _map_exception(self, exc: BaseException, function: str, *, connected: bool = True) -> Exception:
+    def _map_exception(self, exc: HttpFailure, function: str, *, connected: bool = True) -> Exception:
+        """An HttpFailure (httpdeadline.py) as the error the caller reports; ``stage`` says
+        where it happened: dns, tcp, tls (nothing sent), send, answer, body."""
+        import ssl
         where = f"{self.server_kind} {self.address}"
-        chain = list(_walk(exc))
-        details = {"function": function, "address": self.address, "error": str(exc)[:300]}
-        timed_out = isinstance(exc, requests.exceptions.Timeout) or any(
-            isinstance(e, u3.ReadTimeoutError) or (isinstance(e, u3.ConnectTimeoutError)
-                                                   and not isinstance(e, u3.NewConnectionError)) for e in chain)
-        if timed_out and not connected and self.trust is not None and not isinstance(
-                exc, requests.exceptions.ConnectTimeout):
+        cause, stage = exc.cause, exc.stage
+        details = {"function": function, "address": self.address, "error": str(cause)[:300]}
+        if exc.timed_out and stage == "tls":
             # TCP is up but the server never completes the TLS handshake: nothing was sent.
             return TimeoutError_(f"the TLS handshake with {where} did not complete within {self.timeout[0]:g} s "
                                  f"({function}); check the address and port, and the network",
                                  code="connect_timeout", details=details)
-        if isinstance(exc, requests.exceptions.SSLError) or any(isinstance(e, TlsError) for e in chain):
+        if isinstance(cause, ssl.SSLError) and stage != "body":
             return map_ssl_error(exc, self.host, self.trust.source if self.trust else "the CI bundle")
-        if isinstance(exc, requests.exceptions.ConnectTimeout):
+        if exc.timed_out and stage in ("dns", "tcp"):
             return TimeoutError_(f"could not connect to {where} within {self.timeout[0]:g} s ({function}); "
                                  "check the network connection", code="connect_timeout", details=details)
-        if isinstance(exc, requests.exceptions.ReadTimeout) or any(
-                isinstance(e, u3.ReadTimeoutError) for e in chain):
+        if exc.timed_out:
             hint = ("" if function in _IDEMPOTENT else
                     "; it was not resent because the server may already have acted on it")
             return TimeoutError_(f"{where} did not answer {function} within {self.timeout[1]:g} s{hint}",
                                  code="read_timeout", details=details)
-        if any(isinstance(e, (u3.NameResolutionError, socket.gaierror)) for e in chain):
+        if stage == "dns":
             return TransportError(f"cannot resolve {self.host} (DNS) for {function}; check the SM-DP+ address "
                                   "and the DNS configuration", code="dns_failure", details=details)
-        if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        if stage == "tcp" and isinstance(cause, ConnectionRefusedError):
             return TransportError(f"{where} refused the connection ({function}); check the address and port",
                                   code="connection_refused", details=details)
-        if any(isinstance(e, u3.NewConnectionError) for e in chain):
-            return TransportError(f"cannot connect to {where} ({function}): {exc}", code="connection_failed",
+        if stage in ("tcp", "tls"):
+            return TransportError(f"cannot connect to {where} ({function}): {cause}", code="connection_failed",
                                   details=details)
-        if isinstance(exc, requests.exceptions.ConnectionError):
-            return TransportError(f"the connection to {where} dropped during {function}", code="connection_lost",
+        import http.client
+        if isinstance(cause, http.client.HTTPException) and not isinstance(
+                cause, (ConnectionError, http.client.IncompleteRead)):
+            # not HTTP at all (a bad status line, oversized or malformed headers)
+            return TransportError(f"HTTP request {function} to {where} failed: {cause!r}", code="http_failed",
                                   details=details)
-        if isinstance(exc, requests.exceptions.InvalidURL):
-            return UsageError(f"invalid SM-DP+ address {self.address!r}: {exc}", code="bad_address")
-        return TransportError(f"HTTP request {function} to {where} failed: {exc}", code="http_failed",
+        return TransportError(f"the connection to {where} dropped during {function}", code="connection_lost",
                               details=details)
 
     def _post(self, function: str, body: dict) -> tuple[int, bytes]:
@@ -461,34 +461,37 @@ class Es9pClient:
             attempt += 1
             answered = False          # the status line and headers arrived
             with DeadlineWatch(left) as watch:
+                resp = None
                 try:
-                    resp = self.session.post(url, data=data, headers=headers, allow_redirects=False,
-                                             stream=True, timeout=(min(self.timeout[0], left),
-                                                                   min(self.timeout[1], left)))
+                    resp = self.session.request("POST", url, data, headers,
+                                                connect_timeout=min(self.timeout[0], left),
+                                                read_timeout=min(self.timeout[1], left))
                     answered = True
                     try:
                         content = self._read_body(resp, function, watch)
                     finally:
-                        resp.close()
+                        self.session.release(resp)
                     if watch.fired:   # a cut connection can look like the end of a body
                         raise _DeadlinePassed()
-                    log.debug("%s -> HTTP %s, %d bytes, %.2f s", function, resp.status_code, len(content),
+                    log.debug("%s -> HTTP %s, %d bytes, %.2f s", function, resp.status, len(content),
                               time.monotonic() - t0)
-                    return resp.status_code, content
+                    return resp.status, content
                 except _DeadlinePassed:
+                    self.session.close()
                     raise self._deadline_error(function, attempt, watch, answered) from None
                 except TlsError:
                     if watch.fired:
                         raise self._deadline_error(function, attempt, watch, answered) from None
                     raise
-                except requests.exceptions.RequestException as e:
+                except HttpFailure as e:
                     if watch.fired or time.monotonic() >= end:
                         raise self._deadline_error(function, attempt, watch, answered) from None
                     # Not connected yet (DNS, refused, connect or TLS handshake time-out): the
-                    # request never left, so any function may go again.
-                    sent_maybe = watch.connected and not self._before_send(e)
+                    # request never left, so any function may go again. A TLS refusal is final.
+                    import ssl
+                    sent_maybe = not isinstance(e, ConnectFailed)
                     retry_ok = not sent_maybe or (function in _IDEMPOTENT and not
-                                                  isinstance(e, requests.exceptions.SSLError))
+                                                  isinstance(e.cause, ssl.SSLError))
                     err = self._map_exception(e, function, connected=watch.connected)
                     delay = self.backoff * (2 ** (attempt - 1))
                     if isinstance(err, (TlsError, UsageError)) or not retry_ok or attempt > self.retries:
@@ -517,20 +520,12 @@ class Es9pClient:
                              code="connect_timeout", details=details)
 
     def _read_body(self, resp, function: str, watch: DeadlineWatch) -> bytes:
-        # read1() returns whatever has arrived (urllib3 >= 2), so the deadline is checked
-        # between small reads instead of after a 64 KiB block that may never fill; the
-        # watch cuts a read that waits past it.
-        import urllib3
-        raw = resp.raw
-        read = getattr(raw, "read1", None) or (lambda n: raw.read(min(n, 4096)))
+        # read1() returns whatever has arrived, so the deadline is checked between small reads
+        # instead of after a 64 KiB block that may never fill; the watch cuts a read that
+        # waits past it.
         buf = bytearray()
         while True:
-            try:
-                chunk = read(65536)
-            except urllib3.exceptions.ReadTimeoutError as e:
-                raise requests.exceptions.ReadTimeout(e) from None
-            except urllib3.exceptions.HTTPError as e:
-                raise requests.exceptions.ConnectionError(e) from None
+            chunk = self.session.read1(resp, 65536)
             if watch.fired or watch.left < 0:
                 raise _DeadlinePassed()
             if not chunk:

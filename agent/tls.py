@@ -29,10 +29,10 @@ A clearly unset clock (year < 2024, or before every trusted CI's notBefore)
 is refused up front (``clock_unset``): with such a clock every validity check
 is meaningless and OpenSSL's errors would mislead.
 
-requests does not expose the peer certificate, so the role check lives in a
-small urllib3 connection subclass installed by ``TrustAdapter``; one
-``requests.Session`` built by ``make_session`` keeps one TLS connection alive
-across the four ES9+ calls of a download.
+The role check runs in httpdeadline.HttpSession right after each handshake (``check_peer``);
+one session built by ``make_session`` keeps one TLS connection alive across the four ES9+
+calls of a download. It is the standard library's http.client and ssl: requests and urllib3
+cost a fresh CLI process ~0.1 s of CPU and several MB to import, for nothing we use.
 """
 from __future__ import annotations
 
@@ -41,22 +41,16 @@ import hashlib
 import logging
 import os
 import ssl
-import tempfile
 import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import requests
 from cryptography import x509
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPSConnection
-from urllib3.connectionpool import HTTPSConnectionPool
 
 from . import crypto
 from .errors import TransportError
-from .httpdeadline import WatchedConnectionMixin, WatchedHTTPConnectionPool
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +203,10 @@ class Trust:
 
     # -- OpenSSL material --
     def bundle_path(self) -> str:
-        """A private PEM file holding exactly our CIs (requests' ``verify=``)."""
+        """A private PEM file holding exactly our CIs (for tools that take a CA file name)."""
         with self._lock:
             if self._bundle is None or not os.path.exists(self._bundle):
+                import tempfile
                 fd, path = tempfile.mkstemp(prefix="esim-agent-ci-", suffix=".pem")  # 0600
                 with os.fdopen(fd, "wb") as f:
                     f.write(self.pem())
@@ -287,69 +282,16 @@ def load_trust(ca: str | os.PathLike | None = None, *, config_ca: str | os.PathL
                      "verified (verification is never switched off). " + INSTALL_HINT, code="no_trusted_ci")
 
 
-# --- requests / urllib3 plumbing ----------------------------------------------
+# --- the HTTP session -----------------------------------------------------------
 
-class _RspHTTPSConnection(WatchedConnectionMixin, HTTPSConnection):
-    """HTTPSConnection that applies Trust.check_peer right after the handshake (and whose
-    socket obeys the caller's one deadline, httpdeadline.py)."""
-
-    rsp_trust: Trust | None = None
-
-    def connect(self) -> None:
-        super().connect()
-        if self.rsp_trust is not None:
-            host = self._tunnel_host or self.host
-            try:
-                self.rsp_trust.check_peer(self.sock.getpeercert(binary_form=True), host)
-            except BaseException:
-                self.close()
-                raise
-
-
-def _pool_classes(trust: Trust) -> dict:
-    conn_cls = type("RspHTTPSConnection", (_RspHTTPSConnection,), {"rsp_trust": trust})
-    pool_cls = type("RspHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": conn_cls})
-    return {"http": WatchedHTTPConnectionPool, "https": pool_cls}
-
-
-class TrustAdapter(HTTPAdapter):
-    """requests adapter: our CIs only, TLS >= 1.2, SNI, role check; ``verify`` cannot be turned off."""
-
-    def __init__(self, trust: Trust, **kw):
-        self.trust = trust
-        super().__init__(**kw)
-
-    def init_poolmanager(self, *args, **kw):
-        kw["ssl_context"] = self.trust.ssl_context()
-        super().init_poolmanager(*args, **kw)
-        self.poolmanager.pool_classes_by_scheme = _pool_classes(self.trust)
-
-    def proxy_manager_for(self, proxy, **proxy_kwargs):
-        if not proxy.lower().startswith("socks"):
-            proxy_kwargs.setdefault("ssl_context", self.trust.ssl_context())
-        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        manager.pool_classes_by_scheme = _pool_classes(self.trust)
-        return manager
-
-    def send(self, request, **kw):
-        # Whatever the caller passed (verify=False, REQUESTS_CA_BUNDLE…), verify against our CIs only.
-        kw["verify"] = self.trust.bundle_path()
-        return super().send(request, **kw)
-
-    def __getstate__(self):  # pragma: no cover - requests pickles adapters only on request
-        raise TypeError("TrustAdapter cannot be pickled")
-
-
-def make_session(trust: Trust | None, *, session: requests.Session | None = None,
-                 prefix: str = "https://") -> requests.Session:
-    """A Session whose ``prefix`` URLs go through a TrustAdapter (keep-alive reused).
-
-    ``trust=None`` returns a plain session (only for insecure_http test use).
-    """
-    s = session or requests.Session()
-    if trust is not None:
-        s.mount(prefix, TrustAdapter(trust))
-    return s
+def make_session(trust: Trust | None):
+    """An httpdeadline.HttpSession verifying against ``trust``: our CIs only (never the system
+    store, whatever the environment says), TLS >= 1.2, SNI, the role check after the handshake;
+    one kept-alive connection. ``trust=None``: plain http:// only (insecure_http test use)."""
+    from .httpdeadline import HttpSession
+    if trust is None:
+        return HttpSession()
+    return HttpSession(trust.ssl_context(), trust.check_peer)
 
 
 # --- error mapping -----------------------------------------------------------
@@ -363,7 +305,8 @@ def walk_exception(exc: BaseException):
             continue
         seen.add(id(e))
         yield e
-        for nxt in (getattr(e, "reason", None), e.__cause__, e.__context__, *getattr(e, "args", ())):
+        for nxt in (getattr(e, "cause", None), getattr(e, "reason", None), e.__cause__, e.__context__,
+                    *getattr(e, "args", ())):
             if isinstance(nxt, BaseException):
                 todo.append(nxt)
 
@@ -375,7 +318,7 @@ _HOSTNAME, _IP, _EMAIL = 62, 64, 63
 
 
 def map_ssl_error(exc: BaseException, host: str, ca_source: str = "the trusted CI bundle") -> TlsError:
-    """Turn an ssl/urllib3/requests TLS failure into a TlsError saying what to fix."""
+    """Turn an ssl failure (or an httpdeadline.HttpFailure wrapping one) into a TlsError saying what to fix."""
     for e in walk_exception(exc):
         if isinstance(e, TlsError):
             return e

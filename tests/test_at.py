@@ -277,3 +277,76 @@ def test_port_lost_error_is_a_transport_error():
     e = PortLostError("gone")
     assert isinstance(e, TransportError) and e.code == "port_lost" and e.exit_code == 3
     assert Reply("AT", [], [], []).echoed is False                     # set by AtPort.command
+
+
+# --------------------------------------------------------------------------- read_iccid's fallbacks
+
+class _ScriptedPort:
+    """A port whose commands answer from a script: final result code (or lines, then OK)."""
+
+    def __init__(self, answers: dict):
+        self.answers = answers
+        self.sent: list[str] = []
+
+    def command(self, cmd, *, prefix=None, bare=None, timeout=None, resync=True):
+        from agent.transport.at import Reply, error_from_final
+        self.sent.append(cmd)
+        a = self.answers.get(cmd, "ERROR")
+        if isinstance(a, list):
+            return Reply(command=cmd, lines=[x[len(prefix):].strip() for x in a if prefix and x.startswith(prefix)],
+                         bare=[x for x in a if not (prefix and x.startswith(prefix))], urcs=[], final="OK")
+        raise error_from_final(cmd, a)
+
+
+@pytest.mark.parametrize("final", ["+CME ERROR: 10", "+CME ERROR: 11", "+CME ERROR: 12", "+CME ERROR: 13",
+                                   "+CME ERROR: 14", "+CME ERROR: 15", "+CME ERROR: SIM not inserted",
+                                   '+CME ERROR: "SIM PIN required"', "+CME ERROR: sim busy"])
+def test_read_iccid_stops_at_a_sim_state_error(final):
+    from agent.transport.at import read_iccid
+    port = _ScriptedPort({"AT+CCID": final, "AT+QCCID": ["+QCCID: 8944476500001224158"]})
+    assert read_iccid(port) is None
+    assert port.sent == ["AT+CCID"]             # AT+QCCID / AT+ICCID would say the same: not sent
+
+
+@pytest.mark.parametrize("final", ["ERROR", "+CME ERROR: 3", "+CME ERROR: 4", "+CME ERROR: 100",
+                                   "+CME ERROR: operation not supported", "COMMAND NOT SUPPORT"])
+def test_read_iccid_falls_back_when_the_command_is_unknown(final):
+    from agent.transport.at import read_iccid
+    port = _ScriptedPort({"AT+CCID": final, "AT+QCCID": ["+QCCID: 8944476500001224158F"]})
+    assert read_iccid(port) == "8944476500001224158"
+    assert port.sent == ["AT+CCID", "AT+QCCID"]
+    port = _ScriptedPort({"AT+CCID": final, "AT+QCCID": final, "AT+ICCID": ["+ICCID: 89444765000012241580"]})
+    assert read_iccid(port) == "89444765000012241580"
+    assert port.sent == ["AT+CCID", "AT+QCCID", "AT+ICCID"]
+
+
+def test_read_iccid_first_answer_wins_and_no_sim_everywhere_is_none():
+    from agent.transport.at import read_iccid
+    port = _ScriptedPort({"AT+CCID": ["+CCID: 8944476500001224158"]})
+    assert read_iccid(port) == "8944476500001224158" and port.sent == ["AT+CCID"]
+    port = _ScriptedPort({"AT+CCID": ["8944476500001224158"]})        # a bare line, no prefix
+    assert read_iccid(port) == "8944476500001224158"
+    port = _ScriptedPort({})                                           # ERROR to all three
+    assert read_iccid(port) is None and port.sent == ["AT+CCID", "AT+QCCID", "AT+ICCID"]
+
+
+def test_read_iccid_on_the_simulated_modem_without_a_sim_sends_one_command():
+    """Through the simulated modem's own logic: no SIM, CMEE=1 (as start() leaves it) -> CME 10."""
+    from agent.transport.at import Reply, error_from_final, read_iccid
+    card = FakeEuicc()
+    m = ModemLogic(card)
+    m.handle("AT+CMEE=1")
+    sent = []
+
+    class Port:
+        def command(self, cmd, *, prefix=None, bare=None, timeout=None, resync=True):
+            sent.append(cmd)
+            a = m.handle(cmd)
+            if a.final != "OK":
+                raise error_from_final(cmd, a.final)
+            return Reply(command=cmd, lines=[x[len(prefix):].strip() for x in a.lines if x.startswith(prefix)],
+                         bare=[x for x in a.lines if not x.startswith(prefix)], urcs=[], final="OK")
+    assert read_iccid(Port()) == "8944476500001224158" and sent == ["AT+CCID"]
+    card.iccid = None
+    sent.clear()
+    assert read_iccid(Port()) is None and sent == ["AT+CCID"]

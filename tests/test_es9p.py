@@ -762,3 +762,166 @@ def test_oversized_answer_refused(server, pki, monkeypatch):
     with pytest.raises(ProtocolError) as ei:
         client(srv, pki).get_bound_profile_package(TXID, PREP_DL_RESP)
     assert ei.value.code == "response_too_large"
+
+
+def test_user_agent_version_is_the_installed_distributions():
+    """Read from the dist-info directory's name (no importlib.metadata import on a download's
+    path): the same version importlib.metadata reports."""
+    from importlib import metadata
+    try:
+        expected = metadata.version("esim-agent")
+    except metadata.PackageNotFoundError:
+        pytest.skip("esim-agent is not installed")
+    assert es9p._installed_version() == expected
+    assert es9p._user_agent() == f"gsma-rsp-lpad esim-agent/{expected}"
+
+
+@pytest.mark.parametrize("answer,code", [
+    (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "http_failed"),                          # not HTTP at all
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"header\"", "connection_lost"),  # cut short
+    (b"", "connection_lost"),                                                   # closed, no answer
+])
+def test_an_answer_that_is_not_http_or_cut_short(answer, code):
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(4)
+    port = lsock.getsockname()[1]
+
+    def serve():
+        lsock.settimeout(10)
+        try:
+            conn, _ = lsock.accept()
+        except OSError:
+            return
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            conn.sendall(answer)
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    c = Es9pClient(f"127.0.0.1:{port}", insecure_http=True, sleep=lambda s: None, timeout=(2, 2))
+    with pytest.raises(TransportError) as ei:
+        c.authenticate_client(TXID, AUTH_SERVER_RESP)      # never resent: one connection
+    assert ei.value.code == code, ei.value.to_json()
+    assert ei.value.exit_code == 3
+    th.join(5)
+    lsock.close()
+
+
+class ConnectProxy:
+    """A CONNECT-only HTTP proxy on loopback that records what it was asked and relays bytes."""
+
+    def __init__(self):
+        self.asked: list[tuple[str, str | None]] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._conn, args=(c,), daemon=True).start()
+
+    def _conn(self, c):
+        with c:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                chunk = c.recv(4096)
+                if not chunk:
+                    return
+                buf += chunk
+            lines = buf.decode("latin-1").split("\r\n")
+            auth = next((ln.split(":", 1)[1].strip() for ln in lines if ln.lower().startswith("proxy-authorization:")),
+                        None)
+            target = lines[0].split()[1]
+            self.asked.append((target, auth))
+            host, port = target.rsplit(":", 1)
+            up = socket.create_connection((host, int(port)), 5)
+            c.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+            def pump(a, b):
+                try:
+                    while True:
+                        d = a.recv(65536)
+                        if not d:
+                            break
+                        b.sendall(d)
+                except OSError:
+                    pass
+                finally:
+                    try:
+                        b.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+            t = threading.Thread(target=pump, args=(up, c), daemon=True)
+            t.start()
+            pump(c, up)
+            t.join(5)
+            up.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_https_goes_through_the_environments_proxy(server, pki, monkeypatch):
+    """As requests did for the agent: https_proxy (with user:password) carries a CONNECT tunnel,
+    TLS stays end to end with the SM-DP+ (verified against our CIs), no_proxy is honoured."""
+    srv = server()
+    install_happy_routes(srv, pki)
+    proxy = ConnectProxy()
+    try:
+        for var in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY", "HTTPS_PROXY"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("https_proxy", f"http://user:s%40cret@127.0.0.1:{proxy.port}")
+        with client(srv, pki) as c:
+            c.handle_notification(PIR)
+            c.cancel_session(TXID, CANCEL_RESP)
+        assert proxy.asked == [(f"localhost:{srv.port}", "Basic " + base64.b64encode(b"user:s@cret").decode())]
+        assert srv.connections == 1
+        monkeypatch.setenv("no_proxy", "example.org, .localhost,localhost")
+        client(srv, pki).handle_notification(PIR)
+        assert len(proxy.asked) == 1                        # straight to the server
+        monkeypatch.delenv("no_proxy")
+        bad = server("untrusted")
+        with pytest.raises(tls.TlsError) as ei:
+            client(bad, pki).handle_notification(PIR)
+        assert ei.value.code == "tls_untrusted"             # the tunnel changes nothing about trust
+        assert proxy.asked[-1][0] == f"localhost:{bad.port}"
+    finally:
+        proxy.close()
+
+
+def test_a_proxy_that_refuses_the_tunnel(server, pki, monkeypatch):
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(4)
+
+    def serve():
+        lsock.settimeout(10)
+        while True:
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                return
+            with c:
+                c.recv(4096)
+                c.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+    threading.Thread(target=serve, daemon=True).start()
+    for var in ("no_proxy", "NO_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{lsock.getsockname()[1]}")
+    srv = server()
+    with pytest.raises(TransportError) as ei:
+        client(srv, pki, retries=0).authenticate_client(TXID, AUTH_SERVER_RESP)
+    assert ei.value.code == "connection_failed" and "407" in ei.value.message
+    assert srv.requests == []
+    lsock.close()

@@ -242,9 +242,12 @@ def test_session_sends_sni_and_verifies_only_against_our_cis(tmp_path, cas, monk
     th.start()
     # the environment's system bundle must not widen (or replace) our trust
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/nonexistent.pem")
+    monkeypatch.setenv("SSL_CERT_FILE", "/nonexistent.pem")
     s = tls.make_session(Trust((ci[0],), "x"))
-    r = s.post(f"https://localhost:{port}/x", data=b"{}", timeout=(10, 10), verify=False)
-    assert r.status_code == 204
+    r = s.request("POST", f"https://localhost:{port}/x", b"{}", connect_timeout=10, read_timeout=10)
+    assert r.status == 204
+    s.release(r)
+    s.close()
     assert seen["sni"] == "localhost"
     th.join(5)
     lsock.close()

@@ -9,22 +9,66 @@ import time
 from ..errors import AgentError, TransportError
 
 
-def _unix_connection(path: str, timeout: float):
-    """An http.client connection over a Unix socket (imported here: the daemon process
-    imports this module for ``socket_answers`` and must not carry http.client and ssl)."""
-    import http.client
+class _BadAnswer(Exception):
+    """The daemon's answer is not the HTTP/1.1 response we expect."""
 
-    class UnixConnection(http.client.HTTPConnection):
-        def connect(self) -> None:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(self.timeout)
-            try:
-                s.connect(path)
-            except BaseException:
-                s.close()
-                raise
-            self.sock = s
-    return UnixConnection("agent", timeout=timeout)
+
+#: Largest answer the CLI reads (a job's full result, with a profile list, is a few KB).
+MAX_ANSWER = 16 * 1024 * 1024
+
+
+def _exchange(path: str, method: str, url: str, data: bytes | None, timeout: float) -> tuple[int, bytes]:
+    """One HTTP/1.1 request over the daemon's Unix socket, answer read to the end.
+
+    Deliberately not http.client: it imports email and ssl (about 25 ms at every CLI start),
+    and the daemon's server side is our own small one (one request per connection,
+    Content-Length, Connection: close), so a few lines read it."""
+    head = f"{method} {url} HTTP/1.1\r\nHost: agent\r\nAccept-Encoding: identity\r\n"
+    if data is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+    head += "Connection: close\r\n\r\n"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall(head.encode("latin-1") + (data or b""))
+        buf = bytearray()
+        length = None
+        body_at = -1
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            if body_at < 0:
+                end = buf.find(b"\r\n\r\n")
+                if end >= 0:
+                    body_at = end + 4
+                    for line in bytes(buf[:end]).split(b"\r\n")[1:]:
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            try:
+                                length = int(value.strip())
+                            except ValueError:
+                                raise _BadAnswer("bad Content-Length") from None
+            if body_at >= 0 and length is not None and len(buf) >= body_at + length:
+                break
+            if len(buf) > MAX_ANSWER:
+                raise _BadAnswer(f"answer over {MAX_ANSWER} bytes")
+    finally:
+        s.close()
+    if body_at < 0:
+        raise _BadAnswer("the connection closed before a complete answer" if buf
+                         else "the connection closed without an answer")
+    status_line = bytes(buf[:buf.find(b"\r\n")]).split(None, 2)
+    if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/") or not status_line[1].isdigit():
+        raise _BadAnswer("not an HTTP status line")
+    body = bytes(buf[body_at:])
+    if length is not None:
+        if len(body) < length:
+            raise _BadAnswer(f"the answer ended after {len(body)} of {length} bytes")
+        body = body[:length]
+    return int(status_line[1]), body
 
 
 def socket_path(cfg) -> str:
@@ -65,24 +109,17 @@ class DaemonClient:
         return cls(socket_path(cfg))
 
     def request(self, method: str, url: str, body: dict | None = None, *, timeout: float | None = None) -> tuple[int, dict]:
-        import http.client
-        conn = _unix_connection(self.path, timeout or self.timeout)
+        data = json.dumps(body).encode() if body is not None else None
         try:
-            data = json.dumps(body).encode() if body is not None else None
-            conn.request(method, url, body=data,
-                         headers={"Content-Type": "application/json"} if data is not None else {})
-            resp = conn.getresponse()
-            raw = resp.read()
-        except (OSError, http.client.HTTPException) as e:
+            status, raw = _exchange(self.path, method, url, data, timeout or self.timeout)
+        except (OSError, _BadAnswer) as e:
             raise DaemonLost(f"the esim-agent daemon on {self.path} went away ({e}); check "
                              "`systemctl status esim-agent` (its jobs resume when it restarts)") from None
-        finally:
-            conn.close()
         try:
             doc = json.loads(raw)
         except ValueError:
             raise DaemonLost(f"the daemon on {self.path} answered something that is not JSON") from None
-        return resp.status, doc
+        return status, doc
 
     def _data(self, status: int, doc: dict) -> dict:
         if doc.get("ok"):

@@ -11,6 +11,7 @@ command lines or prints.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -100,31 +101,50 @@ class Context:
         return (self.state_dir or config.state_dir()) / DB_NAME
 
 
-def registry() -> dict[str, Callable[..., dict]]:
+#: Operation name → (module of this package, function). Names are what the daemon's socket API takes.
+_OPS = {
+    "chip.info": ("chip", "info"),
+    "chip.set_default_dp": ("chip", "set_default_dp"),
+    "chip.reset": ("chip", "reset"),
+    "profile.list": ("profiles", "list_profiles"),
+    "profile.enable": ("switch", "enable"),
+    "profile.disable": ("switch", "disable"),
+    "profile.delete": ("profiles", "delete"),
+    "profile.nickname": ("profiles", "nickname"),
+    "profile.download": ("download", "download"),
+    "notification.list": ("notifications", "list_notifications"),
+    "notification.remove": ("notifications", "remove"),
+    "notification.drop": ("notifications", "drop"),
+    "notification.process": ("notifications", "process_op"),
+    "sync": ("download", "sync"),
+    "ipa.add_eim": ("ipa", "add_eim"),
+    "ipa.list_eim": ("ipa", "list_eim"),
+    "ipa.poll": ("ipa", "poll"),
+    "ipa.status": ("ipa", "status"),
+    "ipa.return_from_fallback": ("ipa", "return_from_fallback"),
+    "ipa.fallback": ("ipa", "fallback"),
+}
+
+
+class _Registry(Mapping):
+    """The operations by name, each module imported when its operation is looked up (`chip info`
+    need not import the download, IPA and switch code)."""
+
+    def __getitem__(self, name: str) -> Callable[..., dict]:
+        import importlib
+        module, attr = _OPS[name]
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+
+    def __iter__(self):
+        return iter(_OPS)
+
+    def __len__(self) -> int:
+        return len(_OPS)
+
+
+def registry() -> Mapping[str, Callable[..., dict]]:
     """Operation name → function. Names are what the daemon's socket API takes."""
-    from . import chip, download, ipa, notifications, profiles, switch
-    return {
-        "chip.info": chip.info,
-        "chip.set_default_dp": chip.set_default_dp,
-        "chip.reset": chip.reset,
-        "profile.list": profiles.list_profiles,
-        "profile.enable": switch.enable,
-        "profile.disable": switch.disable,
-        "profile.delete": profiles.delete,
-        "profile.nickname": profiles.nickname,
-        "profile.download": download.download,
-        "notification.list": notifications.list_notifications,
-        "notification.remove": notifications.remove,
-        "notification.drop": notifications.drop,
-        "notification.process": notifications.process_op,
-        "sync": download.sync,
-        "ipa.add_eim": ipa.add_eim,
-        "ipa.list_eim": ipa.list_eim,
-        "ipa.poll": ipa.poll,
-        "ipa.status": ipa.status,
-        "ipa.return_from_fallback": ipa.return_from_fallback,
-        "ipa.fallback": ipa.fallback,
-    }
+    return _Registry()
 
 
 #: Operations that only read: the daemon does not journal their steps and never retries them.

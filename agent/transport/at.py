@@ -820,10 +820,34 @@ def read_imei(port: AtPort) -> str | None:
     return None
 
 
+#: +CME ERROR codes about the SIM itself (TS 27.007 §9.2: 10 not inserted, 11 PIN, 12 PUK, 13 failure,
+#: 14 busy, 15 wrong): any other ICCID command would get the same answer.
+SIM_STATE_CME = frozenset(range(10, 16))
+_SIM_STATE_CME_TEXT = frozenset(CME_TEXT[c].lower() for c in SIM_STATE_CME)
+
+
+def sim_state_error(e: ModemError) -> bool:
+    """The modem refused because of the SIM's state (numeric or verbose CME 10-15), not the command."""
+    if not isinstance(e, ModemCmeError):
+        return False
+    return e.cme in SIM_STATE_CME if isinstance(e.cme, int) else e.cme.strip().lower() in _SIM_STATE_CME_TEXT
+
+
 def read_iccid(port: AtPort) -> str | None:
-    """The active profile's ICCID: AT+CCID, then Quectel AT+QCCID, then AT+ICCID."""
+    """The active profile's ICCID: AT+CCID, then Quectel AT+QCCID, then AT+ICCID.
+
+    The fallbacks are for modems that do not know AT+CCID (ERROR, CME 3/4, no value); when it
+    answers a SIM-state error (not inserted, PIN, PUK, failure, busy, wrong), the others would
+    say the same, so they are not sent (two commands saved at every opening without a SIM)."""
     for cmd, prefix in (("AT+CCID", "+CCID:"), ("AT+QCCID", "+QCCID:"), ("AT+ICCID", "+ICCID:")):
-        v = port.query(cmd, prefix)
+        try:
+            r = port.command(cmd, prefix=prefix, bare="text")
+        except ModemError as e:
+            if sim_state_error(e):
+                return None
+            continue
+        vals = r.lines or r.bare
+        v = vals[0].strip().strip('"').strip() if vals else None
         if not v:
             continue
         digits = re.sub(r"\D", "", v.upper().rstrip("F"))
