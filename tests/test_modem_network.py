@@ -333,11 +333,14 @@ def test_checked_switch_on_the_real_card(modem, tmp_path):
         r = query_registration(t.port)
         assert r.tech == "CEREG" and r.stat == 2 and not r.registered
         assert "+CEREG: 2" in t.port.urcs                              # the change was reported
+        # (the first registration may have sent its own +CEREG: 1 already: count the new ones)
+        before = list(t.port.urcs).count("+CEREG: 1")
         with Isdr(t) as isdr:
             Es10(isdr).enable_profile(first, refresh=False)
         assert query_registration(t.port).stat == 2                    # after=0.3: searching first ...
         # the modem says so on its own when the timer runs out (seen between commands)
-        wait_for(lambda: t.port.command("AT") and "+CEREG: 1" in t.port.urcs, what="the +CEREG: 1 URC")
+        wait_for(lambda: t.port.command("AT") and list(t.port.urcs).count("+CEREG: 1") > before,
+                 what="the +CEREG: 1 URC")
         assert query_registration(t.port).registered
     finally:
         t.close()
