@@ -56,15 +56,6 @@ DATA_TAGS_V10 = {0x80: "defaultSmdpAddress", 0xBF20: "euiccInfo1", 0xBF22: "euic
                  0xA8: "ipaCapabilities", 0xA9: "deviceInfo", 0xBF2B: "notificationsList"}
 
 
-def parse_tag_list(data: bytes) -> list[int]:
-    """The tags of a 5C tag list (multi-byte tags as one integer)."""
-    tags, off = [], 0
-    while off < len(data):
-        tag, off = tlv.read_tag(data, off)
-        tags.append(tag)
-    return tags
-
-
 def unknown_tags(tags: list[int], version: str) -> list[int]:
     known = DATA_TAGS_V10 if version == "1.0" else DATA_TAGS_V12
     return [t for t in tags if t not in known]
@@ -368,7 +359,7 @@ class Ipa:
     def euicc_data(self, req: dict) -> dict:
         tid = req.get("eimTransactionId")
         entry: dict = {"kind": "ipaEuiccDataRequest", "eim_transaction_id": _hex(tid)}
-        tags = parse_tag_list(req["tagList"])
+        tags = tlv.parse_tag_list(req["tagList"])
         entry["tags"] = [f"{t:X}" for t in tags]
         bad = unknown_tags(tags, self.version)
         code = None

@@ -124,3 +124,13 @@ def encode_length(n: int) -> bytes:
 
 def encode(tag: int, value: bytes) -> bytes:
     return encode_tag(tag) + encode_length(len(value)) + value
+
+
+def parse_tag_list(data: bytes) -> list[int]:
+    """The tags of a tag list (the value of a 5C tagList), multi-byte tags (9F70, BF22 …) as one
+    integer each."""
+    tags, off = [], 0
+    while off < len(data):
+        tag, off = read_tag(data, off)
+        tags.append(tag)
+    return tags

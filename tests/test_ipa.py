@@ -27,8 +27,10 @@ TOKEN = "ipa-test-token"
 # --------------------------------------------------------------------------- the bed
 
 class IotBed:
+    """A simulated IoT eUICC (state file), the local eIM in-process and a Context for the IPA."""
+
     def __init__(self, pki: Path, work: Path, smdp, *, version: str = "1.2", binding: str = "asn1",
-                 preload: int = 2):
+                 preload: int = 2, indirect: bool = False, servers=ServerSettings):
         self.pki, self.work, self.smdp = pki, work, smdp
         work.mkdir(parents=True, exist_ok=True)
         self.card_path = work / "iot-card.json"
@@ -37,9 +39,10 @@ class IotBed:
             st = json.loads(self.card_path.read_text())
             st["esipa_version"] = "1.0"
             self.card_path.write_text(json.dumps(st))
-        self.eim = EimServer(pki, token=TOKEN, version=version, state_path=work / "eim-state.json").start()
+        self.eim = EimServer(pki, token=TOKEN, version=version, state_path=work / "eim-state.json",
+                             indirect=indirect).start()
         self.state_dir = work / "state"
-        self.ctx = Context(servers=ServerSettings(ca=str(pki / "ci.pem"), http_timeout=20),
+        self.ctx = Context(servers=servers(ca=str(pki / "ci.pem"), http_timeout=20),
                            state_dir=self.state_dir, rollback_after=1.0, registration_poll=0.1,
                            eim=EimSettings(esipa_version=version, binding=binding))
         self.api = requests.Session()
@@ -76,6 +79,9 @@ class IotBed:
 
     def operations(self, euicc_id) -> list:
         return self.get(f"/euicc/{euicc_id}/operation")
+
+    def operation(self, euicc_id, op_id) -> dict:
+        return self.get(f"/euicc/{euicc_id}/operation/{op_id}")
 
 
 @pytest.fixture

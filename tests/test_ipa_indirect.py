@@ -13,21 +13,18 @@ import json
 from pathlib import Path
 
 import pytest
-import requests
 
 from agent import codec, esipa, ops
 from agent.errors import AgentError
 from agent.es10 import Es10Error
 from agent.esipa_download import (CANCEL_SESSION_OK, ERRORS, VIA_EIM, EsipaDownloadClient, error_answer,
                                   error_number)
-from agent.ops import Context, EimSettings, ServerSettings
-from agent.ops.card import Card, CardSettings
+from agent.ops import ServerSettings
 from agent.sim.eim import Es9Relay, serve_eim
-from agent.sim.euicc import SimEuicc
 from agent.store import Outbox
+from test_ipa import IotBed
 from testbed import _HookedHandler, make_bed, testbed_pki  # noqa: F401 (fixtures)
 
-TOKEN = "indirect-test-token"
 S_SUCCEEDED, S_FAILED = 2, 3
 
 
@@ -46,62 +43,21 @@ class PeerLog(_HookedHandler):
         return super()._es9(app, function, body)
 
 
-class IndirectBed:
+class IndirectBed(IotBed):
+    """test_ipa's bed with the eIM relaying downloads, an ES9+ client forbidden to the IPA, and
+    the SM-DP+ logging who talks to it."""
+
     def __init__(self, pki: Path, work: Path, smdp, *, version: str, binding: str, indirect: bool = True):
-        self.pki, self.smdp = pki, smdp
-        work.mkdir(parents=True, exist_ok=True)
-        self.card_path = work / "iot-card.json"
-        SimEuicc.open(self.card_path, preload=2, pki_dir=pki, iot=True).close()
-        if version == "1.0":            # a v1.0 card signs its results the v1.0 way (esep.py)
-            st = json.loads(self.card_path.read_text())
-            st["esipa_version"] = "1.0"
-            self.card_path.write_text(json.dumps(st))
-        self.eim = serve_eim(pki, token=TOKEN, version=version, state_path=work / "eim-state.json",
-                             indirect=indirect)
-        settings = NoDirectEs9 if indirect else ServerSettings
-        self.ctx = Context(servers=settings(ca=str(pki / "ci.pem"), http_timeout=20), state_dir=work / "state",
-                           rollback_after=1.0, registration_poll=0.1,
-                           eim=EimSettings(esipa_version=version, binding=binding))
+        super().__init__(pki, work, smdp, version=version, binding=binding, indirect=indirect,
+                         servers=NoDirectEs9 if indirect else ServerSettings)
         httpd = smdp.server.httpd
         httpd.RequestHandlerClass = PeerLog
         httpd.peers = []
-        self.api = requests.Session()
-        self.api.headers["Authorization"] = f"Bearer {TOKEN}"
-        self.ca = str(pki / "ci.pem")
 
     @property
     def peers(self) -> list[tuple[str, str]]:
         return list(self.smdp.server.httpd.peers)
 
-    def card(self) -> Card:
-        return Card(CardSettings(sim=str(self.card_path)).validate())
-
-    def run(self, name: str, **params):
-        with self.card() as card:
-            return ops.run(name, self.ctx, card, params)
-
-    def close(self):
-        self.api.close()
-        self.eim.shutdown()
-
-    def _get(self, path: str, **kw):
-        r = self.api.get(self.eim.url + "/api/v1" + path, timeout=10, verify=self.ca, **kw)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def euicc(self, eid: str) -> dict:
-        lst = self._get("/euicc", params={"q": f"eid:{eid}"})
-        assert len(lst) == 1, lst
-        return lst[0]
-
-    def schedule(self, euicc_id, *items) -> list:
-        r = self.api.post(f"{self.eim.url}/api/v1/euicc/{euicc_id}/operation", json=list(items), timeout=10,
-                          verify=self.ca)
-        assert r.status_code == 201, r.text
-        return r.json()
-
-    def operation(self, euicc_id, op_id) -> dict:
-        return self._get(f"/euicc/{euicc_id}/operation/{op_id}")
 
     def learn(self) -> tuple[str, dict]:
         self.run("ipa.add_eim", file=str(self.eim.config_path))

@@ -52,7 +52,7 @@ from .. import codec, crypto, esep, esipa, tlv
 from ..errors import AgentError
 from ..ids import eid_from_bytes, iccid_from_bytes, iccid_to_bytes
 # the HTTPS scaffolding the local SM-DP+ uses (TLS per connection, body limits, any method)
-from .smdpp import ListenError, _Handler, _Httpd, _HttpError
+from .smdpp import BPP_ERRORS, ListenError, _Handler, _Httpd, _HttpError
 
 EIM_ID = "esim-agent-eim"
 ESIPA_VERSIONS = esipa.VERSIONS
@@ -115,13 +115,6 @@ _MESSAGES = {
 _EPR_ERRORS = {3: "invalidEid", 4: "replayError", 6: "counterValueOutOfRange", 15: "sizeOverflow",
                104: "ecallActive", 127: "undefinedError"}
 _EPR_RESULT_ERRORS = {1: "invalidPackageFormat", 2: "unknownPackage", 127: "undefinedError"}
-_BPP_ERRORS = {1: "incorrectInputValues", 2: "invalidSignature", 3: "invalidTransactionId",
-               4: "unsupportedCrtValues", 5: "unsupportedRemoteOperationType", 6: "unsupportedProfileClass",
-               7: "scp03tStructureError", 8: "scp03tSecurityError",
-               9: "installFailedDueToIccidAlreadyExistsOnEuicc", 10: "installFailedDueToInsufficientMemoryForProfile",
-               11: "installFailedDueToInterruption", 12: "installFailedDueToPEProcessingError",
-               13: "installFailedDueToIccidMismatch", 14: "testProfileInstallFailedDueToInvalidNaaKey",
-               15: "pprNotAllowed", 127: "installFailedDueToUnknownError"}
 
 _log = logging.getLogger("agent.sim.eim")
 
@@ -755,7 +748,7 @@ class Eim:
         fkind, fval = pir["finalResult"]
         if fkind != "successResult":
             code = fval.get("errorReason", UNDEFINED)
-            name = _BPP_ERRORS.get(code, "installFailedDueToUnknownError")
+            name = BPP_ERRORS.get(code, "installFailedDueToUnknownError")
             self.finish(op, S_FAILED, error(code, name, "the eUICC did not install the profile"))
             return []
         if iccid:

@@ -128,15 +128,6 @@ def _crypto():
     return crypto
 
 
-def parse_tag_list(data: bytes) -> list[int]:
-    """Tags of a 5C tag list, multi-byte tags (9F70, BF22 …) as one integer."""
-    tags, off = [], 0
-    while off < len(data):
-        tag, off = tlv.read_tag(data, off)
-        tags.append(tag)
-    return tags
-
-
 @dataclass
 class DownloadSession:
     """RSP session state between AuthenticateServer and the end of LoadBoundProfilePackage
@@ -374,7 +365,7 @@ class Isdr:
         tags = None
         if v.get("tagList") is not None:
             try:
-                tags = parse_tag_list(v["tagList"])
+                tags = tlv.parse_tag_list(v["tagList"])
             except AgentError:
                 return ("profileInfoListError", 1)
         profiles = list(self.state.profiles)
