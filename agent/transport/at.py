@@ -41,13 +41,12 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 from ..errors import AgentError, PortBusyError, ProtocolError, TimeoutError_, TransportError
+from .stats import Stats, Trace  # noqa: F401 - Stats re-exported for callers of at.py
 
 log = logging.getLogger(__name__)
 
-Trace = Callable[[str, "bytes | str"], None]
 
 #: Longest line we keep. The longest legitimate line is a +CGLA answer for a
 #: 256-byte response: ~530 characters. Anything far longer is garbage.
@@ -156,21 +155,6 @@ def error_from_final(cmd: str, final: str) -> ModemError:
         return ModemCmsError(f"modem answered {what} with +CMS ERROR: {_clip(raw)}",
                              cms=int(raw) if _SMALL_NUMBER.match(raw) else raw, command=what, result=final)
     return ModemError(f"modem answered {what} with {final}", command=what, result=final)
-
-
-# --------------------------------------------------------------------------- counters
-
-@dataclass
-class Stats:
-    """Counters for benchmarks: bytes are what actually crossed the serial line."""
-
-    apdus: int = 0
-    at_commands: int = 0
-    bytes_out: int = 0
-    bytes_in: int = 0
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------- line parsing (no I/O)

@@ -10,7 +10,7 @@ import logging
 
 from ..apdu import close_channel_raw, open_channel_raw
 from ..errors import TransportError
-from .at import Stats, Trace
+from .stats import Stats, Trace
 
 log = logging.getLogger(__name__)
 
