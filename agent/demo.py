@@ -30,6 +30,24 @@ class DemoError(AgentError):
     code = "demo_failed"
 
 
+def workspace(keep: str | None, prefix: str, *, dirs: tuple[str, ...], files: tuple[str, ...]):
+    """(root, TemporaryDirectory or None) for a demo's test bed: ``--keep DIR``, or a temporary
+    directory removed at the end. In a kept one, a previous demo's test bed is replaced, not
+    reused: its card and outbox point at that run's servers (other ports, another CI)."""
+    import tempfile
+    if not keep:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        return Path(tmp.name), tmp
+    import shutil
+    root = Path(keep)
+    root.mkdir(parents=True, exist_ok=True)
+    for old in dirs:
+        shutil.rmtree(root / old, ignore_errors=True)
+    for old in files:
+        (root / old).unlink(missing_ok=True)
+    return root, None
+
+
 def run_cli(options: list[str], argv, env: dict, timeout: float = 120.0) -> dict:
     """Run `esim-agent OPTIONS --json ARGV` as a user would; its data, or DemoError naming the step."""
     import json
@@ -57,7 +75,6 @@ def cmd_demo(args, out) -> int:
         return run(args, out)
     import secrets
     import subprocess
-    import tempfile
     import requests
 
     from .bench import agent_cmd, wait_for_path
@@ -66,20 +83,7 @@ def cmd_demo(args, out) -> int:
 
     t_start = time.monotonic()
     say = out.info if out.json else print
-    tmp = None
-    if args.keep:
-        root = Path(args.keep)
-        root.mkdir(parents=True, exist_ok=True)
-        # A previous demo's test bed is replaced, not reused: its card and outbox point at
-        # that run's SM-DP+ (another port, another CI).
-        import shutil
-        for old in ("pki", "agent-state"):
-            shutil.rmtree(root / old, ignore_errors=True)
-        for old in ("card.json", "ac.txt"):
-            (root / old).unlink(missing_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="esim-demo-")
-        root = Path(tmp.name)
+    root, tmp = workspace(args.keep, "esim-demo-", dirs=("pki", "agent-state"), files=("card.json", "ac.txt"))
     pki_dir, state, link = root / "pki", root / "card.json", root / "modem.tty"
     env_state = root / "agent-state"
     sid, token = "AC" + secrets.token_hex(16), secrets.token_hex(16)

@@ -14,11 +14,10 @@ import os
 import secrets
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
-from .demo import DemoError, run_cli
+from .demo import DemoError, run_cli, workspace
 
 ACTIONS = {1: "audit", 2: "download", 3: "enable", 4: "set fallback", 5: "delete"}
 OPERATION_STATUS = {1: "Scheduled", 2: "Succeeded", 3: "Failed", 4: "Expired", 5: "Canceled"}
@@ -58,18 +57,8 @@ def run(args, out) -> int:
 
     t_start = time.monotonic()
     say = out.info if out.json else print
-    tmp = None
-    if args.keep:
-        root = Path(args.keep)
-        root.mkdir(parents=True, exist_ok=True)
-        import shutil
-        for old in ("pki", "agent-state", "run", "logs"):
-            shutil.rmtree(root / old, ignore_errors=True)
-        for old in ("card.json", "agent.toml"):
-            (root / old).unlink(missing_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="esim-demo-iot-")
-        root = Path(tmp.name)
+    root, tmp = workspace(args.keep, "esim-demo-iot-", dirs=("pki", "agent-state", "run", "logs"),
+                          files=("card.json", "agent.toml"))
     pki_dir, state, link = root / "pki", root / "card.json", root / "modem.tty"
     state_dir, run_dir = root / "agent-state", root / "run"
     state_dir.mkdir(parents=True, exist_ok=True)

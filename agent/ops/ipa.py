@@ -269,32 +269,29 @@ def fallback(ctx, card: Card) -> dict:
     """ES10b ExecuteFallbackMechanism (SGP.32 §5.9.20), then tell the eIM with a poll carrying
     stateChangeCause fallback.  The switch stands even when the report fails (``report_error``:
     the next poll reports it)."""
-    data: dict = {}
-    start = ctx.steps.seen("fallback")
-    if start is None:
-        start = {"previous": _enabled(card)}
-        ctx.steps.step("fallback", **start)
-        card.es10.execute_fallback_mechanism(ctx.refresh)
-        ctx.steps.step("fallback_done")
-    data["previous"] = start["previous"]
-    _switch_done(ctx, card, data)
-    data["enabled"] = _enabled(card)
-    return _report(ctx, card, data, cause=1)
+    return _card_switch(ctx, card, card.es10.execute_fallback_mechanism, steps=("fallback", "fallback_done"),
+                        cause=1)
 
 
 def return_from_fallback(ctx, card: Card) -> dict:
     """ES10b ReturnFromFallback (SGP.32 §5.9.21), then a poll with stateChangeCause local."""
+    return _card_switch(ctx, card, card.es10.return_from_fallback, steps=("return", "returned"), cause=3)
+
+
+def _card_switch(ctx, card: Card, call, *, steps: tuple[str, str], cause: int) -> dict:
+    """A profile switch the eUICC makes on its own (``call(refresh)``), journalled so a resumed
+    job does not switch twice, then the wait for the network and the report to the eIM."""
     data: dict = {}
-    start = ctx.steps.seen("return")
+    start = ctx.steps.seen(steps[0])
     if start is None:
         start = {"previous": _enabled(card)}
-        ctx.steps.step("return", **start)
-        card.es10.return_from_fallback(ctx.refresh)
-        ctx.steps.step("returned")
+        ctx.steps.step(steps[0], **start)
+        call(ctx.refresh)
+        ctx.steps.step(steps[1])
     data["previous"] = start["previous"]
     _switch_done(ctx, card, data)
     data["enabled"] = _enabled(card)
-    return _report(ctx, card, data, cause=3)
+    return _report(ctx, card, data, cause=cause)
 
 
 def _report(ctx, card: Card, data: dict, *, cause: int) -> dict:

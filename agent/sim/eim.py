@@ -1107,15 +1107,9 @@ class _EimHandler(_Handler):
 
     def _dispatch(self) -> None:
         import json
-        from urllib.parse import urlsplit
         app: EimServer = self.server.app
-        raw_path = self.path
-        if raw_path.startswith(("http://", "https://")):
-            raw_path = urlsplit(raw_path).path or "/"
-        path, _, query = raw_path.partition("?")
-        path = path.split("#", 1)[0]
         try:
-            body = self._read_body()
+            path, query, body = self._request()
         except _HttpError as e:
             self.close_connection = True
             return self._send(e.status, json.dumps({"status_code": e.status, "message": e.message}).encode(),

@@ -739,15 +739,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     # dispatch -------------------------------------------------------------------------------------
 
-    def _dispatch(self) -> None:
-        app: SmdpServer = self.server.app
+    def _request(self) -> tuple[str, str, bytes]:
+        """(path, query, body) of the request (an absolute-form target reduced to its path);
+        _HttpError for a body that cannot be read."""
         raw_path = self.path
         if raw_path.startswith(("http://", "https://")):
             raw_path = urlsplit(raw_path).path or "/"
         path, _, query = raw_path.partition("?")
-        path = path.split("#", 1)[0]
+        return path.split("#", 1)[0], query, self._read_body()
+
+    def _dispatch(self) -> None:
+        app: SmdpServer = self.server.app
         try:
-            body = self._read_body()
+            path, query, body = self._request()
         except _HttpError as e:
             self.close_connection = True
             return self._send(e.status, json.dumps({"message": e.message, "status": e.status}).encode(),
