@@ -65,7 +65,7 @@ def _asn_dir() -> Path:
 
     In a source checkout (or an editable install) they live in ``<repo>/asn1``
     next to the ``agent`` package; a wheel ships them as the package
-    ``agent.asn1`` (pyproject maps asn1/ there)."""
+    ``agent.asn1`` (agent/asn1 is a symlink to asn1/, see pyproject.toml)."""
     here = Path(__file__).resolve().parent
     for cand in (here / "asn1", here.parent / "asn1"):
         if (cand / _ASN_FILES[0]).is_file():

@@ -359,7 +359,7 @@ class Downloader:
         return DownloadError(step, Es10Error(step, name, code, _refusal_hint(name)))
 
     def _load(self, bpp: bytes, meta: ProfileMetadata) -> DownloadResult:
-        from ..es8p import split_bpp
+        from ..bpp import split_bpp
         o = self.opts
         commands = split_bpp(bpp)
         total = sum(len(c) for c in commands)
@@ -386,7 +386,7 @@ class Downloader:
 
     def _installed(self, pir_raw: bytes, meta: ProfileMetadata, total: int) -> DownloadResult:
         """Read the ProfileInstallationResult of a loaded package."""
-        from ..es8p import BPP_COMMAND_NAMES, ERROR_REASON_NAMES
+        from ..bpp import BPP_COMMAND_NAMES, ERROR_REASON_NAMES
         if not pir_raw:
             # Some modem paths lose the last answer: the profile may be installed with its
             # result pending as a notification (the caller processes notifications).

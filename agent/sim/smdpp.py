@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from urllib.parse import urlsplit
 
 from .. import codec, crypto, tlv
-from ..es8p import BPP_COMMAND_NAMES
+from ..bpp import BPP_COMMAND_NAMES
 from ..errors import AgentError, ProtocolError
 from ..ids import eid_to_bytes, iccid_from_bytes, iccid_to_bytes
 from .profiles import SERVICE_PROVIDER, profile_name
