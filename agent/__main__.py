@@ -1,6 +1,4 @@
 """`python -m agent` is the same as the `esim-agent` console script."""
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

@@ -284,7 +284,8 @@ def _direct(args, out, op, params, prepare) -> dict:
         prepare(ctx)
     settings = card_settings(args)
     try:
-        with Card(settings, cancel=args.cancel, read_only=op in ops.READ_ONLY) as card:
+        with Card(settings, cancel=args.cancel, read_only=op in ops.READ_ONLY,
+                  preload=ops.preload_modules(op)) as card:
             return ops.run(op, ctx, card, params)
     finally:
         _end_progress_line(ctx)     # an error message must not land on the progress line
@@ -1256,5 +1257,32 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, h)
 
 
+def run() -> None:
+    """The console script (and ``python -m agent``): ``main()``, then leave at once.
+
+    A one-shot command has closed the card, the port (its settings put back) and the outbox
+    before ``main`` returns, and flushed what it printed; what the interpreter's normal exit
+    still does then — tearing down ~250 modules and collecting the ASN.1 tables' objects —
+    cost 20–25 ms of every command (issue #8), longer than some commands' own work. So after
+    the atexit handlers (logging, temporary files) and a flush, the process ends with
+    ``os._exit``. Not while another non-daemon thread runs (a server's or the daemon's): then
+    the normal exit waits for it as always."""
+    code = main()
+    import threading
+    if any(t is not threading.main_thread() and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        sys.exit(code)
+    import atexit
+    import os
+    try:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:      # the reader went away (| head): nothing left to tell it
+        pass
+    except Exception:            # anything odd: let the normal exit deal with it
+        sys.exit(code)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

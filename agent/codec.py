@@ -65,7 +65,7 @@ def _asn_dir() -> Path:
 
     In a source checkout (or an editable install) they live in ``<repo>/asn1``
     next to the ``agent`` package; a wheel ships them as the package
-    ``agent.asn1`` (agent/asn1 is a symlink to asn1/, see pyproject.toml)."""
+    ``agent.asn1`` (pyproject maps asn1/ there)."""
     here = Path(__file__).resolve().parent
     for cand in (here / "asn1", here.parent / "asn1"):
         if (cand / _ASN_FILES[0]).is_file():
@@ -451,6 +451,11 @@ def _load() -> dict[str, Any]:
         return _types
     with _lock:
         return _load_locked()
+
+
+def warm() -> None:
+    """Load the base (SGP.22) tables now rather than at the first encode/decode (agent/preload.py)."""
+    _load()
 
 
 def _load_all() -> dict[str, Any]:

@@ -126,6 +126,30 @@ _OPS = {
 }
 
 
+#: What an operation imports after the card is open, beyond its own module and the ES10 client:
+#: imported while the modem answers the session start (agent/preload.py). Only names the
+#: operation really imports (tests/test_preload.py imports each); a stale entry costs time, not
+#: correctness.
+_PRELOAD = {
+    "profile.download": ("agent.flows.download", "agent.bpp", "agent.es9p", "agent.tls", "agent.httpdeadline",
+                         "http.client", "ssl", "agent.ops.notifications", "agent.flows.notifications",
+                         "agent.store"),
+    "sync": ("agent.flows.download", "agent.bpp", "agent.es9p", "agent.tls", "agent.httpdeadline",
+             "http.client", "ssl", "agent.ops.notifications", "agent.flows.notifications", "agent.store"),
+    "notification.process": ("agent.flows.notifications", "agent.es9p", "agent.tls", "agent.httpdeadline",
+                             "http.client", "ssl", "agent.store"),
+}
+
+
+def preload_modules(name: str) -> tuple[str, ...]:
+    """What operation ``name`` needs once the card is open, soonest first, for agent/preload.py:
+    the ES10 client and the ASN.1 tables (the first APDU needs both), the operation's module,
+    then the rest."""
+    module = _OPS.get(name, (None,))[0]
+    own = (f"{__name__}.{module}",) if module else ()
+    return ("agent.apdu", "agent.es10", "agent.codec:warm") + own + _PRELOAD.get(name, ())
+
+
 class _Registry(Mapping):
     """The operations by name, each module imported when its operation is looked up (`chip info`
     need not import the download, IPA and switch code)."""

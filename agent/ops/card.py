@@ -73,8 +73,11 @@ class CardSettings:
 class Card:
     """Transport + ISD-R session + ES10 client. ``open()``/``close()`` or a ``with`` block."""
 
-    def __init__(self, settings: CardSettings, cancel=None, *, read_only: bool = False):
+    def __init__(self, settings: CardSettings, cancel=None, *, read_only: bool = False,
+                 preload: tuple[str, ...] = ()):
         self.settings = settings
+        # Modules the operation imports next: imported while the modem answers (agent/preload.py).
+        self.preload = preload
         self.cancel = cancel            # CancelToken the AT port watches while it waits
         # The operation only reads: a simulated card's state file held by another writer
         # (`sim modem --state`) may then be read as a snapshot (sim/state.py).
@@ -88,8 +91,6 @@ class Card:
 
     # --- life cycle -------------------------------------------------------------
     def open(self) -> "Card":
-        from ..apdu import Isdr
-        from ..es10 import Es10
         s = self.settings
         if s.sim:
             from ..sim.euicc import SimEuicc
@@ -98,10 +99,16 @@ class Card:
             t = DirectTransport(self._sim, trace=s.trace)
         else:
             from ..transport.open import open_transport
+            if self.preload:
+                from .. import preload
+                preload.start(self.preload)
+                self.preload = ()       # once: a reconnect finds them imported
             t = open_transport(s.device, transport=s.transport, timeout=s.timeout, long_timeout=s.long_timeout,
                                quirks=dict(s.quirks) or None, trace=s.trace, baud=s.baud, lock=s.lock)
             if self.cancel is not None:
                 t.port.watch(self.cancel)
+        from ..apdu import Isdr
+        from ..es10 import Es10
         try:
             isdr = Isdr(t, aids=s.aids, segment_size=s.segment_size, timeout=s.timeout).open()
         except BaseException:

@@ -354,11 +354,8 @@ class PortLock:
                     raise _port_busy(realpath, p) from None
                 raise
             self.path, self.fd = p, fd
-            try:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
-            except OSError:
-                pass
+            from ..pidlock import write_pid
+            write_pid(fd)
             return
         raise TransportError(f"cannot create a lock file for {realpath} in {', '.join(_lock_dirs(lock_dir))}: {last}",
                              code="lock_failed")
