@@ -90,13 +90,15 @@ def test_download_by_matching_id_installs_and_reaches_installed(bed):
     res = bed.download(matching_id=order["matching_id"], ask_confirmation_code=no_cc,
                        progress=lambda step, done, total: steps.append(step))
 
-    # The result describes the installed profile as the card reports it (GetProfilesInfo).
+    # The result describes the installed profile as the card then lists it (GetProfilesInfo),
+    # built from the StoreMetadata and the result's ISD-P AID without asking the card again.
     assert res.iccid == order["iccid"] and res.metadata.iccid == order["iccid"]
     assert res.profile is not None and res.profile.iccid == order["iccid"] and res.profile.state == "disabled"
     assert res.isdp_aid == res.profile.isdp_aid
     assert res.metadata.service_provider_name and res.metadata.profile_name
     assert res.apdu_bytes_loaded > 0
     [p] = bed.profiles()
+    assert res.profile == p
     assert (p.iccid, p.state, p.profile_name) == (order["iccid"], "disabled", res.metadata.profile_name)
     for step in ("initiateAuthentication", "AuthenticateServer", "authenticateClient", "consent",
                  "PrepareDownload", "getBoundProfilePackage", "loading profile", "installed"):

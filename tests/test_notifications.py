@@ -538,3 +538,23 @@ def test_a_download_that_went_through_ends_its_servers_back_off(bed):
     assert r.rc == 0, r
     assert [(n["operation"], n["status"]) for n in r.doc["data"]["notifications"]] == [("install", "delivered")]
     bed.wait_order(order["sid"], "installed")
+
+
+def test_a_download_sends_its_install_result_without_reading_it_back(bed):
+    """The ProfileInstallationResult the eUICC returned for the last segment is its pending install
+    notification: it goes to the SM-DP+ as is, without RetrieveNotificationsList (BF2B), and the
+    installed profile is described without a ProfileInfoListRequest (BF2D); issue #8, no ES10 call
+    whose answer the run already holds."""
+    order = bed.reserve(matching_id=True)
+    r = bed.cli("--json", "--trace", "profile", "download", bed.ac(order), "--ca", bed.ca, "--yes")
+    assert r.rc == 0, r
+    sent = [line.split()[2] for line in r.stderr.splitlines() if line.startswith("[trace] APDU>")]
+    # STORE DATA: CLA E2 P1 P2 Lc, then the ES10 request's tag (first block of each command only).
+    tags = [a[10:14] for a in sent if a[2:4] == "E2" and a[4:6] in ("91", "11") and a[6:8] == "00"]
+    assert "BF2B" not in tags and "BF2D" not in tags, tags
+    assert "BF28" in tags and "BF30" in tags         # ListNotification, then NotificationSent
+    [n] = r.doc["data"]["notifications"]
+    assert (n["operation"], n["status"]) == ("install", "delivered")
+    assert r.doc["data"]["profile"]["state"] == "disabled"
+    bed.wait_order(order["sid"], "installed")
+    assert bed.notifications() == []

@@ -26,7 +26,7 @@ from .. import codec, tlv
 from ..cancel import Cancelled
 from ..errors import AgentError, CardError, InputError, ProtocolError, TimeoutError_, code_for
 from ..es10 import (AUTH_SERVER_ERRORS, PREPARE_DOWNLOAD_ERRORS, PROFILE_CLASSES, Es10, Es10Error,
-                    ProfileInfo, seq_number)
+                    ProfileInfo, profile_from_asn1, seq_number)
 from ..ids import iccid_from_bytes, imei_to_bytes, tac_from_imei
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class DownloadResult:
     metadata: ProfileMetadata
     apdu_bytes_loaded: int
     notification_seq: int | None
+    result_der: bytes = b""        # the ProfileInstallationResult, exactly as the eUICC returned it
 
 
 @dataclass
@@ -150,6 +151,20 @@ def parse_metadata(raw: bytes) -> ProfileMetadata:
         icon_type={0: "jpg", 1: "png"}.get(md.get("iconType")) if "iconType" in md else None,
         raw=raw,
     )
+
+
+def installed_profile(meta: ProfileMetadata, isdp_aid: bytes | None):
+    """The ProfileInfo of a profile just installed, known without asking the eUICC again: its
+    StoreMetadata fields are ProfileInfo's own (SGP.22 §2.4a, §5.7.15: same names and tags, stored
+    as the package gave them), the ISD-P AID is the successResult's, and a new profile is disabled
+    with no nickname (§3.1.3). A ProfileInfoListRequest here would cost a round trip to the card
+    (and at 115200 baud ~40 ms) for nothing we do not hold."""
+    md = dict(codec.decode("StoreMetadataRequest", meta.raw))
+    md.setdefault("profileClass", 2)        # DEFAULT operational (SGP.22 §2.4a)
+    md["profileState"] = 0                  # disabled
+    if isdp_aid:
+        md["isdpAid"] = isdp_aid
+    return profile_from_asn1(md)
 
 
 def _first_child(raw: bytes, tag: int) -> tlv.Tlv | None:
@@ -410,14 +425,8 @@ class Downloader:
             raise DownloadError("loading profile", err)
         aid = res.get("aid")
         self._progress("installed", total, total)
-        profile = None
-        try:
-            found = self.es10.get_profiles_info(iccid=meta.iccid)
-            profile = found[0] if found else None
-        except AgentError as e:
-            log.warning("profile installed but listing it failed: %s", e)
-        return DownloadResult(self.txid or "", meta.iccid, aid.hex().upper() if aid else None, profile, meta,
-                              total, seq)
+        return DownloadResult(self.txid or "", meta.iccid, aid.hex().upper() if aid else None,
+                              installed_profile(meta, aid), meta, total, seq, bytes(pir_raw))
 
 
 def _refusal_hint(name: str) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from ..errors import AgentError
-from ..es10 import Es10
+from ..es10 import Es10, pending_from_der
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,16 @@ class Delivery:
 
 def process(es10: Es10, outbox, client_for: Callable[[str], object], *, eid: str,
             seqs: Iterable[int] | None = None, cancel=None, force: bool = False,
-            via_eim: bool = False) -> list[Delivery]:
+            via_eim: bool = False, known: dict[int, bytes] | None = None) -> list[Delivery]:
     """Deliver pending notifications (all, or those in ``seqs``) and remove them from the card.
 
     ``cancel`` (a CancelToken) is checked before each delivery: a stop between two
     notifications leaves the rest pending in the outbox, nothing half-done. ``via_eim``: the
     caller's ``client_for`` relays ``esipa:`` addresses through the eIM (the IPA's poll round);
-    without it those stay pending."""
+    without it those stay pending. ``known``: notifications this run already holds byte for byte
+    from the card (a download's ProfileInstallationResult, which the eUICC keeps as its pending
+    install notification, SGP.22 §3.1.3.4), by sequence number: when they are all that needs
+    reading, RetrieveNotificationsList is not sent."""
     wanted = set(seqs) if seqs is not None else None
     on_card = es10.list_notifications()
     rec = outbox.reconcile(eid, [n.seq_number for n in on_card])
@@ -74,7 +77,10 @@ def process(es10: Es10, outbox, client_for: Callable[[str], object], *, eid: str
     # entries, and to make sure a "delivered, still on the card" entry is really the
     # same notification (a reset card can reuse sequence numbers).
     card_der: dict[int, object] = {}
-    if rec.unknown_on_card or rec.remove_from_card or rec.send:
+    needed = {n.seq_number for n in rec.send} | set(rec.unknown_on_card) | set(rec.remove_from_card)
+    if needed and known and needed <= set(known) <= {n.seq_number for n in on_card}:
+        card_der = {seq: pending_from_der(der) for seq, der in known.items()}
+    elif needed:
         card_der = {p.seq_number: p for p in es10.retrieve_notifications()}
 
     todo_seqs = {n.seq_number for n in rec.send} | set(rec.unknown_on_card)

@@ -207,17 +207,28 @@ class Card:
         return self._modem_info
 
     def imei(self) -> str | None:
-        """The modem's IMEI for DeviceInfo, or None (with a warning) when it is not a usable IMEI."""
+        """The modem's IMEI for DeviceInfo, or None (with a warning) when it is not a usable IMEI.
+        Only the IMEI is asked for (AT+CGSN) unless the modem's identity was read already: a
+        download needs nothing else, and each further AT command is a round trip."""
         from ..ids import imei_to_bytes
-        m = self.modem_info()
-        if not m or not m.imei:
+        if self._modem_info is not None:
+            imei = self._modem_info.imei
+        elif self.at_port is not None:
+            from ..transport.at import read_imei
+            try:
+                imei = read_imei(self.at_port)
+            except AgentError:
+                return None
+        else:
+            return None
+        if not imei:
             return None
         try:
-            imei_to_bytes(m.imei)
+            imei_to_bytes(imei)
         except AgentError:
-            log.warning("the modem's IMEI %r is not usable; DeviceInfo goes without it", m.imei)
+            log.warning("the modem's IMEI %r is not usable; DeviceInfo goes without it", imei)
             return None
-        return m.imei
+        return imei
 
 
 def _card_errors() -> tuple:

@@ -101,7 +101,9 @@ def download(ctx, card: Card, activation_code: str | None = None, smdp: str | No
                 "metadata": res.metadata.to_json()}
         ctx.steps.step("installed", iccid=res.iccid, transaction_id=res.transaction_id)
         server_answered(ctx, address)
-        after_change(ctx, card, data)
+        # The install result the card just returned is its pending install notification: sent as is.
+        after_change(ctx, card, data, known={res.notification_seq: res.result_der}
+                     if res.notification_seq is not None and res.result_der else None)
         del eid
         return data
     finally:

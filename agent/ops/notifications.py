@@ -34,14 +34,16 @@ def _outbox(ctx):
     return Outbox(ctx.outbox_path())
 
 
-def deliver(ctx, card: Card, seqs=None, *, force: bool = False):
+def deliver(ctx, card: Card, seqs=None, *, force: bool = False, known: dict[int, bytes] | None = None):
     """Deliver pending notifications (all, or ``seqs``); returns the Delivery list.
-    ``force``: ignore the back-off of addresses that failed before."""
+    ``force``: ignore the back-off of addresses that failed before. ``known``: notifications
+    already read from the card in this run (flows.notifications.process)."""
     from ..flows.notifications import process
     pool = ctx.servers.pool()
     try:
         with _outbox(ctx) as outbox:
-            return process(card.es10, outbox, pool, eid=card.eid, seqs=seqs, cancel=ctx.cancel, force=force)
+            return process(card.es10, outbox, pool, eid=card.eid, seqs=seqs, cancel=ctx.cancel, force=force,
+                           known=known)
     finally:
         pool.close()
 
@@ -50,15 +52,15 @@ _WHERE = {"euicc+outbox": "They stay on the eUICC and in the outbox",
           "outbox": "They are held only in the outbox (no longer on the eUICC)"}
 
 
-def after_change(ctx, card: Card, data: dict) -> None:
+def after_change(ctx, card: Card, data: dict, *, known: dict[int, bytes] | None = None) -> None:
     """Send the notifications an operation caused. The operation itself has succeeded:
     delivery failures are reported in ``data`` and as warnings that say where each
     undelivered notification is, kept in the outbox and left on the card for later,
-    never raised."""
+    never raised. ``known``: as for ``deliver``."""
     if not ctx.notifications:
         return
     try:
-        data["notifications"] = [d.to_json() for d in deliver(ctx, card)]
+        data["notifications"] = [d.to_json() for d in deliver(ctx, card, known=known)]
     except AgentError as e:
         if getattr(e, "reason", None) in ("interrupted", "terminated"):
             raise
