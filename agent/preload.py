@@ -67,7 +67,9 @@ class Preload:
         return not self._thread.is_alive()
 
 
-def start(steps) -> Preload:
+def start(steps) -> Preload | None:
     """Run ``steps`` (module names, ``module:function``, callables) in the background, in order:
-    what the operation needs first, first."""
-    return Preload(steps).start()
+    what the operation needs first, first. Modules already imported are skipped; with nothing
+    left (a long-running daemon has it all), no thread is started and None is returned."""
+    left = [s for s in steps if callable(s) or ":" in s or s not in sys.modules]
+    return Preload(left).start() if left else None

@@ -88,6 +88,16 @@ def test_every_preloaded_module_exists(op):
             assert callable(getattr(m, func))
 
 
+def test_what_a_download_imports_while_the_package_loads_exists():
+    from agent.ops import download
+    for name in download.AFTER_INSTALL:
+        importlib.import_module(name)
+
+
+def test_nothing_left_to_import_starts_no_thread():
+    assert preload.start(["json", "agent.preload"]) is None
+
+
 def test_preload_imports_in_the_background_and_puts_the_switch_interval_back():
     code = (
         "import sys; from agent import preload, codec\n"

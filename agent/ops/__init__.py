@@ -130,12 +130,12 @@ _OPS = {
 #: imported while the modem answers the session start (agent/preload.py). Only names the
 #: operation really imports (tests/test_preload.py imports each); a stale entry costs time, not
 #: correctness.
+#: (A download imports the outbox's code later, while the package loads: ops/download.py.)
 _PRELOAD = {
-    "profile.download": ("agent.flows.download", "agent.bpp", "agent.es9p", "agent.tls", "agent.httpdeadline",
-                         "http.client", "ssl", "agent.ops.notifications", "agent.flows.notifications",
-                         "agent.store"),
-    "sync": ("agent.flows.download", "agent.bpp", "agent.es9p", "agent.tls", "agent.httpdeadline",
-             "http.client", "ssl", "agent.ops.notifications", "agent.flows.notifications", "agent.store"),
+    "profile.download": ("agent.flows.download", "agent.es9p", "agent.tls", "agent.cert", "agent.httpdeadline",
+                         "http.client", "ssl", "agent.bpp"),
+    "sync": ("agent.flows.download", "agent.es9p", "agent.tls", "agent.cert", "agent.httpdeadline",
+             "http.client", "ssl", "agent.bpp"),
     "notification.process": ("agent.flows.notifications", "agent.es9p", "agent.tls", "agent.httpdeadline",
                              "http.client", "ssl", "agent.store"),
 }

@@ -17,6 +17,11 @@ from .notifications import after_change, deliver, server_answered
 log = logging.getLogger(__name__)
 
 
+#: What sending the install result needs (the outbox, then ES9+ handleNotification), imported
+#: while the package loads.
+AFTER_INSTALL = ("agent.store", "agent.flows.notifications")
+
+
 class NothingWaiting(AgentError):
     """The SM-DP+ has no profile for this eUICC (ES9+ 8.2.5 / 4.3): a normal answer."""
 
@@ -75,12 +80,23 @@ def download(ctx, card: Card, activation_code: str | None = None, smdp: str | No
     imei = imei or card.imei()
     eid = card.eid
     pool = ctx.servers.pool()
+    loading = []
+
+    def progress(step: str, done: int, total: int) -> None:
+        # The package takes seconds on the line, mostly spent waiting for the modem: import what
+        # delivering its install result needs meanwhile (agent/preload.py), not before the first
+        # ES9+ call, where it would hold up the download.
+        if step == "loading profile" and not loading:
+            from .. import preload
+            loading.append(preload.start(AFTER_INSTALL))
+        if ctx.progress is not None:
+            ctx.progress(step, done, total)
     try:
         es9 = pool(address)   # trust is narrowed to the eUICC's CIs in initiateAuthentication
         opts = DownloadOptions(address=address, matching_id=mid, confirmation_code=confirmation_code, imei=imei,
                                consent=(lambda meta: True) if yes else ctx.consent,
                                ask_confirmation_code=ctx.ask_confirmation_code, smdp_oid=oid,
-                               progress=ctx.progress, long_timeout=card.settings.long_timeout,
+                               progress=progress, long_timeout=card.settings.long_timeout,
                                cancel=ctx.cancel, record=ctx.steps.step)
         ctx.steps.step("start", address=address, matching_id=mid)
         try:
