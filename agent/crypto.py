@@ -10,7 +10,10 @@ test SM-DP+.  Everything here works on bytes and ``cryptography`` objects.
   KDF (SHA-256) to derive the BSP session keys (docs/protocol.md §4.5).
 * Certificate helpers for the SGP.22 certificate profiles: role policy OIDs
   ``2.23.146.1.2.1.x``, the SM-DP+ OID as SAN registeredID, the EID as subject
-  serialNumber, SKI/AKI (CI PKID), and a small chain check.
+  serialNumber, SKI/AKI (CI PKID), and a small chain check.  The agent's own
+  path (TLS trust, the SM-DP+ OID check) reads the same fields without
+  ``cryptography`` through cert.py; these read them from the ``cryptography``
+  objects the simulator already holds (tests/test_cert.py checks both agree).
 """
 from __future__ import annotations
 
@@ -30,43 +33,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-from .errors import AgentError
+# One definition each, in cert.py (which the agent's TLS path uses without ``cryptography``):
+# the role policy OIDs (docs/protocol.md §4.8) and the error classes, re-exported here.
+from .cert import ROLE_NAMES, ROLE_OID_PREFIX, ROLE_OIDS, CertError, CryptoError  # noqa: F401
 
 SECP256R1 = ec.SECP256R1
 BRAINPOOLP256R1 = ec.BrainpoolP256R1
-
-# Role policy OIDs, docs/protocol.md §4.8.
-ROLE_OID_PREFIX = "2.23.146.1.2.1."
-ROLE_OIDS = {
-    "ci": "2.23.146.1.2.1.0",
-    "euicc": "2.23.146.1.2.1.1",
-    "eum": "2.23.146.1.2.1.2",
-    "dp-tls": "2.23.146.1.2.1.3",
-    "dp-auth": "2.23.146.1.2.1.4",
-    "dp-pb": "2.23.146.1.2.1.5",
-    "ds-tls": "2.23.146.1.2.1.6",
-    "ds-auth": "2.23.146.1.2.1.7",
-}
-ROLE_NAMES = {v: k for k, v in ROLE_OIDS.items()}
-
-
-class CryptoError(AgentError):
-    """A key, point or signature is unusable (exit 1)."""
-
-    code = "crypto_error"
-    exit_code = 1
-
-
-class CertError(CryptoError):
-    """A certificate failed a check.  ``reason`` is one of: expired,
-    not_yet_valid, bad_signature, unknown_issuer, wrong_role, not_ca,
-    malformed, eid_not_permitted."""
-
-    code = "certificate_error"
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message, code=f"cert_{reason}", details={"reason": reason})
-        self.reason = reason
 
 
 # --- ECDSA (plain r||s inside 5F37) ---------------------------------------

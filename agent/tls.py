@@ -47,16 +47,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from cryptography import x509
-
-from . import crypto
+from . import cert as _cert
+from .cert import Certificate
 from .errors import TransportError
 
 log = logging.getLogger(__name__)
 
-DP_TLS_ROLE_OID = crypto.ROLE_OIDS["dp-tls"]      # 2.23.146.1.2.1.3
-DS_TLS_ROLE_OID = crypto.ROLE_OIDS["ds-tls"]      # 2.23.146.1.2.1.6
-ROLE_OID_PREFIX = crypto.ROLE_OID_PREFIX
+DP_TLS_ROLE_OID = _cert.ROLE_OIDS["dp-tls"]      # 2.23.146.1.2.1.3
+DS_TLS_ROLE_OID = _cert.ROLE_OIDS["ds-tls"]      # 2.23.146.1.2.1.6
+ROLE_OID_PREFIX = _cert.ROLE_OID_PREFIX
 
 # Looked at, in order, when neither --ca nor the config names a bundle.
 DEFAULT_CA_PATHS: tuple[str, ...] = ("/etc/esim-agent/ci-bundle.pem", "/etc/esim-agent/ci")
@@ -89,34 +88,44 @@ def _utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-def _describe(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or "(empty subject)"
+def _describe(cert: Certificate) -> str:
+    return cert.subject or "(empty subject)"
 
 
 # --- loading CA material -----------------------------------------------------
+#
+# Certificates are read with cert.py (read-only fields from DER), not the cryptography
+# package: a CLI process saves ~0.1 s and ~8 MB, and OpenSSL does all verification anyway.
 
-def _certs_from_bytes(data: bytes, origin: str) -> list[x509.Certificate]:
+def _certs_from_bytes(data: bytes, origin: str) -> list[Certificate]:
     """PEM (any number of certificates) or DER (one or several concatenated)."""
     try:
-        if b"-----BEGIN" in data:
-            certs = x509.load_pem_x509_certificates(data)
-        else:
-            from .tlv import parse_all  # DER certificates are plain TLVs: split, then load each
-            certs = [x509.load_der_x509_certificate(t.raw) for t in parse_all(data)]
-    except Exception as e:  # ValueError from cryptography, ProtocolError from tlv
-        raise TrustError(f"cannot read CA certificates from {origin}: {getattr(e, 'message', e)}. "
+        certs = _cert.load(data)
+    except _cert.CertError as e:
+        raise TrustError(f"cannot read CA certificates from {origin}: {e.message}. "
                          "Expected PEM or DER X.509 certificates.", code="bad_ca_file") from None
     return certs
 
 
-def load_ca_certs(path: str | os.PathLike) -> list[x509.Certificate]:
+def _as_cert(c) -> Certificate:
+    """A cert.Certificate from itself, DER bytes, or a cryptography certificate (the simulator's
+    and tests' objects; converted through DER, so cryptography is never imported here)."""
+    if isinstance(c, Certificate):
+        return c
+    if isinstance(c, (bytes, bytearray)):
+        return _cert.parse(c)
+    from cryptography.hazmat.primitives.serialization import Encoding   # only if the caller has it loaded
+    return _cert.parse(c.public_bytes(Encoding.DER))
+
+
+def load_ca_certs(path: str | os.PathLike) -> list[Certificate]:
     """All certificates in a file (PEM/DER) or in the *.pem/*.crt/*.cer/*.der files of a directory."""
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _CERT_SUFFIXES)
     else:
         files = [p]
-    certs: list[x509.Certificate] = []
+    certs: list[Certificate] = []
     for f in files:
         try:
             data = f.read_bytes()
@@ -128,19 +137,22 @@ def load_ca_certs(path: str | os.PathLike) -> list[x509.Certificate]:
     return certs
 
 
-def filter_by_ski(certs: Iterable[x509.Certificate], skis: Iterable[bytes]) -> list[x509.Certificate]:
+def filter_by_ski(certs: Iterable[Certificate], skis: Iterable[bytes]) -> list[Certificate]:
     """The certificates whose SubjectKeyIdentifier (= CI PKID) is in ``skis``, in bundle order."""
     wanted = {bytes(k) for k in skis}
-    return [c for c in certs if crypto.ski(c) in wanted]
+    return [c for c in certs if c.ski in wanted]
 
 
 # --- the trust object ----------------------------------------------------------
 
 @dataclass(eq=False)
 class Trust:
-    """A verified-TLS policy: the trusted CI certificates plus role/clock rules."""
+    """A verified-TLS policy: the trusted CI certificates plus role/clock rules.
 
-    certs: tuple[x509.Certificate, ...]
+    ``certs`` are cert.Certificate objects (DER bytes or cryptography certificates are
+    converted)."""
+
+    certs: tuple[Certificate, ...]
     source: str
     expected_roles: tuple[str, ...] = (DP_TLS_ROLE_OID,)
     strict_role: bool = False
@@ -148,7 +160,11 @@ class Trust:
     warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        self.certs = tuple(self.certs)
+        try:
+            self.certs = tuple(_as_cert(c) for c in self.certs)
+        except _cert.CertError as e:
+            raise TrustError(f"cannot read the CI certificates of {self.source}: {e.message}",
+                             code="bad_ca_file") from None
         if not self.certs:
             raise TrustError(f"no trusted CI certificates in {self.source}. {INSTALL_HINT}")
         self._lock = threading.Lock()
@@ -158,10 +174,10 @@ class Trust:
 
     # -- identity --
     def skis(self) -> list[bytes]:
-        return [s for s in (crypto.ski(c) for c in self.certs) if s]
+        return [c.ski for c in self.certs if c.ski]
 
     def pem(self) -> bytes:
-        return b"".join(crypto.cert_pem(c) for c in self.certs)
+        return b"".join(c.to_pem() for c in self.certs)
 
     def warn(self, msg: str) -> None:
         if msg not in self.warnings:
@@ -192,7 +208,7 @@ class Trust:
         now = now or self.clock()
         if now.tzinfo is None:
             now = now.replace(tzinfo=_dt.timezone.utc)
-        earliest = min(c.not_valid_before_utc for c in self.certs)
+        earliest = min(c.not_before for c in self.certs)
         if now.year < MIN_PLAUSIBLE_YEAR or now < earliest:
             why = (f"before {MIN_PLAUSIBLE_YEAR}" if now.year < MIN_PLAUSIBLE_YEAR
                    else f"before the trusted CI certificates became valid ({earliest:%Y-%m-%d})")
@@ -232,13 +248,12 @@ class Trust:
         if key in self._peer_checked:
             return
         try:
-            cert = x509.load_der_x509_certificate(der)
-            oids = crypto.role_oids(cert)
-        except Exception as e:
+            oids = _cert.parse(der).policy_oids
+        except _cert.CertError as e:
             raise TlsError(f"cannot parse the TLS certificate of {host}: {e}", code="tls_untrusted") from None
         rsp_roles = [o for o in oids if o.startswith(ROLE_OID_PREFIX)]
         if rsp_roles and not set(rsp_roles) & set(self.expected_roles):
-            names = ", ".join(f"{o} ({crypto.ROLE_NAMES.get(o, '?')})" for o in rsp_roles)
+            names = ", ".join(f"{o} ({_cert.ROLE_NAMES.get(o, '?')})" for o in rsp_roles)
             raise TlsError(
                 f"the TLS certificate of {host} is issued for another GSMA RSP role ({names}), not "
                 f"{', '.join(self.expected_roles)}; this server is not the kind of RSP server we asked for. "

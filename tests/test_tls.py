@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent import tls
+from agent import cert, tls
 from agent.tls import TlsError, Trust, TrustError
 
 NOW = dt.datetime.now(dt.timezone.utc)
@@ -57,6 +57,11 @@ def _ski(c):
     return c.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
 
 
+def _c(c):
+    """The cert.Certificate tls.py holds for a cryptography certificate."""
+    return cert.parse(_der(c))
+
+
 @pytest.fixture(scope="module")
 def cas():
     return _ci("CI A"), _ci("CI B"), _ci("CI C")
@@ -69,15 +74,18 @@ def test_load_pem_bundle_der_single_der_concat_and_directory(tmp_path, cas):
     (tmp_path / "bundle.pem").write_bytes(b"# comment\n" + _pem(a) + _pem(b))
     (tmp_path / "one.der").write_bytes(_der(c))
     (tmp_path / "two.der").write_bytes(_der(a) + _der(b))
-    assert [x.subject for x in tls.load_ca_certs(tmp_path / "bundle.pem")] == [a.subject, b.subject]
-    assert tls.load_ca_certs(tmp_path / "one.der") == [c]
-    assert tls.load_ca_certs(tmp_path / "two.der") == [a, b]
+    loaded = tls.load_ca_certs(tmp_path / "bundle.pem")
+    assert all(isinstance(x, cert.Certificate) for x in loaded)
+    assert [x.subject for x in loaded] == [a.subject.rfc4514_string(), b.subject.rfc4514_string()]
+    assert [x.der for x in loaded] == [_der(a), _der(b)]
+    assert tls.load_ca_certs(tmp_path / "one.der") == [_c(c)]
+    assert tls.load_ca_certs(tmp_path / "two.der") == [_c(a), _c(b)]
     d = tmp_path / "dir"
     d.mkdir()
     (d / "a.pem").write_bytes(_pem(a))
     (d / "c.der").write_bytes(_der(c))
     (d / "README").write_text("ignored")
-    assert tls.load_ca_certs(d) == [a, c]
+    assert tls.load_ca_certs(d) == [_c(a), _c(c)]
 
 
 @pytest.mark.parametrize("content", [b"garbage", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
@@ -104,29 +112,45 @@ def test_load_trust_precedence(tmp_path, monkeypatch, cas):
     (tmp_path / "b.pem").write_bytes(_pem(cas[1][0]))
     (tmp_path / "c.pem").write_bytes(_pem(cas[2][0]))
     monkeypatch.setattr(tls, "DEFAULT_CA_PATHS", (str(tmp_path / "c.pem"),))
-    assert tls.load_trust(tmp_path / "a.pem", config_ca=tmp_path / "b.pem").certs == (cas[0][0],)
-    assert tls.load_trust(None, config_ca=tmp_path / "b.pem").certs == (cas[1][0],)
-    assert tls.load_trust().certs == (cas[2][0],)
+    assert tls.load_trust(tmp_path / "a.pem", config_ca=tmp_path / "b.pem").certs == (_c(cas[0][0]),)
+    assert tls.load_trust(None, config_ca=tmp_path / "b.pem").certs == (_c(cas[1][0]),)
+    assert tls.load_trust().certs == (_c(cas[2][0]),)
     monkeypatch.setattr(tls, "DEFAULT_CA_PATHS", (str(tmp_path / "none.pem"),))
     with pytest.raises(TrustError) as ei:
         tls.load_trust()
     assert ei.value.code == "no_trusted_ci"
 
 
+def test_trust_holds_cert_objects_whatever_it_was_given(cas):
+    """Trust keeps cert.Certificate objects (agent/cert.py: no `cryptography` on the agent's
+    path); DER bytes and the simulator's cryptography certificates are converted."""
+    a, b = cas[0][0], cas[1][0]
+    t = Trust((a, _der(b), _c(a)), "x")
+    assert t.certs == (_c(a), _c(b), _c(a)) and all(isinstance(c, cert.Certificate) for c in t.certs)
+    assert t.pem() == _pem(a) + _pem(b) + _pem(a)
+    with pytest.raises(TrustError) as ei:
+        Trust((b"\x30\x00",), "x")
+    assert ei.value.code == "bad_ca_file" and "certificate" in ei.value.message
+    with pytest.raises(TrustError) as ei:
+        Trust((), "x")
+    assert ei.value.code == "no_trusted_ci"
+
+
 # --- eUICC CI preference -------------------------------------------------------------------------
 
 def test_for_euicc_filters_by_ski(cas):
-    a, b, c = (x[0] for x in cas)
+    a, b, c = (_c(x[0]) for x in cas)
     t = Trust((a, b, c), "bundle")
-    n = t.for_euicc([_ski(b), b"\x01" * 20])
+    assert a.ski == _ski(cas[0][0])
+    n = t.for_euicc([b.ski, b"\x01" * 20])
     assert n.certs == (b,) and n is not t and n.warnings == []
-    assert t.for_euicc([_ski(a), _ski(b), _ski(c)]) is t
+    assert t.for_euicc([a.ski, b.ski, c.ski]) is t
     assert t.for_euicc([]) is t
     f = t.for_euicc([b"\x02" * 20])
     assert f is t and f.certs == (a, b, c)
     assert any("0202" in w and "whole bundle" in w for w in t.warnings)
-    assert set(t.skis()) == {_ski(a), _ski(b), _ski(c)}
-    assert tls.filter_by_ski([a, b, c], [_ski(c), _ski(a)]) == [a, c]
+    assert set(t.skis()) == {_ski(x[0]) for x in cas}
+    assert tls.filter_by_ski([a, b, c], [c.ski, a.ski]) == [a, c]
     assert tls.filter_by_ski([a, b], [b"\x00"]) == []
 
 
@@ -143,6 +167,7 @@ def test_clock_checks(cas):
     with pytest.raises(TrustError) as ei:
         t.check_clock(NOW - dt.timedelta(days=3))  # after 2024 but before the CI's notBefore
     assert ei.value.code == "clock_unset" and "became valid" in ei.value.message
+    assert ei.value.details["earliest_ci"] == a.not_valid_before_utc.isoformat()
     # with the injected clock
     t2 = Trust((a,), "x", clock=lambda: dt.datetime(2023, 12, 31, tzinfo=dt.timezone.utc))
     with pytest.raises(TrustError):

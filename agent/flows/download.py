@@ -288,12 +288,13 @@ class Downloader:
         """The activation code names the SM-DP+ by OID; CERT.DPauth carries it as its
         SAN registeredID (SGP.22 §4.1, §4.5.2.1). A mismatch means the code points at
         another server than the one answering."""
-        from ..crypto import CertError, load_cert, smdp_oid
+        from ..cert import CertError, parse   # read-only fields: no `cryptography` import (cert.py)
         try:
-            got = smdp_oid(load_cert(cert_der))
+            ids = parse(cert_der).registered_ids
         except CertError as e:
             raise DownloadError("initiateAuthentication",
                                 ProtocolError(f"unreadable SM-DP+ certificate: {e}", code="malformed_certificate"))
+        got = ids[0] if ids else None
         if got != want:
             raise DownloadError("initiateAuthentication", ProtocolError(
                 f"the activation code expects SM-DP+ OID {want}, but the server's certificate says {got or 'none'}",
