@@ -119,7 +119,7 @@ def download(ctx, card: Card, activation_code: str | None = None, smdp: str | No
         server_answered(ctx, address)
         # The install result the card just returned is its pending install notification: sent as is.
         after_change(ctx, card, data, known={res.notification_seq: res.result_der}
-                     if res.notification_seq is not None and res.result_der else None)
+                     if res.notification_seq is not None and res.result_der else None, pool=pool)
         del eid
         return data
     finally:

@@ -34,33 +34,39 @@ def _outbox(ctx):
     return Outbox(ctx.outbox_path())
 
 
-def deliver(ctx, card: Card, seqs=None, *, force: bool = False, known: dict[int, bytes] | None = None):
+def deliver(ctx, card: Card, seqs=None, *, force: bool = False, known: dict[int, bytes] | None = None,
+            pool=None):
     """Deliver pending notifications (all, or ``seqs``); returns the Delivery list.
     ``force``: ignore the back-off of addresses that failed before. ``known``: notifications
-    already read from the card in this run (flows.notifications.process)."""
+    already read from the card in this run (flows.notifications.process). ``pool``: the
+    operation's own ES9+ clients (kept open: a download's connection to its SM-DP+ carries the
+    install result too, without a second TLS handshake), else a pool of our own."""
     from ..flows.notifications import process
-    pool = ctx.servers.pool()
+    own = pool is None
+    if own:
+        pool = ctx.servers.pool()
     try:
         with _outbox(ctx) as outbox:
             return process(card.es10, outbox, pool, eid=card.eid, seqs=seqs, cancel=ctx.cancel, force=force,
                            known=known)
     finally:
-        pool.close()
+        if own:
+            pool.close()
 
 
 _WHERE = {"euicc+outbox": "They stay on the eUICC and in the outbox",
           "outbox": "They are held only in the outbox (no longer on the eUICC)"}
 
 
-def after_change(ctx, card: Card, data: dict, *, known: dict[int, bytes] | None = None) -> None:
+def after_change(ctx, card: Card, data: dict, *, known: dict[int, bytes] | None = None, pool=None) -> None:
     """Send the notifications an operation caused. The operation itself has succeeded:
     delivery failures are reported in ``data`` and as warnings that say where each
     undelivered notification is, kept in the outbox and left on the card for later,
-    never raised. ``known``: as for ``deliver``."""
+    never raised. ``known``, ``pool``: as for ``deliver``."""
     if not ctx.notifications:
         return
     try:
-        data["notifications"] = [d.to_json() for d in deliver(ctx, card, known=known)]
+        data["notifications"] = [d.to_json() for d in deliver(ctx, card, known=known, pool=pool)]
     except AgentError as e:
         if getattr(e, "reason", None) in ("interrupted", "terminated"):
             raise
