@@ -232,7 +232,7 @@ _USAGE_CODES = (
     "no_default_smdp", "no_device", "bad_timeout", "bad_segment_size", "bad_baud", "bad_latency", "bad_aid",
     "bad_transport", "bad_quirk", "segment_size_too_small", "bad_runs", "unknown_operation",
     "config_missing", "config_invalid", "daemon_running",
-    "eim_options_direct",   # --eim-url/--esipa-version/--binding while the daemon runs the card (cli.py)
+    "eim_options_direct",   # --eim-url/--esipa-version/--binding while the daemon runs the card (commands/ipa.py)
     # values given to us
     "bad_iccid", "bad_eid", "bad_imei", "bad_profile_id", "bad_nickname", "bad_address", "bad_es9p_input",
     "bad_key",

@@ -18,6 +18,7 @@ import pytest
 
 from agent import cli
 from agent.cli import main
+from agent.commands import profile as profile_cmds
 from testbed import REPO, Spy, bed, make_bed, testbed_pki  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
@@ -169,7 +170,7 @@ def test_consent_function_answers():
 
     def ask(text):
         err = io.StringIO()
-        return cli._ask_consent(meta, stdin=io.StringIO(text), err=err), err.getvalue()
+        return profile_cmds._ask_consent(meta, stdin=io.StringIO(text), err=err), err.getvalue()
     assert ask("\n")[0] == "later"
     assert ask("")[0] == "later"                    # end of input
     assert ask("later\n")[0] == "later" and ask("L\n")[0] == "later"
@@ -202,8 +203,9 @@ def test_daemon_path_asks_first_and_defaults_to_not_now(monkeypatch, run, tmp_pa
     class Tty(io.StringIO):
         def isatty(self):
             return True
-    monkeypatch.setattr(cli, "_through_daemon", lambda args: True)
-    monkeypatch.setattr(cli, "execute", lambda *a, **k: pytest.fail("nothing may be sent to the daemon"))
+    for where in (cli, profile_cmds):               # main() asks too (no logging set-up for a daemon job)
+        monkeypatch.setattr(where, "_through_daemon", lambda args: True)
+    monkeypatch.setattr(profile_cmds, "execute", lambda *a, **k: pytest.fail("nothing may be sent to the daemon"))
     monkeypatch.setattr(sys, "stdin", Tty("\n"))
     rc, out, err, _ = run("profile", "download", "LPA:1$smdp.example.com$ABC")
     assert rc == 1 and "[y/N]" in err and "order stays usable" in err
