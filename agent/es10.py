@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import codec, tlv
 from .errors import CardError, InputError, ProtocolError, code_for
 from .ids import iccid_from_bytes, iccid_to_bytes
+
+if TYPE_CHECKING:
+    from .es10_iot import AddInitialEimResult, EimConfig, IotInfo, IotProfileInfo
 
 
 class Es10Channel(Protocol):
@@ -406,117 +409,6 @@ def euicc_info2_from_asn1(v: dict, raw: bytes) -> EuiccInfo2:
     )
 
 
-# --- SGP.32 (IoT) ES10b additions (SGP.32 §5.9; docs/protocol.md §7) ----------------------
-
-EIM_ID_TYPES = {1: "oid", 2: "fqdn", 3: "proprietary"}
-EIM_PROTOCOLS = {0: "eimRetrieveHttps", 1: "eimRetrieveCoaps", 2: "eimInjectHttps", 3: "eimInjectCoaps",
-                 4: "eimProprietary"}
-IPA_MODES = {0: "ipad", 1: "ipae"}
-
-
-@dataclass
-class EimConfig:
-    """One EimConfigurationData entry (SGP.32 §2.11.1.1.1), as the eUICC holds it.
-
-    ``public_key`` / ``tls_trust`` are (alternative, DER): ("eimCertificate", certificate DER) or
-    ("eimPublicKey", SubjectPublicKeyInfo DER), resp. trustedCertificateTls / trustedEimPkTls."""
-    eim_id: str
-    fqdn: str | None = None
-    id_type: str | None = None
-    counter: int | None = None
-    association_token: int | None = None
-    public_key: tuple[str, bytes] | None = field(default=None, repr=False)
-    tls_trust: tuple[str, bytes] | None = field(default=None, repr=False)
-    supported_protocols: list[str] = field(default_factory=list)
-    ci_pkid: str | None = None
-    indirect_download: bool = False
-    raw: bytes = field(repr=False, default=b"")
-
-    def to_json(self) -> dict:
-        return {"eim_id": self.eim_id, "fqdn": self.fqdn, "id_type": self.id_type, "counter": self.counter,
-                "association_token": self.association_token,
-                "public_key": self.public_key[0] if self.public_key else None,
-                "tls_trust": self.tls_trust[0] if self.tls_trust else None,
-                "supported_protocols": self.supported_protocols, "ci_pkid": self.ci_pkid,
-                "indirect_download": self.indirect_download}
-
-
-_PK_ALTS = {0xA0: "eimPublicKey", 0xA1: "eimCertificate"}
-_TLS_ALTS = {0xA0: "trustedEimPkTls", 0xA1: "trustedCertificateTls"}
-
-
-def eim_config_from_der(der: bytes) -> EimConfig:
-    """Parse one EimConfigurationData (30 …); the key/certificate DER is cut out of the bytes
-    as received (a certificate is never re-encoded)."""
-    v = codec.decode("EimConfigurationData", der)
-    kids = tlv.children(tlv.parse_single(der))
-
-    def alt(tag: int, names: dict) -> tuple[str, bytes] | None:
-        box = tlv.find(kids, tag)
-        if box is None:
-            return None
-        inner = tlv.children(box)
-        if len(inner) != 1 or inner[0].tag not in names:
-            raise ProtocolError(f"EimConfigurationData: component {tag:X} is not one key or certificate",
-                                code="malformed_asn1")
-        # the [0]/[1] of the inner CHOICE is implicit: the SEQUENCE tag 30 comes back
-        return names[inner[0].tag], tlv.encode(0x30, inner[0].value)
-
-    return EimConfig(
-        eim_id=v["eimId"], fqdn=v.get("eimFqdn"),
-        id_type=EIM_ID_TYPES.get(v["eimIdType"], str(v["eimIdType"])) if "eimIdType" in v else None,
-        counter=v.get("counterValue"), association_token=v.get("associationToken"),
-        public_key=alt(0xA5, _PK_ALTS), tls_trust=alt(0xA6, _TLS_ALTS),
-        supported_protocols=[EIM_PROTOCOLS.get(i, f"bit{i}") for i in bits_set(v.get("eimSupportedProtocol"))],
-        ci_pkid=v["euiccCiPKId"].hex().upper() if v.get("euiccCiPKId") is not None else None,
-        indirect_download="indirectProfileDownload" in v, raw=der)
-
-
-@dataclass
-class AddInitialEimResult:
-    """AddInitialEim's answer, one entry per eIM: its associationToken, or None (addOk)."""
-    association_tokens: list[int | None]
-
-    def to_json(self) -> dict:
-        return {"association_tokens": self.association_tokens}
-
-
-@dataclass
-class IotInfo:
-    """The SGP.32 part of EUICCInfo2 (SGP.32 §5.9.2): what tells an IoT eUICC."""
-    ipa_mode: str | None
-    iot_versions: list[str]
-    ecall_supported: bool
-    fallback_supported: bool
-
-    @property
-    def is_iot(self) -> bool:
-        return self.ipa_mode is not None or bool(self.iot_versions)
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "is_iot": self.is_iot}
-
-
-@dataclass
-class IotProfileInfo(ProfileInfo):
-    """ProfileInfo plus the SGP.32 fallback attributes (9F26, 9F67)."""
-    fallback_attribute: bool = False
-    fallback_allowed: bool | None = None
-
-
-def _pkg_result_tlv(raw: bytes, what: str) -> bytes:
-    """Check that ``raw`` is one BF51 EuiccPackageResult (validated by decoding) and return it."""
-    if not raw:
-        raise ProtocolError(f"{what}: the eUICC returned no data (expected an EuiccPackageResult)",
-                            code="empty_response")
-    try:
-        codec.decode("EuiccPackageResult", raw)
-    except ProtocolError as e:
-        raise ProtocolError(f"{what}: the eUICC's answer is not an EuiccPackageResult: {e.message}",
-                            code="bad_euicc_package_result") from None
-    return raw
-
-
 # --- the client ------------------------------------------------------------------
 
 class Es10:
@@ -673,144 +565,52 @@ class Es10:
             raise Es10Error("CancelSession", CANCEL_SESSION_ERRORS.get(v, "undefinedError"), v)
         return raw
 
-    # --- SGP.32 (IoT) ES10b functions (SGP.32 §5.9) ---------------------------------------
+    # --- SGP.32 (IoT) ES10b functions (SGP.32 §5.9): es10_iot.py, imported on first use -------
 
-    # §5.9.1 LoadEuiccPackage: the eIM's BF51 goes to the card unchanged; its BF51 result comes back
-    # byte for byte (it is signed by the eUICC and relayed to the eIM, docs/protocol.md §0.6).
     def load_euicc_package(self, package_der: bytes) -> bytes:
-        raw = self.call_raw(bytes(package_der), what="LoadEuiccPackage", timeout=self.long_timeout)
-        return _pkg_result_tlv(raw, "LoadEuiccPackage")
+        return _iot().load_euicc_package(self, package_der)
 
-    # §5.9.4 AddInitialEim (unsigned; only while no eIM is associated)
     def add_initial_eim(self, configs) -> AddInitialEimResult:
-        if isinstance(configs, (bytes, bytearray)):
-            configs = [bytes(configs)]
-        for c in configs:
-            eim_config_from_der(c)          # each must be one EimConfigurationData
-        req = tlv.encode(0xBF57, tlv.encode(0xA0, b"".join(bytes(c) for c in configs)))
-        resp = self.call_raw(req, what="AddInitialEim", timeout=self.long_timeout)
-        if not resp:
-            raise ProtocolError("AddInitialEim: the eUICC returned no data", code="empty_response")
-        kind, v = codec.decode("AddInitialEimResponse", resp)
-        if kind != "addInitialEimOk":
-            _check("AddInitialEim", ADD_INITIAL_EIM_ERRORS, v)
-            raise Es10Error("AddInitialEim", "undefinedError", v)
-        return AddInitialEimResult([val if alt == "associationToken" else None for alt, val in v])
+        return _iot().add_initial_eim(self, configs)
 
-    # §5.9.18 GetEimConfigurationData
     def get_eim_configuration_data(self, eim_id: str | None = None) -> list[EimConfig]:
-        req = {"searchCriteria": ("eimId", eim_id)} if eim_id is not None else {}
-        resp = self.call_raw(codec.encode("GetEimConfigurationDataRequest", req), what="GetEimConfigurationData")
-        if not resp:
-            raise ProtocolError("GetEimConfigurationData: the eUICC returned no data", code="empty_response")
-        codec.decode("GetEimConfigurationDataResponse", resp)      # validates the whole structure
-        lst = tlv.find(tlv.children(tlv.parse_single(resp)), 0xA0)
-        return [eim_config_from_der(t.raw) for t in tlv.children(lst)] if lst is not None else []
+        return _iot().get_eim_configuration_data(self, eim_id)
 
-    # §5.9.16 ProfileRollback -> (cmdResult, the rollback's EuiccPackageResult DER or None)
     def profile_rollback(self, refresh: bool = True) -> tuple[int, bytes | None]:
-        resp = self.call_raw(codec.encode("ProfileRollbackRequest", {"refreshFlag": refresh}),
-                             what="ProfileRollback", timeout=self.long_timeout)
-        if not resp:
-            raise ProtocolError("ProfileRollback: the eUICC returned no data", code="empty_response")
-        v = codec.decode("ProfileRollbackResponse", resp)
-        epr = tlv.find(tlv.children(tlv.parse_single(resp)), 0xBF51)
-        return v["cmdResult"], (epr.raw if epr is not None else None)
+        return _iot().profile_rollback(self, refresh)
 
-    def _simple(self, req_type, resp_type, field_name, function, table, refresh):
-        v = self._call(req_type, {"refreshFlag": refresh}, resp_type, timeout=self.long_timeout)
-        _check(function, table, v[field_name])
-
-    # §5.9.20 / §5.9.21 fallback
     def execute_fallback_mechanism(self, refresh: bool = True) -> None:
-        self._simple("ExecuteFallbackMechanismRequest", "ExecuteFallbackMechanismResponse",
-                "executeFallbackMechanismResult", "ExecuteFallbackMechanism", FALLBACK_RESULTS, refresh)
+        return _iot().execute_fallback_mechanism(self, refresh)
 
     def return_from_fallback(self, refresh: bool = True) -> None:
-        self._simple("ReturnFromFallbackRequest", "ReturnFromFallbackResponse", "returnFromFallbackResult",
-                "ReturnFromFallback", RETURN_FROM_FALLBACK_RESULTS, refresh)
+        return _iot().return_from_fallback(self, refresh)
 
-    # §5.9.15 ImmediateEnable
     def immediate_enable(self, refresh: bool = True) -> None:
-        self._simple("ImmediateEnableRequest", "ImmediateEnableResponse", "immediateEnableResult",
-                "ImmediateEnable", IMMEDIATE_ENABLE_RESULTS, refresh)
+        return _iot().immediate_enable(self, refresh)
 
-    # §5.9.17 ConfigureImmediateProfileEnabling
     def configure_immediate_profile_enabling(self, enable: bool, *, smdp_oid: str | None = None,
                                              smdp_address: str | None = None) -> None:
-        req: dict = {}
-        if enable:
-            req["immediateEnableFlag"] = None
-        if smdp_oid is not None:
-            req["defaultSmdpOid"] = smdp_oid
-        if smdp_address is not None:
-            req["defaultSmdpAddress"] = smdp_address
-        v = self._call("ConfigureImmediateProfileEnablingRequest", req, "ConfigureImmediateProfileEnablingResponse")
-        _check("ConfigureImmediateProfileEnabling", CONFIGURE_IMMEDIATE_RESULTS, v["configImmediateEnableResult"])
+        return _iot().configure_immediate_profile_enabling(self, enable, smdp_oid=smdp_oid,
+                                                           smdp_address=smdp_address)
 
-    # §5.9.10 GetCerts -> (EUM certificate DER, eUICC certificate DER), each a 30 … as signed
     def get_certs(self, ci_pkid: bytes | None = None) -> tuple[bytes, bytes]:
-        req = {"euiccCiPKId": ci_pkid} if ci_pkid is not None else {}
-        resp = self.call_raw(codec.encode("GetCertsRequest", req), what="GetCerts")
-        if not resp:
-            raise ProtocolError("GetCerts: the eUICC returned no data", code="empty_response")
-        kind, v = codec.decode("GetCertsResponse", resp)
-        if kind != "certs":
-            _check("GetCerts", GET_CERTS_ERRORS, v)
-            raise Es10Error("GetCerts", "undefinedError", v)
-        box = tlv.children(tlv.parse_single(resp))[0]              # A0
-        certs = {t.tag: tlv.encode(0x30, t.value) for t in tlv.children(box)}   # A5/A6 are implicit
-        return certs[0xA5], certs[0xA6]
+        return _iot().get_certs(self, ci_pkid)
 
-    # §5.9.11 RetrieveNotificationsList with the SGP.32 criteria: the raw items, byte for byte
     def retrieve_sgp32(self, *, seq: int | None = None, euicc_package_results: bool = False,
                        operation: str | None = None) -> list[bytes]:
-        req: dict = {}
-        if euicc_package_results:
-            req["searchCriteria"] = ("euiccPackageResults", None)
-        elif seq is not None:
-            req["searchCriteria"] = ("seqNumber", seq)
-        elif operation is not None:
-            req["searchCriteria"] = ("profileManagementOperation", pmo_bits(operation))
-        resp = self.call_raw(codec.encode("SGP32-RetrieveNotificationsListRequest", req),
-                             what="RetrieveNotificationsList")
-        if not resp:
-            raise ProtocolError("RetrieveNotificationsList: the eUICC returned no data", code="empty_response")
-        kind, v = codec.decode("SGP32-RetrieveNotificationsListResponse", resp)
-        if kind == "notificationsListResultError":
-            if v == 1:
-                return []
-            raise Es10Error("RetrieveNotificationsList", "undefinedError", v)
-        inner = tlv.parse_single(tlv.parse_single(resp).value)
-        return [t.raw for t in tlv.children(inner)]
+        return _iot().retrieve_sgp32(self, seq=seq, euicc_package_results=euicc_package_results,
+                                     operation=operation)
 
     def euicc_package_results(self) -> list[bytes]:
-        """The EuiccPackageResults the eUICC still holds (BF51 each, as signed)."""
-        return [r for r in self.retrieve_sgp32(euicc_package_results=True)
-                if tlv.parse_single(r).tag == 0xBF51]
+        return _iot().euicc_package_results(self)
 
-    # SGP.32 §5.9.2: EUICCInfo2 with the IoT fields; None-ish IotInfo for an SGP.22 card
     def get_iot_info(self) -> IotInfo:
-        raw = self.call_raw(codec.encode("GetEuiccInfo2Request", {}), what="GetEuiccInfo2Request")
-        try:
-            v = codec.decode("SGP32-EUICCInfo2", raw)
-        except ProtocolError:
-            return IotInfo(None, [], False, False)
-        iot = v.get("iotSpecificInfo") or {}
-        return IotInfo(IPA_MODES.get(v["ipaMode"], str(v["ipaMode"])) if "ipaMode" in v else None,
-                       [version_str(x) for x in iot.get("iotVersion", [])],
-                       "ecallSupported" in iot, "fallbackSupported" in iot)
+        return _iot().get_iot_info(self)
 
-    # GetProfilesInfo decoded as SGP.32 ProfileInfo (fallback attributes)
     def get_iot_profiles(self) -> list[IotProfileInfo]:
-        resp = self.call_raw(codec.encode("ProfileInfoListRequest", {}), what="ProfileInfoListRequest")
-        kind, v = codec.decode("SGP32-ProfileInfoListResponse", resp)
-        if kind != "profileInfoListOk":
-            raise Es10Error("GetProfilesInfo", PROFILE_INFO_ERRORS.get(v, f"unknownResult{v}"), v)
-        out = []
-        for p in v:
-            base = profile_from_asn1(p)
-            out.append(IotProfileInfo(**{k: getattr(base, k) for k in base.__dataclass_fields__},
-                                      fallback_attribute=bool(p.get("fallbackAttribute", False)),
-                                      fallback_allowed=p.get("fallbackAllowed")))
-        return out
+        return _iot().get_iot_profiles(self)
+
+
+def _iot():
+    from . import es10_iot
+    return es10_iot

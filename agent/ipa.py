@@ -28,7 +28,8 @@ import logging
 
 from . import codec, esep, esipa, tlv
 from .errors import AgentError, ProtocolError, ServerError, TransportError, UsageError
-from .es10 import ROLLBACK_RESULTS, Es10Error, EimConfig, make_bits
+from .es10 import ROLLBACK_RESULTS, Es10Error, make_bits
+from .es10_iot import EimConfig
 from .ids import eid_to_bytes, iccid_from_bytes
 
 log = logging.getLogger(__name__)

@@ -107,7 +107,7 @@ def eim_config_from_json(obj) -> bytes:
 def read_eim_configs(file: str) -> list[bytes]:
     """EimConfigurationData entries from a file: DER (one or more 30 TLVs) or JSON (an object, a
     list of objects, or {"eimConfigurationDataList": [...]})."""
-    from ..es10 import eim_config_from_der
+    from ..es10_iot import eim_config_from_der
     try:
         data = Path(file).read_bytes()
     except OSError as e:
@@ -189,7 +189,7 @@ def _record_poll(ctx, record: dict) -> None:
 
 def add_eim(ctx, card: Card, file: str) -> dict:
     """ES10b AddInitialEim with the EimConfigurationData of ``file`` (DER or JSON)."""
-    from ..es10 import eim_config_from_der
+    from ..es10_iot import eim_config_from_der
     configs = read_eim_configs(file)
     if ctx.steps.seen("added") is None:
         ctx.steps.step("add", eims=[eim_config_from_der(c).eim_id for c in configs])
