@@ -46,6 +46,7 @@ from typing import Callable
 
 from . import tlv
 from .errors import AgentError, InputError, ProtocolError, ServerError, TimeoutError_, TransportError, UsageError
+from .http1 import MalformedAnswer
 from .httpdeadline import ConnectFailed, DeadlineWatch, HttpFailure
 from .tls import TlsError, Trust, load_trust, make_session, map_ssl_error
 
@@ -430,10 +431,8 @@ class Es9pClient:
         if stage in ("tcp", "tls"):
             return TransportError(f"cannot connect to {where} ({function}): {cause}", code="connection_failed",
                                   details=details)
-        import http.client
-        if isinstance(cause, http.client.HTTPException) and not isinstance(
-                cause, (ConnectionError, http.client.IncompleteRead)):
-            # not HTTP at all (a bad status line, oversized or malformed headers)
+        if isinstance(cause, MalformedAnswer):
+            # not HTTP at all (a bad status line, oversized or malformed headers, a bad chunk size)
             return TransportError(f"HTTP request {function} to {where} failed: {cause!r}", code="http_failed",
                                   details=details)
         return TransportError(f"the connection to {where} dropped during {function}", code="connection_lost",

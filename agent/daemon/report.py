@@ -7,13 +7,13 @@ queued until a 2xx answer, retried with exponential back-off and jitter. The
 ``Idempotency-Key`` header carries the report's id, so a delivery repeated
 after a lost answer or a crash is harmless to the receiver.
 
-Plain http.client + ssl on purpose: the daemon process stays small (the
-requests stack lives only in the card worker).
+The package's one HTTP client (httpdeadline.HttpSession: ssl and our own HTTP/1.1 answer
+reader, no http.client or requests), one connection per report; connected straight, not
+through https_proxy as ES9+ traffic is, as before.
 """
 from __future__ import annotations
 
 import datetime as dt
-import http.client
 import json
 import logging
 import ssl
@@ -21,6 +21,8 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+from ..http1 import IncompleteAnswer
+from ..httpdeadline import HttpFailure, HttpSession
 from .log import emit
 
 log = logging.getLogger("esim-agent.daemon")
@@ -119,21 +121,30 @@ class Reporter:
         try:
             if u.scheme == "https":
                 ctx = ssl.create_default_context(cafile=self.ca) if self.ca else ssl.create_default_context()
-                conn = http.client.HTTPSConnection(u.hostname, u.port or 443, timeout=self.timeout, context=ctx)
+                session = HttpSession(ctx, use_proxy=False)
             elif u.scheme == "http" and self.insecure_http:
-                conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=self.timeout)
+                session = HttpSession(use_proxy=False)
             else:
                 raise ReportError(f"report_url {self.url!r} is not https:// (plain HTTP needs report_insecure_http)")
-            try:
-                conn.request("POST", (u.path or "/") + (f"?{u.query}" if u.query else ""), body=data,
-                             headers=headers)
-                resp = conn.getresponse()
-                resp.read(64 * 1024)
-            finally:
-                conn.close()
+            with session:
+                resp = session.request("POST", self.url, data, headers, connect_timeout=self.timeout,
+                                       read_timeout=self.timeout)
+                got = 0
+                try:
+                    while got < 64 * 1024:      # read (and drop) at most 64 KiB of the answer
+                        chunk = session.read1(resp, 64 * 1024 - got)
+                        if not chunk:
+                            break
+                        got += len(chunk)
+                except HttpFailure as e:
+                    if not isinstance(e.cause, IncompleteAnswer):
+                        raise               # a body cut short still leaves the status to go by
         except ReportError:
             raise
-        except (OSError, http.client.HTTPException, ssl.SSLError) as e:
+        except HttpFailure as e:
+            c = e.cause
+            raise ReportError(f"{u.hostname}: {type(c).__name__}: {c} after {time.monotonic() - start:.1f} s") from None
+        except (OSError, ssl.SSLError) as e:
             raise ReportError(f"{u.hostname}: {type(e).__name__}: {e} after {time.monotonic() - start:.1f} s") from None
         if not 200 <= resp.status < 300:
             raise ReportError(f"{u.hostname} answered HTTP {resp.status}")

@@ -133,11 +133,11 @@ _OPS = {
 #: (A download imports the outbox's code later, while the package loads: ops/download.py.)
 _PRELOAD = {
     "profile.download": ("agent.flows.download", "agent.es9p", "agent.tls", "agent.cert", "agent.httpdeadline",
-                         "http.client", "ssl", "agent.bpp"),
+                         "ssl", "agent.bpp"),
     "sync": ("agent.flows.download", "agent.es9p", "agent.tls", "agent.cert", "agent.httpdeadline",
-             "http.client", "ssl", "agent.bpp"),
+             "ssl", "agent.bpp"),
     "notification.process": ("agent.flows.notifications", "agent.es9p", "agent.tls", "agent.httpdeadline",
-                             "http.client", "ssl", "agent.store"),
+                             "ssl", "agent.store"),
 }
 
 
