@@ -12,14 +12,13 @@ import logging
 
 from ..errors import AgentError, UsageError
 from .card import Card
-from .notifications import after_change, deliver, server_answered
 
 log = logging.getLogger(__name__)
 
 
 #: What sending the install result needs (the outbox, then ES9+ handleNotification), imported
 #: while the package loads.
-AFTER_INSTALL = ("agent.store", "agent.flows.notifications")
+AFTER_INSTALL = ("agent.ops.notifications", "agent.store", "agent.flows.notifications")
 
 
 class NothingWaiting(AgentError):
@@ -74,6 +73,7 @@ def download(ctx, card: Card, activation_code: str | None = None, smdp: str | No
         if p is not None:
             data = {"profile": p.to_json(), "smdp_address": address, "transaction_id": earlier.get("transaction_id"),
                     "resumed": True}
+            from .notifications import after_change
             after_change(ctx, card, data)
             return data
 
@@ -104,6 +104,7 @@ def download(ctx, card: Card, activation_code: str | None = None, smdp: str | No
         except DownloadError as e:
             # A refused package leaves a signed error result for the SM-DP+: send it too.
             if e.details.get("notification_seq") is not None and ctx.notifications:
+                from .notifications import deliver, server_answered
                 server_answered(ctx, address)
                 try:
                     e.details["notifications"] = [d.to_json() for d in deliver(ctx, card)]
@@ -116,6 +117,7 @@ def download(ctx, card: Card, activation_code: str | None = None, smdp: str | No
                 "bytes_loaded": res.apdu_bytes_loaded,
                 "metadata": res.metadata.to_json()}
         ctx.steps.step("installed", iccid=res.iccid, transaction_id=res.transaction_id)
+        from .notifications import after_change, server_answered
         server_answered(ctx, address)
         # The install result the card just returned is its pending install notification: sent as is.
         after_change(ctx, card, data, known={res.notification_seq: res.result_der}
