@@ -25,6 +25,16 @@ class Script:
         self.commands: list[str] = []
         if stale:
             os.write(self.master, stale)        # waiting on the line before anyone opens it
+            # The pty hands written bytes to the other side from a kernel work queue: wait until
+            # they are there, or a loaded machine opens the port before they "were waiting".
+            import fcntl
+            import select
+            import termios
+            end = time.monotonic() + 5
+            while time.monotonic() < end:
+                select.select([self.slave], [], [], 0.05)
+                if int.from_bytes(fcntl.ioctl(self.slave, termios.FIONREAD, b"\0\0\0\0"), "little") >= len(stale):
+                    break
         self._stop = False
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()

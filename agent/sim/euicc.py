@@ -208,6 +208,19 @@ class SimEuicc:
             self._state_lock.release()
             self._state_lock = None
 
+    def warm(self) -> None:
+        """Do the one-time work of a first download ahead of it: import the BPP code, load
+        the ASN.1 tables, parse the card's key and certificates. ``sim modem`` runs this in
+        the background at start, so the first download's card answers are as quick as later
+        ones' (it changes nothing: the card works the same without it)."""
+        from .. import codec, es8p  # noqa: F401
+        from . import upp  # noqa: F401
+        codec.warm()
+        ident = self.state.identity
+        for name in ("euicc_key", "euicc_cert_der", "ci_certs"):
+            getattr(ident, name)             # cached properties: parsed once, here
+        ident.eum_cert_der()
+
     # --- public API (the modem, the CLI's --sim and the tests use it) ----------
     @property
     def eid(self) -> str:

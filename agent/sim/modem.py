@@ -63,8 +63,21 @@ the caller's; counting them would make ``@N`` depend on the transport's
 channel handling. Error and silent faults drop the command before the card
 sees it, so the card state is what it was before.
 
-``--baud N`` emulates a UART: a command of n bytes is handled no earlier than
-n·10/baud after its first byte arrived, and replies are written at n·10/baud.
+``--baud N`` emulates a UART (8N1: 10 bit times a byte), both ways on absolute
+schedules, never faster than the line and not slower either:
+
+* receiving: every byte the host writes takes its 10/baud slot on the modem's receive
+  line, from when it reaches the pty or when the line has finished the bytes before it,
+  whichever is later; a command is answered no earlier than its terminator has been
+  received (an n-byte command written at once: n·10/baud after its first byte arrived).
+  Commands run once received, except that with echo off AT+CSIM/CGLA/CCHO/CCHC run as soon
+  as the pty holds all of the line, so that the card's work overlaps the receive time;
+* sending: reply byte k is released no earlier than start + k·10/baud, start being when
+  the reply is ready or when the line has sent the previous reply, whichever is later;
+  the last deadlines of a command and of a reply are kept to a few microseconds
+  (select's wake-up, ~0.1 ms late, is finished by spinning);
+* the ``--stats`` file is rewritten while a reply is on the line when the reply is long
+  enough to hide the write (before its last byte leaves), else right after the reply.
 """
 from __future__ import annotations
 
@@ -120,6 +133,9 @@ class Faults:
     reenumerate: float | None = None                # seconds the port is gone; None: no re-enumeration
 
 
+#: The last part of a deadline that matters (a command fully received, the last byte of a
+#: reply) is waited for by spinning: select's wake-up comes ~0.1 ms late.
+SPIN_S = 0.0004
 #: How long the modem answers SIM busy after a REFRESH (fault "refresh").
 REFRESH_BUSY_S = 0.5
 #: How long the port is gone when the modem re-enumerates (fault "reenumerate").
@@ -294,6 +310,8 @@ def _cla_for(cla: int, channel: int) -> int:
     return cla_for(base, channel)
 
 
+#: The commands that reach the card (whose work may overlap their receive time, see --baud).
+_CARD_COMMAND = re.compile(rb"\s*AT\+(CSIM|CGLA|CCHO|CCHC)=", re.IGNORECASE)
 _CSIM = re.compile(r'^(\d+)\s*,\s*"?([0-9A-Fa-f]*)"?$')
 _CGLA = re.compile(r'^"?([0-9A-Za-z]+)"?\s*,\s*(\d+)\s*,\s*"?([0-9A-Fa-f]*)"?$')
 
@@ -800,6 +818,12 @@ class ModemServer:
         os.set_blocking(self._wake_w, False)
         self._stop = threading.Event()
         self._line_free = 0.0                    # when the emulated UART finishes the last reply
+        self._rx_free = 0.0                      # when its receive side has taken in all bytes read
+        # receive schedule of the bytes not yet consumed as commands: [start, count] runs,
+        # byte i of a run done receiving at start + (i + 1)·10/baud
+        self._rx_runs: list[list] = []
+        self._stats_saved: tuple | None = None   # the counters the --stats file holds
+        self._stats_cost = 0.0005                # how long rewriting it takes (running estimate)
         self._back_at: float | None = None       # while re-enumerating: when the new port appears
         self.enumerations = 0
         self.on_new_port: Callable[["ModemServer"], None] | None = None
@@ -867,7 +891,8 @@ class ModemServer:
         """The device is back: a new pty, the link pointed at it, the modem at power-on state."""
         self._back_at = None
         self._open_pty()
-        self._line_free = 0.0
+        self._line_free = self._rx_free = 0.0
+        self._rx_runs = []
         self.logic.power_on()
         self.enumerations += 1
         if self.link:
@@ -902,14 +927,21 @@ class ModemServer:
                 pass
 
     # --- timing -------------------------------------------------------------------------
-    def _sleep_until(self, t: float) -> None:
+    def _sleep_until(self, t: float, *, precise: bool = False) -> None:
+        """Return at ``t``, never before. ``precise``: also not noticeably after (select's
+        wake-up comes ~0.1 ms late; the last SPIN_S is spun instead)."""
+        margin = SPIN_S if precise else 0.0
         while True:
             if self._stop.is_set():
                 raise _Stop()
             left = t - time.monotonic()
             if left <= 0:
                 return
-            select.select([self._wake_r], [], [], left)
+            if left <= margin:
+                while time.monotonic() < t:
+                    pass
+                return
+            select.select([self._wake_r], [], [], left - margin)
 
     def _write_now(self, data: bytes) -> None:
         view = memoryview(data)
@@ -932,25 +964,34 @@ class ModemServer:
                     return
                 raise
 
-    def _write(self, data: bytes, *, start: float | None = None) -> None:
+    def _write(self, data: bytes, *, start: float | None = None, reply: bool = False) -> None:
         """Send ``data``, paced at the baud rate from ``start`` (default: now) or from when
-        the line is free, whichever is later."""
+        the line is free, whichever is later: byte k leaves no earlier than t0 + k·10/baud
+        (an absolute schedule, so the per-write overheads do not add up). ``reply``: the
+        answer that completes a command; the --stats file is rewritten while it is on the
+        line if that hides the write."""
         if not data:
             return
         self.logic.stats.bytes_modem_to_host += len(data)
         if not self.baud:
+            if start is not None:
+                self._sleep_until(start)          # a delayed answer; no-op for one due already
             self._write_now(data)
             return
         per = 10.0 / self.baud                  # 8N1: 10 bit times per byte
         t0 = max(time.monotonic() if start is None else start, self._line_free)
+        end = t0 + len(data) * per
+        self._line_free = end
+        if reply:
+            self._save_stats_before(end)
         chunk = max(16, int(self.baud / 10 * 0.004))   # ~4 ms of line time per write
         sent = 0
         while sent < len(data):
             piece = data[sent:sent + chunk]
             sent += len(piece)
-            self._sleep_until(t0 + sent * per)  # the last byte of this piece is "on the wire" now
+            # the last byte of this piece is "on the wire" now
+            self._sleep_until(t0 + sent * per, precise=sent >= len(data))
             self._write_now(piece)
-        self._line_free = t0 + len(data) * per
 
     # --- main loop ---------------------------------------------------------------------------
     def _wait(self) -> float:
@@ -964,15 +1005,38 @@ class ModemServer:
         for u in self.logic.poll_urcs():
             self._write(f"\r\n{u}\r\n".encode())
 
+    def _received(self, n: int, now: float) -> None:
+        """``n`` bytes reached the pty at ``now``: put them on the receive line's schedule."""
+        start = max(now, self._rx_free)
+        self._rx_runs.append([start, n])
+        self._rx_free = start + n * 10.0 / self.baud if self.baud else start
+
+    def _take(self, n: int) -> tuple[float, float]:
+        """Consume the next ``n`` bytes of the receive schedule: (when the first of them
+        started arriving, when the last one had arrived)."""
+        per = 10.0 / self.baud if self.baud else 0.0
+        runs = self._rx_runs
+        first = runs[0][0] if runs else time.monotonic()
+        done = first
+        while n > 0 and runs:
+            run = runs[0]
+            k = min(n, run[1])
+            done = run[0] + k * per
+            n -= k
+            if k == run[1]:
+                runs.pop(0)
+            else:
+                run[0], run[1] = done, run[1] - k
+        return first, done
+
     def serve(self) -> None:
         buf = b""
-        first = None                # arrival time of the current command's first byte
         try:
             while not self._stop.is_set():
                 if self._back_at is not None:            # re-enumerating: no port at all
                     self._sleep_until(self._back_at)
                     self._come_back()
-                    buf, first = b"", None
+                    buf = b""
                     continue
                 r, _, _ = select.select([self.master, self._wake_r], [], [], self._wait())
                 if self._wake_r in r or self._stop.is_set():
@@ -992,35 +1056,38 @@ class ModemServer:
                 if not data:
                     continue
                 self.logic.stats.bytes_host_to_modem += len(data)
-                now = time.monotonic()
-                if first is None:
-                    first = now
+                self._received(len(data), time.monotonic())
                 buf += data
                 while True:
                     m = re.search(rb"[\r\n]", buf)
                     if m is None:
                         if len(buf) > MAX_INPUT_LINE:       # bounded: junk without a line end
-                            buf, first = b"", None
+                            buf = b""
+                            self._rx_runs.clear()
                         break
                     raw, buf = buf[:m.start()], buf[m.end():]
+                    first, done = self._take(m.end())
                     if raw.strip():
-                        answer = self._command(raw, first or now, len(raw) + 1)
+                        answer = self._command(raw, first, done)
                         if answer is not None and answer.reenumerate:
                             self._vanish(self.logic.f.reenumerate or 0.0)
-                            buf, first = b"", None    # whatever else was sent is lost with the port
+                            buf = b""                 # whatever else was sent is lost with the port
+                            self._rx_runs.clear()
                             break
                         self._send_urcs()             # a change this command caused
-                    first = time.monotonic() if buf.strip(b"\r\n") else None
+                        self._save_stats()            # unless written with the reply already
         except _Stop:
             pass
 
-    def _command(self, raw: bytes, first: float, nbytes: int) -> Answer | None:
+    def _command(self, raw: bytes, first: float, done: float) -> Answer | None:
+        """One command line: ``first`` is when its first byte started arriving on the
+        emulated line, ``done`` when its terminator had arrived."""
         try:
-            return self._command_inner(raw, first, nbytes)
+            return self._command_inner(raw, first, done)
         finally:
             self._save_stats()
 
-    def _command_inner(self, raw: bytes, first: float, nbytes: int) -> Answer | None:
+    def _command_inner(self, raw: bytes, first: float, done: float) -> Answer | None:
         if len(raw) > MAX_INPUT_LINE:
             self._write(b"\r\nERROR\r\n")
             return None
@@ -1031,29 +1098,54 @@ class ModemServer:
             # from the command's first byte and ends as the command's last byte arrives.
             logic.stats.echo_bytes += len(raw) + 1
             self._write(raw + b"\r", start=first)
-        if self.baud:
-            self._sleep_until(first + nbytes * 10.0 / self.baud)
+        if self.baud and (echo or not _CARD_COMMAND.match(raw)):
+            self._sleep_until(done, precise=True)
+        # Else a command for the card runs as soon as all of it is in the pty (which delivers
+        # it at once), while the emulated line is still receiving it: the card's computing
+        # then hides in line time instead of adding to it. Its answer leaves no earlier than
+        # the command's last byte has arrived on the line, as from a real modem.
         line = raw.decode("ascii", "replace")
         answer = logic.handle(line)
         if answer is None or answer.silent:
             return answer
-        if answer.delay:
-            self._sleep_until(time.monotonic() + answer.delay)
-        self._write(logic.render(answer))
+        # a delayed answer (--latency, fault delay) starts on the line that much later
+        self._write(logic.render(answer), start=max(done, time.monotonic()) + answer.delay, reply=True)
         return answer
 
+    def _stats_key(self) -> tuple:
+        st = self.logic.stats
+        return tuple(getattr(st, f) for f in st.__dataclass_fields__)
+
+    def _save_stats_before(self, deadline: float) -> None:
+        """Rewrite the --stats file now if that is done well before ``deadline`` (the last
+        byte of the reply on the line): the write is then hidden in line time."""
+        if (self.stats_path and self._stats_saved != self._stats_key()
+                and deadline - time.monotonic() > 1.5 * self._stats_cost + SPIN_S):
+            self._save_stats()
+
     def _save_stats(self) -> None:
-        """Rewrite the --stats file (atomically) after every command."""
+        """Rewrite the --stats file (atomically) when the counters changed since it was last
+        written: after every command at the latest."""
         if not self.stats_path:
             return
-        doc = {**self.logic.stats.to_json(), "baud": self.baud}
+        key = self._stats_key()
+        if key == self._stats_saved:
+            return
+        t = time.monotonic()
+        data = json.dumps({**self.logic.stats.to_json(), "baud": self.baud}).encode()
         tmp = f"{self.stats_path}.tmp{os.getpid()}"
         try:
-            with open(tmp, "w") as f:
-                json.dump(doc, f)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
             os.replace(tmp, self.stats_path)
         except OSError as e:
             log.warning("cannot write modem stats to %s: %s", self.stats_path, e)
+            return
+        self._stats_saved = key
+        self._stats_cost = 0.7 * self._stats_cost + 0.3 * (time.monotonic() - t)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -1094,6 +1186,8 @@ def serve_modem(state_path, *, link: str | None = None, preload: int = 0, baud: 
             opened.close()
         raise
     server.on_new_port = lambda s: print(s.path, flush=True)
+    if opened is not None:
+        threading.Thread(target=_warm_card, args=(opened,), name="sim-card-warm", daemon=True).start()
     old = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1109,6 +1203,14 @@ def serve_modem(state_path, *, link: str | None = None, preload: int = 0, baud: 
         server._cleanup()
         if opened is not None:
             opened.close()
+
+
+def _warm_card(card) -> None:
+    """Background: the card's one-time start-up work (SimEuicc.warm) before the host needs it."""
+    try:
+        card.warm()
+    except Exception:  # only an optimisation: the card does the same work on first use
+        log.debug("warming the simulated card failed", exc_info=True)
 
 
 def claim_link(link: str):

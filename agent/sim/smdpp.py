@@ -187,10 +187,27 @@ class Es9Service:
         self.ci_pkid = crypto.ski(pki.ci.cert)
         self.smdp_oid = crypto.smdp_oid(pki.dpauth.cert) or pki.smdp_oid
         self.host_id = self.smdp_oid.encode()
+        self._configure_isdp: bytes | None = None
 
     @property
     def address(self) -> str:
         return self.store.smdp_address
+
+    def warm(self) -> None:
+        """Do the one-time work of a first download ahead of it: load the ASN.1 tables, import
+        the profile package and BPP code, and bind a throw-away package once (first use of
+        every primitive). ``sim smdpp`` runs this in the background at start, so the first
+        download's answers are as quick as later ones'; it touches no session or order."""
+        from ..es8p import bind_bpp
+        from .upp import make_upp
+        codec.warm()
+        otpk = crypto.public_point(crypto.generate_key(self.pki.dppb.key.curve))
+        upp = make_upp(iccid="89999000000000000000", imsi="001010000000000", ki=bytes(16), opc=bytes(16))
+        metadata = codec.encode("StoreMetadataRequest", {"iccid": iccid_to_bytes("89999000000000000000"),
+                                                         "serviceProviderName": SERVICE_PROVIDER,
+                                                         "profileName": "warm-up"})
+        bind_bpp(transaction_id=bytes(16), euicc_otpk=otpk, dppb_key=self.pki.dppb.key, eid=bytes(16),
+                 host_id=self.host_id, configure_isdp=self.configure_isdp(), store_metadata=metadata, upp=upp)
 
     # Entry point -----------------------------------------------------------------------------
 
@@ -446,8 +463,12 @@ class Es9Service:
         return codec.encode("StoreMetadataRequest", value)
 
     def configure_isdp(self) -> bytes:
-        """ConfigureISDPRequest BF24{B8 dpProprietaryData{80 dpOid}}: tells the eUICC which SM-DP+ made it."""
-        return codec.encode("ConfigureISDPRequest", {"dpProprietaryData": {"dpOid": self.smdp_oid}})
+        """ConfigureISDPRequest BF24{B8 dpProprietaryData{80 dpOid}}: tells the eUICC which SM-DP+ made it
+        (the same for every package of this SM-DP+: encoded once)."""
+        if self._configure_isdp is None:
+            self._configure_isdp = codec.encode("ConfigureISDPRequest",
+                                                {"dpProprietaryData": {"dpOid": self.smdp_oid}})
+        return self._configure_isdp
 
     # getBoundProfilePackage ---------------------------------------------------------------------
 
@@ -882,6 +903,14 @@ class SmdpServer:
         self.stop()
 
 
+def _warm(es9: Es9Service) -> None:
+    """Background: the SM-DP+'s one-time start-up work (Es9Service.warm)."""
+    try:
+        es9.warm()
+    except Exception:  # only an optimisation: the first download does the same work
+        _log.debug("warming the SM-DP+ failed", exc_info=True)
+
+
 def serve_smdpp(pki_dir, *, port: int = 0, host: str = "127.0.0.1", address: str | None = None,
                 auth: tuple[str, str] | None = None, state_path=None, ready=None,
                 profile_size: int | None = None, session_ttl: float = SESSION_TTL) -> None:
@@ -898,6 +927,7 @@ def serve_smdpp(pki_dir, *, port: int = 0, host: str = "127.0.0.1", address: str
         signal.signal(signal.SIGTERM, _term)
     except ValueError:  # not the main thread
         pass
+    threading.Thread(target=_warm, args=(server.es9,), name="smdpp-warm", daemon=True).start()
     if ready is not None:
         ready(server)
     try:

@@ -205,19 +205,26 @@ def make_upp(*, iccid: str, imsi: str, ki: bytes, opc: bytes,
         end = _enc(PE_END, _pe_header(filler_id))  # no filler: keep the ids contiguous
     else:
         n = pad_to - base
-        # Shrink the filler content until the whole PE (with its headers) fits exactly.
-        content_len = n
-        while content_len > 0 and len(_filler_pe(filler_id, content_len)) > n:
-            content_len -= 1
+        # The largest filler content whose whole PE (with its headers) fits in n bytes. The
+        # headers cost len(pe) - content, which only grows with the content (longer length
+        # fields): n minus the headers of an n-byte content always fits, and at most a few
+        # bytes more may fit too.
+        content_len = max(0, n - (len(_filler_pe(filler_id, n)) - n))
+        while content_len < n and len(_filler_pe(filler_id, content_len + 1)) <= n:
+            content_len += 1
         # (a length-field step can make an exact fit impossible: then a few bytes short)
         pes.append(_filler_pe(filler_id, content_len))
     return b"".join(pes) + end
 
 
+#: The filler pattern, byte i = (7·i + 3) mod 256, repeats every 256 bytes.
+_FILLER_PERIOD = bytes((i * 7 + 3) & 0xFF for i in range(256))
+
+
 def _filler_pe(ident: int, size: int) -> bytes:
     """PE-GenericFileManagement creating a transparent EF 2FB0 under the MF, filled
     with a deterministic pattern (benchmark padding)."""
-    content = bytes((i * 7 + 3) & 0xFF for i in range(size))
+    content = (_FILLER_PERIOD * (size // 256 + 1))[:size]
     cmd = (_enc(0x80, b"")                                                   # filePath: MF
            + _enc(0x62, _fcp(descriptor=b"\x41\x21", fid=b"\x2f\xb0", size=max(size, 1)))
            + _enc(0x81, content))
