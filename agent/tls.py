@@ -38,7 +38,6 @@ import, http.client ~10 ms and 1.6 MB (it imports the email package), for nothin
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import logging
 import os
 import ssl
@@ -245,7 +244,7 @@ class Trust:
         """Role-OID policy on the server certificate (chain/host/validity are OpenSSL's)."""
         if not der:
             raise TlsError(f"{host} presented no TLS certificate", code="tls_untrusted")
-        key = hashlib.sha256(der).digest()
+        key = bytes(der)                # the certificate itself: checked once per connection's peer
         if key in self._peer_checked:
             return
         try:

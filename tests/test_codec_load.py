@@ -90,3 +90,54 @@ def test_permitted_alphabet_stand_in_equals_the_real_module():
     """)], capture_output=True, text=True, timeout=60, cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert mine.returncode == 0, mine.stderr
     assert mine.stdout == real.stdout
+
+
+def _strptime_reading(s: str):
+    import datetime
+    try:
+        if len(s) != 13 or s[-1] != "Z":
+            raise ValueError
+        return datetime.datetime.strptime(s[:-1], "%y%m%d%H%M%S")
+    except ValueError:
+        return "error"
+
+
+def test_utc_time_reads_as_asn1tools_strptime_did_without_strptime():
+    """codec._patch_der reads DER UTCTime without datetime.strptime (whose first use costs a
+    download ~5 ms): same datetimes as asn1tools' own reading, same refusals, and no _strptime."""
+    import datetime
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    codec.warm()
+    from asn1tools.codecs import der
+    ours = der.restricted_utc_time_to_datetime
+
+    def read(s):
+        try:
+            return ours(s)
+        except Exception as e:
+            assert type(e).__name__ == "DecodeError", e
+            return "error"
+
+    for s in ("261129193030Z", "500101000000Z", "491231235959Z", "680101000000Z", "690101000000Z",
+              "991231235959Z", "000229000000Z", "010229000000Z", "261329000000Z", "261100000000Z",
+              "261129246000Z", "261129235960Z", "26112919303Z", "2611291930300Z", "261129193030",
+              "261129193030+", "2611291930 0Z", "-61129193030Z"):
+        assert read(s) == _strptime_reading(s), s
+    # The contents reach it decoded as ASCII (der.UTCTime), so strptime's Unicode digits never
+    # could; refusing them is stricter, not different.
+    assert read("２61129193030Z") == "error"
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.datetimes(min_value=datetime.datetime(1969, 1, 1), max_value=datetime.datetime(2068, 12, 31)))
+    def same_datetime(d):
+        s = d.strftime("%y%m%d%H%M%S") + "Z"
+        assert read(s) == _strptime_reading(s) == d.replace(microsecond=0)
+
+    same_datetime()
+    r = subprocess.run([sys.executable, "-c", "import sys\nfrom agent import codec\ncodec.warm()\n"
+                        "from asn1tools.codecs import der\n"
+                        "der.restricted_utc_time_to_datetime('261129193030Z')\n"
+                        "print('_strptime' in sys.modules)"], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "False", r.stderr
