@@ -153,3 +153,28 @@ def test_trouble_at_start_takes_the_full_resync(script, tmp_path, monkeypatch, k
         assert p.query("AT+CGMI", "+CGMI:") == "SCRIPTED"
         assert p.query("AT+CMEE?", "+CMEE:") == "1"
     assert s.echo is True and s.cmee == 0
+
+
+def test_idle_work_runs_while_the_modem_is_awaited_and_changes_no_answer(script, tmp_path):
+    """AtPort.when_idle (agent/preload.py): the work runs instead of blocking reads, one piece
+    at a time, until it says it is done; a piece that raises ends it; answers are unchanged."""
+    done = []
+
+    def work():
+        done.append(len(done))
+        return len(done) < 3
+
+    s = script()
+    with _open(s, tmp_path) as p:
+        p.when_idle(work)
+        p.start()
+        assert p.query("AT+CGMI", "+CGMI:") == "SCRIPTED"
+        assert done == [0, 1, 2]                     # all three ran, and nothing after "done"
+        assert p._idle is None
+
+        def broken():
+            raise RuntimeError("a bad import step")
+        p.when_idle(broken)
+        assert p.query("AT+CGMI", "+CGMI:") == "SCRIPTED"
+        assert p._idle is None
+    assert s.echo is True and s.cmee == 0             # left as found

@@ -99,12 +99,14 @@ class Card:
             t = DirectTransport(self._sim, trace=s.trace)
         else:
             from ..transport.open import open_transport
+            work = None
             if self.preload:
-                from .. import preload
-                preload.start(self.preload)
+                from ..preload import Steps
+                work = Steps(self.preload) or None
                 self.preload = ()       # once: a reconnect finds them imported
             t = open_transport(s.device, transport=s.transport, timeout=s.timeout, long_timeout=s.long_timeout,
-                               quirks=dict(s.quirks) or None, trace=s.trace, baud=s.baud, lock=s.lock)
+                               quirks=dict(s.quirks) or None, trace=s.trace, baud=s.baud, lock=s.lock,
+                               idle=work)
             if self.cancel is not None:
                 t.port.watch(self.cancel)
         from ..apdu import Isdr
@@ -135,6 +137,16 @@ class Card:
         sim, self._sim = self._sim, None
         if sim is not None:
             sim.close()
+
+    def while_waiting(self, steps) -> None:
+        """Import ``steps`` (agent/preload.py) while the modem is being waited for; nothing for the
+        in-process simulator, where nothing waits (the operation imports them when it needs them)."""
+        port = self.at_port
+        if port is not None:
+            from ..preload import Steps
+            work = Steps(steps)
+            if work:
+                port.when_idle(work)
 
     def watch(self, token) -> None:
         """A new operation with its own CancelToken (the daemon's worker, job by job)."""

@@ -87,8 +87,8 @@ def download(ctx, card: Card, activation_code: str | None = None, smdp: str | No
         # delivering its install result needs meanwhile (agent/preload.py), not before the first
         # ES9+ call, where it would hold up the download.
         if step == "loading profile" and not loading:
-            from .. import preload
-            loading.append(preload.start(AFTER_INSTALL))
+            loading.append(True)
+            card.while_waiting(AFTER_INSTALL)
         if ctx.progress is not None:
             ctx.progress(step, done, total)
     try:

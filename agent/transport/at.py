@@ -399,6 +399,7 @@ class AtPort:
         self.pending = False          # a command was interrupted before its final result
         self.dead = False             # the port stopped answering even AT
         self._stale_at_open = False   # input was waiting when the port was opened (see start())
+        self._idle = None             # work to do instead of blocking on a read (when_idle)
         if not os.path.exists(device):
             why = "a dangling link" if os.path.islink(device) else "no such file"
             raise TransportError(f"modem port {device} not found ({why}): check the modem is connected and "
@@ -455,11 +456,27 @@ class AtPort:
                                 "(modem reset or unplugged?)") from None
         self.stats.bytes_out += len(data)
 
+    def when_idle(self, work) -> None:
+        """Call ``work()`` instead of blocking while nothing is waiting from the modem, until it
+        returns False (agent/preload.py: a command's next imports while the modem answers). A
+        step delays reading an answer that arrives meanwhile by its own length, never longer."""
+        self._idle = work if work else None
+
     def _read_some(self) -> bytes:
         """Whatever is waiting, or wait up to one READ_SLICE for at least one byte."""
         serial = self._serial
         try:
-            data = self._ser.read(self._ser.in_waiting or 1)
+            waiting = self._ser.in_waiting
+            while not waiting and self._idle is not None:
+                idle, self._idle = self._idle, None
+                try:
+                    more = idle()
+                except Exception:            # idle work must never break the session
+                    more = False
+                if more and self._idle is None:
+                    self._idle = idle
+                waiting = self._ser.in_waiting
+            data = self._ser.read(waiting or 1)
         except (serial.SerialException, OSError) as e:
             self.dead = True
             raise PortLostError(f"lost the modem port {self.device} while reading: {e} "

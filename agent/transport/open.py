@@ -27,8 +27,10 @@ PROBE_DEADLINE = 2.0
 
 def open_transport(device: str, *, transport: str = "auto", timeout: float = 10.0, long_timeout: float = 300.0,
                    quirks: dict | None = None, trace: Trace | None = None, baud: int = 115200,
-                   lock_dir: str | None = None, lock: bool = True):
+                   lock_dir: str | None = None, lock: bool = True, idle=None):
     """The modem at ``device`` as an ApduTransport (CsimTransport or CglaTransport).
+
+    ``idle``: work for the port's waits from the session start on (AtPort.when_idle).
 
     Raises TransportError (``device_not_found``, ``port_lost`` ...), PortBusyError,
     TimeoutError_ (modem silent), UsageError (bad argument or quirk)."""
@@ -39,6 +41,7 @@ def open_transport(device: str, *, transport: str = "auto", timeout: float = 10.
         raise UsageError("timeouts must be positive numbers of seconds", code="bad_timeout")
     user_quirks = quirks_mod.normalise(quirks)          # validate before touching the port
     port = AtPort(device, baud=baud or 115200, timeout=timeout, trace=trace, lock_dir=lock_dir, lock=lock)
+    port.when_idle(idle)
     try:
         port.start()
         manufacturer = port.query("AT+CGMI", "+CGMI:")
