@@ -195,11 +195,12 @@ def _patch_der(ber, der) -> None:
     * INTEGER / ENUMERATED contents are bounded (MAX_INTEGER_OCTETS).
     * BIT STRING: empty contents made asn1tools read the unused-bits count from the
       next TLV (or past the end); an unused-bits count above 7 gave a negative length.
-    * UTCTime (the validity of every certificate an AuthenticateServerResponse carries) was
-      read with datetime.strptime, whose first use in a process builds its locale-aware
-      regular expressions (~4-5 ms of every download); read here from the fixed DER form
-      YYMMDDHHMMSSZ (X.690 §11.8) into the same naive datetime, years 69-99 as 19xx like
-      strptime's %y."""
+    * UTCTime and GeneralizedTime (the validity of every certificate an AuthenticateServerResponse
+      carries) were read with datetime.strptime, whose first use in a process builds its
+      locale-aware regular expressions (~4-5 ms of every download); read here from the fixed DER
+      forms YYMMDDHHMMSSZ and YYYYMMDDHHMMSSZ (X.690 §11.7, §11.8) into the same naive datetime,
+      UTCTime years 69-99 as 19xx like strptime's %y (a GeneralizedTime with fractions of a
+      second still goes to asn1tools)."""
     mismatch = ber.TAG_MISMATCH
 
     def array_decode_content(self, data, offset, length):
@@ -249,7 +250,20 @@ def _patch_der(ber, der) -> None:
                 pass
         raise ber.DecodeError(f"Expected a restricted UTC time string, but got '{string}'.")
 
+    def generalized_time_to_datetime(string):
+        import datetime
+        if len(string) == 15 and string[-1] == "Z" and string[:14].isascii() and string[:14].isdigit():
+            try:
+                return datetime.datetime(int(string[0:4]), int(string[4:6]), int(string[6:8]),
+                                         int(string[8:10]), int(string[10:12]), int(string[12:14]))
+            except ValueError:
+                raise ber.DecodeError(f"Expected a restricted generalized time string, but got '{string}'.") \
+                    from None
+        return generalized_orig(string)
+
+    generalized_orig = der.restricted_generalized_time_to_datetime
     der.restricted_utc_time_to_datetime = utc_time_to_datetime
+    der.restricted_generalized_time_to_datetime = generalized_time_to_datetime
     integer_orig = der.Integer.decode_content
     enumerated_orig = ber.Enumerated.decode_content
     bit_string_orig = der.BitString.decode_content

@@ -136,8 +136,40 @@ def test_utc_time_reads_as_asn1tools_strptime_did_without_strptime():
         assert read(s) == _strptime_reading(s) == d.replace(microsecond=0)
 
     same_datetime()
+
+    gen = der.restricted_generalized_time_to_datetime
+
+    def read_gen(s):
+        try:
+            return gen(s)
+        except Exception as e:          # ours, or asn1tools' own for the forms it still reads
+            assert type(e).__name__ in ("DecodeError", "Error"), e
+            return "error"
+
+    def strptime_gen(s):
+        try:
+            if len(s) != 15 or s[-1] != "Z":
+                raise ValueError
+            return datetime.datetime.strptime(s[:-1], "%Y%m%d%H%M%S")
+        except ValueError:
+            return "error"
+
+    for s in ("99991231235959Z", "20261129193030Z", "20500101000000Z", "00000101000000Z", "09990101000000Z",
+              "20261329000000Z", "20260229000000Z", "20240229000000Z", "20261129246000Z", "2026112919303Z",
+              "20261129193030", "2026112919 030Z"):
+        assert read_gen(s) == strptime_gen(s), s
+    assert read_gen("20261129193030.5Z") == datetime.datetime(2026, 11, 29, 19, 30, 30, 500000)  # asn1tools'
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.datetimes(min_value=datetime.datetime(1000, 1, 1)))
+    def same_generalized(d):
+        s = d.strftime("%Y%m%d%H%M%S") + "Z"
+        assert read_gen(s) == strptime_gen(s) == d.replace(microsecond=0)
+
+    same_generalized()
     r = subprocess.run([sys.executable, "-c", "import sys\nfrom agent import codec\ncodec.warm()\n"
                         "from asn1tools.codecs import der\n"
                         "der.restricted_utc_time_to_datetime('261129193030Z')\n"
+                        "der.restricted_generalized_time_to_datetime('99991231235959Z')\n"
                         "print('_strptime' in sys.modules)"], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
