@@ -16,11 +16,13 @@ reading: ac_missing, ac_twice, ac_file_unreadable.
 from __future__ import annotations
 
 import re
-import unicodedata
 from dataclasses import dataclass
-from typing import TextIO
 
 from .errors import InputError, UsageError
+
+TYPE_CHECKING = False   # typing's import (~5 ms) only for checkers: annotations are strings here
+if TYPE_CHECKING:
+    from typing import TextIO
 
 PREFIX = "LPA:"
 MAX_LENGTH = 255            # SGP.32 ProfileDownloadData bounds the AC at 255 characters
@@ -66,6 +68,13 @@ def _fail(code: str, message: str) -> InputError:
 
 
 def _bad_char(text: str) -> tuple[int, str] | None:
+    """The first white-space or control/format/unassigned (Unicode category C*) character."""
+    if text.isascii():          # the usual case, without loading unicodedata: C0 controls and DEL
+        for i, ch in enumerate(text):
+            if ch.isspace() or ch < " " or ch == "\x7f":
+                return i, ch
+        return None
+    import unicodedata
     for i, ch in enumerate(text):
         if ch.isspace() or unicodedata.category(ch)[0] == "C":
             return i, ch

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import ProtocolError, StatusWordError, TransportError, UsageError
 from .transport.base import ApduTransport

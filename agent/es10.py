@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
 
 from . import codec, tlv
 from .errors import CardError, InputError, ProtocolError, code_for
 from .ids import iccid_from_bytes, iccid_to_bytes
 
+TYPE_CHECKING = False   # typing's import (~5 ms) only for checkers: annotations are strings here
 if TYPE_CHECKING:
+    from typing import Any
+
     from .es10_iot import AddInitialEimResult, EimConfig, IotInfo, IotProfileInfo
 
 
-class Es10Channel(Protocol):
+class Es10Channel:
+    """What Es10 needs of its channel (``apdu.Isdr``): one ES10 command out, its answer back.
+    Duck-typed, like transport/base.py's ApduTransport."""
+
     def es10(self, payload: bytes, *, timeout: float | None = None, what: str = ...) -> bytes: ...
 
 

@@ -42,7 +42,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from . import tlv
 from .errors import AgentError, InputError, ProtocolError, ServerError, TimeoutError_, TransportError, UsageError

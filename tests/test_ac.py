@@ -241,3 +241,16 @@ def test_long_label_and_long_name_say_what_is_too_long():
     with pytest.raises(InputError) as ei:
         validate_address(name)
     assert "255 characters long; a host name has at most 253" in ei.value.message
+
+
+def test_ascii_control_characters_found_without_unicodedata():
+    """ac._bad_char's ASCII path (no unicodedata import on a CLI download) finds exactly what the
+    Unicode category check finds."""
+    import unicodedata
+
+    from agent.ac import _bad_char
+    for c in map(chr, range(128)):
+        s = "LPA:1$a" + c + "b"
+        want = next(((i, ch) for i, ch in enumerate(s) if ch.isspace() or unicodedata.category(ch)[0] == "C"), None)
+        assert _bad_char(s) == want, repr(c)
+    assert _bad_char("LPA:1$smdp.example$ab\u200bc") == (21, "\u200b")     # a format character (Cf)

@@ -19,7 +19,7 @@ import contextlib
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from .. import codec, tlv
 from ..cancel import Cancelled

@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from ..errors import AgentError
 from ..es10 import Es10, pending_from_der

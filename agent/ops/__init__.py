@@ -14,7 +14,11 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+
+TYPE_CHECKING = False   # typing's import (~5 ms) only for checkers: annotations are strings here
+if TYPE_CHECKING:
+    from typing import Any
 
 from ..cancel import CancelToken
 from .card import Card, CardSettings  # noqa: F401 - re-exported for callers

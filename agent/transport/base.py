@@ -12,10 +12,11 @@ Implementations: ``transport.csim.CsimTransport``, ``transport.cgla.CglaTranspor
 """
 from __future__ import annotations
 
-from typing import Protocol
 
+class ApduTransport:
+    """The interface, duck-typed: implementations do not subclass it (a typing.Protocol base
+    would cost every command the typing import)."""
 
-class ApduTransport(Protocol):
     #: Short name for traces and JSON ("csim", "cgla", "direct").
     name: str
 

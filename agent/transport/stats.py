@@ -3,7 +3,7 @@ benchmark counters (an in-process transport such as ``--sim`` need not load at.p
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable
+from collections.abc import Callable
 
 #: trace(direction, data): direction "AT>"/"AT<"/">>"/"<<", data the line or APDU
 Trace = Callable[[str, "bytes | str"], None]
