@@ -15,11 +15,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import warnings
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from hypothesis import strategies as st
 from agent import cert, crypto, errors, tlv
 from agent.cert import CertError
 from agent.sim import pki as simpki
+from fuzzkit import bounded, examples, mutated
 
 ROOT = Path(__file__).resolve().parent.parent
 UTC = dt.timezone.utc
@@ -473,65 +472,6 @@ def test_policy_oids_like_cryptography(arcs_list):
 # --------------------------------------------------------------------------- property: only CertError, bounded
 
 FAST_EXAMPLES = 300
-LONG_EXAMPLES = 20000
-EXAMPLE_SECONDS = 2.0
-
-
-class _Hang(BaseException):
-    """Raised by SIGALRM: a BaseException, so no `except Exception` swallows it."""
-
-
-def bounded(fn, *args, seconds: float = EXAMPLE_SECONDS):
-    """``fn(*args)``, failing (not hanging) when it runs longer than ``seconds`` (tests/test_fuzz.py)."""
-    assert threading.current_thread() is threading.main_thread()
-
-    def alarm(signum, frame):
-        raise _Hang()
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        return fn(*args)
-    except _Hang:
-        raise AssertionError(f"no result within {seconds:g} s: a hang") from None
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def _examples(config_) -> int:
-    env = os.environ.get("ESIM_AGENT_FUZZ_EXAMPLES")
-    if env:
-        return max(1, int(env))
-    expr = config_.getoption("markexpr", default="") or ""
-    return LONG_EXAMPLES if "fuzz" in expr and "not fuzz" not in expr else FAST_EXAMPLES
-
-
-@st.composite
-def mutated(draw, seeds):
-    """One of ``seeds`` with 1-4 byte-level mutations (flip, set, insert, delete, truncate,
-    duplicate a slice), so most of the structure survives and the damage sits deep inside."""
-    data = bytearray(draw(st.sampled_from(seeds)))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate", "dup"]))
-        if not data:
-            op = "insert"
-        pos = draw(st.integers(0, max(0, len(data) - 1)))
-        if op == "flip":
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif op == "set":
-            data[pos] = draw(st.sampled_from([0x00, 0x04, 0x06, 0x17, 0x18, 0x30, 0x7F, 0x80, 0x81, 0x84, 0x88,
-                                              0xA3, 0xFF]) | st.integers(0, 255))
-        elif op == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=4) | st.sampled_from([b"\x00\x00", b"\x80",
-                                                                                       b"\x84\xff\xff\xff\xff"]))
-        elif op == "delete":
-            del data[pos:pos + draw(st.integers(1, 4))]
-        elif op == "truncate":
-            del data[pos:]
-        else:
-            n = draw(st.integers(1, 16))
-            data[pos:pos] = data[pos:pos + n]
-    return bytes(data)
 
 
 def _cryptography_reading(der: bytes):
@@ -568,10 +508,10 @@ def test_fuzz_only_cert_errors(pki, request):
                 ours = fields(c)
                 assert {k: ours[k] for k in names} == {k: theirs[k] for k in names}
 
-    inputs = st.one_of(mutated(seeds), st.binary(max_size=300),
+    inputs = st.one_of(mutated(seeds, most=4), st.binary(max_size=300),
                        st.sampled_from(seeds).flatmap(lambda s: st.integers(0, len(s)).map(lambda n: s[:n])))
     test = given(inputs, st.booleans())(check)
-    n = _examples(request.config)
+    n = examples(request.config, FAST_EXAMPLES)
     settings(max_examples=n, deadline=None, derandomize=n == FAST_EXAMPLES, database=None,
              suppress_health_check=list(HealthCheck))(test)()
 
@@ -591,7 +531,7 @@ def test_download_path_never_imports_cryptography(pki):
         import agent.cli, agent.flows.download, agent.es9p, agent.tls, agent.bpp, agent.ops.download
         from agent import ops, preload
         ops.registry()["profile.download"]
-        preload.start(ops.preload_modules("profile.download")).wait(60)   # as the CLI does while the modem talks
+        preload.Steps(ops.preload_modules("profile.download")).run_all()   # as the CLI does while the modem talks
         from agent import tls
         from agent.flows.download import Downloader, DownloadOptions
         d = {str(d)!r}

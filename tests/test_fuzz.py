@@ -29,8 +29,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import signal
-import threading
 from pathlib import Path
 
 import pytest
@@ -53,12 +51,12 @@ from agent.transport.at import AtPort, Collector, LineSplitter, error_from_final
 from agent.transport.csim import CsimTransport
 
 from conftest import ISDR_AID
+from fuzzkit import bounded, mutated
+from fuzzkit import examples as fuzz_examples
 from testbed import Bed, testbed_pki  # noqa: F401 (session fixture)
 
 H = bytes.fromhex
 FAST_EXAMPLES = 50
-LONG_EXAMPLES = 20000
-EXAMPLE_SECONDS = 10.0
 ICCID = "8944476500001224158"
 ICCID2 = "89049032000001000000"
 TXID = "0123456789ABCDEF0123456789ABCDEF"
@@ -70,29 +68,6 @@ BIG = b"\x7f" + b"\xff" * 1785
 
 def enc(tag: bytes, value: bytes) -> bytes:
     return bytes(tag) + tlv.encode_length(len(value)) + value
-
-
-class _Hang(BaseException):
-    """Raised by SIGALRM: a BaseException, so no `except Exception` in the code under test
-    swallows it."""
-
-
-def _on_alarm(signum, frame):
-    raise _Hang()
-
-
-def bounded(fn, *args, seconds: float = EXAMPLE_SECONDS, **kw):
-    """``fn(*args, **kw)``, failing (not hanging) when it runs longer than ``seconds``."""
-    assert threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        return fn(*args, **kw)
-    except _Hang:
-        raise AssertionError(f"no result within {seconds:g} s: a hang") from None
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def check_error(e: AgentError) -> AgentError:
@@ -135,23 +110,13 @@ def printable(value) -> None:
     json.dumps(value, default=lambda o: o.hex() if isinstance(o, (bytes, bytearray)) else str(o))
 
 
-def _examples(config_, default: int) -> int:
-    env = os.environ.get("ESIM_AGENT_FUZZ_EXAMPLES")
-    if env:
-        return max(1, int(env))
-    expr = config_.getoption("markexpr", default="") or ""
-    if "fuzz" in expr and "not fuzz" not in expr:
-        return max(default, LONG_EXAMPLES)
-    return default
-
-
 @pytest.fixture
 def fuzz(request):
     """``fuzz(check, *strategies, examples=FAST_EXAMPLES)``: run ``check`` on drawn examples,
     each under its own SIGALRM bound.  The settings are chosen when the test runs, so
     ``-m fuzz`` (or ESIM_AGENT_FUZZ_EXAMPLES) can make the run long."""
     def run(check, *strategies, examples: int = FAST_EXAMPLES):
-        n = _examples(request.config, examples)
+        n = fuzz_examples(request.config, examples)
         long_run = n > examples
 
         def example(args):
@@ -168,37 +133,6 @@ def fuzz(request):
 
 
 # --------------------------------------------------------------------------- strategies
-
-_INTERESTING = [0x00, 0x01, 0x02, 0x04, 0x1F, 0x20, 0x30, 0x61, 0x6C, 0x7F, 0x80, 0x81, 0x82, 0x84, 0x85,
-                0x90, 0xA0, 0xBF, 0xFF]
-
-
-@st.composite
-def mutated(draw, seeds):
-    """One of ``seeds`` with 1-4 byte-level mutations (flip, set, insert, delete, truncate,
-    duplicate a slice), so most of the structure survives and the damage sits deep inside."""
-    data = bytearray(draw(st.sampled_from(seeds)))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate", "dup"]))
-        if not data:
-            op = "insert"
-        pos = draw(st.integers(0, max(0, len(data) - 1)))
-        if op == "flip":
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif op == "set":
-            data[pos] = draw(st.sampled_from(_INTERESTING) | st.integers(0, 255))
-        elif op == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=4) | st.sampled_from([b"\x00\x00", b"\x80",
-                                                                                       b"\x84\xff\xff\xff\xff"]))
-        elif op == "delete":
-            del data[pos:pos + draw(st.integers(1, 4))]
-        elif op == "truncate":
-            del data[pos:]
-        else:
-            n = draw(st.integers(1, 16))
-            data[pos:pos] = data[pos:pos + n]
-    return bytes(data)
-
 
 def _walk_types(t, seen, out):
     if id(t) in seen:

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from hypothesis import strategies as st
 from agent import http1
 from agent.http1 import MAX_HEADERS, MAX_LINE, AnswerError, IncompleteAnswer, MalformedAnswer, read_response
 from agent.httpdeadline import ExchangeFailed, HttpSession
+from fuzzkit import bounded, examples, mutated
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -360,9 +360,7 @@ def test_socket_errors_pass_through():
 
 # --------------------------------------------------------------------------- the property
 
-EXAMPLE_SECONDS = 10.0
 FAST_EXAMPLES = 200
-LONG_EXAMPLES = 20000
 
 _SEEDS = [
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{\"a\": true}\n",
@@ -379,55 +377,9 @@ def server_bytes(draw):
     """A valid answer with a few byte-level mutations, or plain random bytes."""
     if draw(st.booleans()):
         return draw(st.binary(max_size=300))
-    data = bytearray(draw(st.sampled_from(_SEEDS)))
-    for _ in range(draw(st.integers(0, 4))):
-        op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate", "dup"]))
-        if not data:
-            op = "insert"
-        pos = draw(st.integers(0, max(0, len(data) - 1)))
-        if op == "flip":
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif op == "set":
-            data[pos] = draw(st.sampled_from(b"\r\n :;0fF9\x00\t,") | st.integers(0, 255))
-        elif op == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=4) | st.sampled_from(
-                [b"\r\n", b"\r\n\r\n", b"0\r\n\r\n", b"HTTP/1.1 100 Continue\r\n\r\n", b"Connection: close\r\n"]))
-        elif op == "delete":
-            del data[pos:pos + draw(st.integers(1, 4))]
-        elif op == "truncate":
-            del data[pos:]
-        else:
-            n = draw(st.integers(1, 16))
-            data[pos:pos] = data[pos:pos + n]
-    return bytes(data)
-
-
-class _Hang(BaseException):
-    pass
-
-
-def _on_alarm(signum, frame):
-    raise _Hang()
-
-
-def _bounded(fn, *args):
-    old = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, EXAMPLE_SECONDS)
-    try:
-        return fn(*args)
-    except _Hang:
-        raise AssertionError(f"no result within {EXAMPLE_SECONDS:g} s: a hang") from None
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def _examples(config) -> int:
-    env = os.environ.get("ESIM_AGENT_FUZZ_EXAMPLES")
-    if env:
-        return max(1, int(env))
-    expr = config.getoption("markexpr", default="") or ""
-    return LONG_EXAMPLES if "fuzz" in expr and "not fuzz" not in expr else FAST_EXAMPLES
+    return draw(mutated(_SEEDS, interesting=b"\r\n :;0fF9\x00\t,", least=0,
+                        inserts=[b"\r\n", b"\r\n\r\n", b"0\r\n\r\n", b"HTTP/1.1 100 Continue\r\n\r\n",
+                                 b"Connection: close\r\n"]))
 
 
 def _read_all(raw: bytes, sizes: list[int], method: str, n: int) -> None:
@@ -456,7 +408,7 @@ def _read_all(raw: bytes, sizes: list[int], method: str, n: int) -> None:
 
 @pytest.mark.fuzz
 def test_property_any_server_bytes_end_in_an_answer_or_our_own_error(request):
-    n_examples = _examples(request.config)
+    n_examples = examples(request.config, FAST_EXAMPLES)
     long_run = n_examples > FAST_EXAMPLES
 
     @given(server_bytes(), st.lists(st.integers(1, 50), max_size=20), st.sampled_from(["GET", "POST", "HEAD"]),
@@ -464,7 +416,7 @@ def test_property_any_server_bytes_end_in_an_answer_or_our_own_error(request):
     @settings(max_examples=n_examples, deadline=None, derandomize=not long_run, database=None,
               print_blob=long_run, suppress_health_check=list(HealthCheck))
     def check(raw, sizes, method, n):
-        _bounded(_read_all, raw, sizes, method, n)
+        bounded(_read_all, raw, sizes, method, n)
 
     if long_run and os.environ.get("ESIM_AGENT_FUZZ_SEED"):
         check = seed(int(os.environ["ESIM_AGENT_FUZZ_SEED"]))(check)
@@ -685,8 +637,9 @@ def test_download_path_imports_no_http_client_nor_email():
                   "from agent import ops, preload\n"
                   "for op in ('profile.download', 'sync', 'notification.process'):\n"
                   "    ops.registry()[op]\n"
-                  "    p = preload.start(ops.preload_modules(op))\n"
-                  "    assert p is None or (p.wait(60) and not p.failed), p.failed\n"
+                  "    p = preload.Steps(ops.preload_modules(op))\n"
+                  "    p.run_all()\n"
+                  "    assert not p.failed, p.failed\n"
                   f"print({_HTTP_MODULES})").strip().splitlines()[-1] == "[]"
 
 
