@@ -16,6 +16,8 @@ import fcntl
 import os
 from dataclasses import dataclass
 
+from .pidfile import write_pid
+
 #: Options of esim-agent that take a value, to find the sub-command in a command line.
 _VALUE_OPTIONS = {"--config", "--device", "--sim", "--transport", "--aid", "--timeout", "--long-timeout",
                   "--baud", "--segment-size", "--http-timeout"}
@@ -107,20 +109,6 @@ def read_holder(path: str) -> Holder | None:
         return None
     pid = int(first)
     return Holder(pid, cmdline(pid))
-
-
-def write_pid(fd: int) -> None:
-    """Our PID as the lock file's first line, in a fixed width so the next holder overwrites it in
-    place: truncating a non-empty file is a journalled metadata change, which took up to 20 ms
-    on every command when the disk was busy (the simulated modem saving its state). A shorter
-    old file (an older version's) is cut once."""
-    data = f"{os.getpid():<10}\n".encode()
-    try:
-        os.pwrite(fd, data, 0)
-        if os.fstat(fd).st_size > len(data):
-            os.ftruncate(fd, len(data))
-    except OSError:
-        pass
 
 
 class Busy(Exception):

@@ -956,8 +956,14 @@ def test_report_back_headers_and_body(A):
     assert job["outcome"] in FINAL
     row = A.db("SELECT * FROM jobs WHERE id = ?", (job["id"],))
     assert row and row[0]["state"] == job["outcome"]
-    # the refused report is kept for a retry under the same key (its id)
-    rep = A.db("SELECT * FROM reports WHERE id = ?", (key,))
+    # the refused report is kept for a retry under the same key (its id); the daemon records the
+    # refusal once it has read the 503, which can be just after the receiver logged the POST
+    end = time.monotonic() + 10
+    while True:
+        rep = A.db("SELECT * FROM reports WHERE id = ?", (key,))
+        if (rep and rep[0]["attempts"] >= 1) or time.monotonic() > end:
+            break
+        time.sleep(0.05)
     assert rep, f"no report row {key}"
     assert rep[0]["job_id"] == job["id"]
     assert rep[0]["attempts"] >= 1 and "503" in (rep[0]["last_error"] or "")

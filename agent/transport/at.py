@@ -354,7 +354,7 @@ class PortLock:
                     raise _port_busy(realpath, p) from None
                 raise
             self.path, self.fd = p, fd
-            from ..pidlock import write_pid
+            from ..pidfile import write_pid
             write_pid(fd)
             return
         raise TransportError(f"cannot create a lock file for {realpath} in {', '.join(_lock_dirs(lock_dir))}: {last}",
