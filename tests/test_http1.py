@@ -695,3 +695,41 @@ s.release(r)
 print(sorted(m for m in sys.modules if m in ("encodings.idna", "stringprep", "unicodedata")))
 """
     assert _fresh(code).strip() == "[]"
+
+
+# --------------------------------------------------------------------------- the daemon's socket client
+
+@pytest.mark.parametrize("answer, ok", [
+    (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{"ok": true}', True),
+    (b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"ok": true}', True),                 # read to close
+    (b'HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n{"ok": true}', False),               # cut short
+    (b"SSH-2.0-OpenSSH_9.6\r\n", False),                                                   # not HTTP
+    (b"", False),                                                                          # closed at once
+])
+def test_daemon_client_reads_its_answer_with_http1(tmp_path, answer, ok):
+    """agent/daemon/client.py reads the daemon's answers with http1.read_response: a whole answer
+    gives its JSON; anything else is DaemonLost (exit 3), never another exception."""
+    from agent.daemon.client import DaemonClient, DaemonLost
+    path = str(tmp_path / "agent.sock")
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(path)
+    ls.listen(1)
+
+    def serve():
+        c, _ = ls.accept()
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += c.recv(65536)
+        c.sendall(answer)
+        c.close()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        if ok:
+            assert DaemonClient(path, timeout=5).request("GET", "/status") == (200, {"ok": True})
+        else:
+            with pytest.raises(DaemonLost):
+                DaemonClient(path, timeout=5).request("GET", "/status")
+    finally:
+        t.join(5)
+        ls.close()

@@ -7,22 +7,21 @@ import socket
 import time
 
 from ..errors import AgentError, TransportError
-
-
-class _BadAnswer(Exception):
-    """The daemon's answer is not the HTTP/1.1 response we expect."""
+from ..http1 import AnswerError, read_response
 
 
 #: Largest answer the CLI reads (a job's full result, with a profile list, is a few KB).
 MAX_ANSWER = 16 * 1024 * 1024
 
 
-def _exchange(path: str, method: str, url: str, data: bytes | None, timeout: float) -> tuple[int, bytes]:
-    """One HTTP/1.1 request over the daemon's Unix socket, answer read to the end.
+class _BadAnswer(Exception):
+    """The daemon's answer is larger than any it sends."""
 
-    Deliberately not http.client: it imports email and ssl (about 25 ms at every CLI start),
-    and the daemon's server side is our own small one (one request per connection,
-    Content-Length, Connection: close), so a few lines read it."""
+
+def _exchange(path: str, method: str, url: str, data: bytes | None, timeout: float) -> tuple[int, bytes]:
+    """One HTTP/1.1 request over the daemon's Unix socket, answer read to the end with the
+    package's own answer reader (http1.py; not http.client, whose email import costs every CLI
+    start ~10 ms): one request per connection, Connection: close."""
     head = f"{method} {url} HTTP/1.1\r\nHost: agent\r\nAccept-Encoding: identity\r\n"
     if data is not None:
         head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
@@ -32,43 +31,15 @@ def _exchange(path: str, method: str, url: str, data: bytes | None, timeout: flo
     try:
         s.connect(path)
         s.sendall(head.encode("latin-1") + (data or b""))
-        buf = bytearray()
-        length = None
-        body_at = -1
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-            if body_at < 0:
-                end = buf.find(b"\r\n\r\n")
-                if end >= 0:
-                    body_at = end + 4
-                    for line in bytes(buf[:end]).split(b"\r\n")[1:]:
-                        name, _, value = line.partition(b":")
-                        if name.strip().lower() == b"content-length":
-                            try:
-                                length = int(value.strip())
-                            except ValueError:
-                                raise _BadAnswer("bad Content-Length") from None
-            if body_at >= 0 and length is not None and len(buf) >= body_at + length:
-                break
-            if len(buf) > MAX_ANSWER:
+        resp = read_response(s, method)
+        body = bytearray()
+        while chunk := resp.read1(65536):
+            body += chunk
+            if len(body) > MAX_ANSWER:
                 raise _BadAnswer(f"answer over {MAX_ANSWER} bytes")
     finally:
         s.close()
-    if body_at < 0:
-        raise _BadAnswer("the connection closed before a complete answer" if buf
-                         else "the connection closed without an answer")
-    status_line = bytes(buf[:buf.find(b"\r\n")]).split(None, 2)
-    if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/") or not status_line[1].isdigit():
-        raise _BadAnswer("not an HTTP status line")
-    body = bytes(buf[body_at:])
-    if length is not None:
-        if len(body) < length:
-            raise _BadAnswer(f"the answer ended after {len(body)} of {length} bytes")
-        body = body[:length]
-    return int(status_line[1]), body
+    return resp.status, bytes(body)
 
 
 def socket_path(cfg) -> str:
@@ -112,7 +83,7 @@ class DaemonClient:
         data = json.dumps(body).encode() if body is not None else None
         try:
             status, raw = _exchange(self.path, method, url, data, timeout or self.timeout)
-        except (OSError, _BadAnswer) as e:
+        except (OSError, AnswerError, _BadAnswer) as e:
             raise DaemonLost(f"the esim-agent daemon on {self.path} went away ({e}); check "
                              "`systemctl status esim-agent` (its jobs resume when it restarts)") from None
         try:
