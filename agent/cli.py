@@ -292,7 +292,7 @@ def _direct(args, out, op, params, prepare) -> dict:
     settings = card_settings(args)
     try:
         with Card(settings, cancel=args.cancel, read_only=op in ops.READ_ONLY,
-                  preload=ops.preload_modules(op)) as card:
+                  preload=ops.preload_modules(op), session_preload=ops.session_preload(op)) as card:
             return ops.run(op, ctx, card, params)
     finally:
         _end_progress_line(ctx)     # an error message must not land on the progress line

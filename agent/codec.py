@@ -484,9 +484,22 @@ def _load() -> dict[str, Any]:
         return _load_locked()
 
 
+def warm_modules() -> None:
+    """Import asn1tools' BER/DER codec modules, the first part of loading the tables
+    (agent/preload.py: steps about as short as a modem's answer)."""
+    _codec_module()
+
+
 def warm() -> None:
     """Load the base (SGP.22) tables now rather than at the first encode/decode (agent/preload.py)."""
     _load()
+
+
+def warm_encode() -> None:
+    """Also attach the constraints checkers the first encode needs (agent/preload.py: a step of
+    its own, so that each step stays about as short as a modem's answer)."""
+    _load()
+    _attach_checkers()
 
 
 def _load_all() -> dict[str, Any]:
@@ -678,6 +691,35 @@ def decode(type_name: str, data: bytes, *, check_constraints: bool = False) -> A
         except Exception as e:
             raise ProtocolError(f"malformed {type_name}: {e}", code="malformed_asn1") from e
     return value
+
+
+def read_fields(type_name: str, data: bytes, outer: int, tags: tuple[int, ...]) -> list[bytes]:
+    """The contents of the fields ``tags`` of a ``type_name`` (a SEQUENCE tagged ``outer`` whose
+    mandatory fields are these, in this order), read with the TLV parser: no ASN.1 tables are
+    loaded, so the first ES10 calls of a command (GetEID, GetEUICCInfo1, GetEUICCChallenge) and
+    the LPA's check of serverSigned1 run while those tables load (agent/preload.py).
+
+    Accepts and refuses what decode() does for these types (tests/test_codec.py holds the two
+    equal): any defect of the TLV skeleton, another outer tag, a missing or misplaced field are
+    ProtocolError(code="malformed_asn1"); unknown components after the known ones are skipped."""
+    data = bytes(data)
+    problem = _structure_problem(data)
+    if problem:
+        raise ProtocolError(f"malformed {type_name}: {problem}", code="malformed_asn1")
+    from . import tlv
+    try:
+        top = tlv.parse_single(data)
+        kids = tlv.children(top) if top.constructed else []
+    except ProtocolError as e:          # e.g. a tag longer than the TLV parser reads
+        raise ProtocolError(f"malformed {type_name}: {e}", code="malformed_asn1") from None
+    if top.tag != outer:
+        raise ProtocolError(f"malformed {type_name}: tag {top.tag:X}, expected {outer:X}", code="malformed_asn1")
+    got = [k.tag for k in kids[:len(tags)]]
+    if got != list(tags):
+        want = " ".join(f"{t:X}" for t in tags)
+        raise ProtocolError(f"malformed {type_name}: expected the fields {want} first, found "
+                            f"{' '.join(f'{t:X}' for t in got) or 'none'}", code="malformed_asn1")
+    return [k.value for k in kids[:len(tags)]]
 
 
 def _structure_problem(data: bytes) -> str | None:

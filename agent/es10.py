@@ -254,6 +254,33 @@ class RatRule:
 
 # --- helpers -------------------------------------------------------------------
 
+#: Requests with nothing to fill in, as the codec encodes them (tests/test_es10.py holds each
+#: equal to codec.encode and to the independent reference vectors): sent without the ASN.1
+#: tables, which load while the card answers (agent/preload.py).
+FIXED_REQUESTS = {
+    "GetEuiccDataRequest": bytes.fromhex("BF3E035C015A"),     # tagList: the EID (5A)
+    "GetEuiccInfo1Request": bytes.fromhex("BF2000"),
+    "GetEuiccInfo2Request": bytes.fromhex("BF2200"),
+    "GetEuiccChallengeRequest": bytes.fromhex("BF2E00"),
+    "EuiccConfiguredAddressesRequest": bytes.fromhex("BF3C00"),
+}
+
+
+def _key_ids(seq_of: bytes) -> list[str]:
+    """SEQUENCE OF SubjectKeyIdentifier (OCTET STRING, 04) contents → hex key IDs."""
+    ids = []
+    try:
+        keys = tlv.parse_all(seq_of)
+    except ProtocolError as e:
+        raise ProtocolError(f"malformed EUICCInfo1: {e}", code="malformed_asn1") from None
+    for t in keys:
+        if t.tag != 0x04:
+            raise ProtocolError(f"malformed EUICCInfo1: a CI key ID list holds tag {t.tag:X}, not 04",
+                                code="malformed_asn1")
+        ids.append(t.value.hex().upper())
+    return ids
+
+
 #: SGP.02 / SGP.22: an ISD-P AID is 16 bytes (RID A000000559 + PIX), typically A0000005591010FFFFFFFF89…
 ISDP_AID_LENGTH = 16
 _HEX_TEXT = re.compile(r"[0-9A-Fa-f]+")
@@ -433,27 +460,33 @@ class Es10:
                                 code="empty_response")
         return codec.decode(resp_type, resp)
 
-    # ES10c GetEID (SGP.22 §5.7.20)
-    def get_eid(self) -> str:
-        v = self._call("GetEuiccDataRequest", {"tagList": b"\x5A"}, "GetEuiccDataResponse")
-        return v["eidValue"].hex().upper()
+    def _fixed(self, req_type: str) -> bytes:
+        """Send a request of FIXED_REQUESTS; its answer, refused if empty."""
+        resp = self.call_raw(FIXED_REQUESTS[req_type], what=req_type)
+        if not resp:
+            raise ProtocolError(f"{req_type}: the eUICC returned no data", code="empty_response")
+        return resp
 
-    # ES10b GetEUICCInfo1 (§5.7.8)
+    # ES10c GetEID (SGP.22 §5.7.20). Read with the TLV parser (codec.read_fields), like
+    # GetEUICCInfo1 and GetEUICCChallenge: a command's first calls need no ASN.1 tables.
+    def get_eid(self) -> str:
+        eid, = codec.read_fields("GetEuiccDataResponse", self._fixed("GetEuiccDataRequest"), 0xBF3E, (0x5A,))
+        return eid.hex().upper()
+
+    # ES10b GetEUICCInfo1 (§5.7.8): BF20 { 82 svn, A9 { 04 ... }, AA { 04 ... } }
     def get_euicc_info1(self) -> EuiccInfo1:
-        raw = self.call_raw(codec.encode("GetEuiccInfo1Request", {}), what="GetEuiccInfo1Request")
-        v = codec.decode("EUICCInfo1", raw)
-        return EuiccInfo1(version_str(v["svn"]),
-                          [k.hex().upper() for k in v["euiccCiPKIdListForVerification"]],
-                          [k.hex().upper() for k in v["euiccCiPKIdListForSigning"]], raw=raw)
+        raw = self._fixed("GetEuiccInfo1Request")
+        svn, verification, signing = codec.read_fields("EUICCInfo1", raw, 0xBF20, (0x82, 0xA9, 0xAA))
+        return EuiccInfo1(version_str(svn), _key_ids(verification), _key_ids(signing), raw=raw)
 
     # ES10b GetEUICCInfo2 (§5.7.8)
     def get_euicc_info2(self) -> EuiccInfo2:
-        raw = self.call_raw(codec.encode("GetEuiccInfo2Request", {}), what="GetEuiccInfo2Request")
+        raw = self._fixed("GetEuiccInfo2Request")
         return euicc_info2_from_asn1(codec.decode("EUICCInfo2", raw), raw)
 
     # ES10a GetEuiccConfiguredAddresses (§5.7.3)
     def get_configured_addresses(self) -> ConfiguredAddresses:
-        v = self._call("EuiccConfiguredAddressesRequest", {}, "EuiccConfiguredAddressesResponse")
+        v = codec.decode("EuiccConfiguredAddressesResponse", self._fixed("EuiccConfiguredAddressesRequest"))
         return ConfiguredAddresses(v.get("defaultDpAddress") or None, v.get("rootDsAddress") or None)
 
     # ES10a SetDefaultDpAddress (§5.7.4)
@@ -557,9 +590,11 @@ class Es10:
                                0 in bits_set(r.get("pprFlags"))))
         return out
 
-    # ES10b GetEUICCChallenge (§5.7.7)
+    # ES10b GetEUICCChallenge (§5.7.7): BF2E { 80 challenge }
     def get_euicc_challenge(self) -> bytes:
-        return self._call("GetEuiccChallengeRequest", {}, "GetEuiccChallengeResponse")["euiccChallenge"]
+        challenge, = codec.read_fields("GetEuiccChallengeResponse", self._fixed("GetEuiccChallengeRequest"),
+                                       0xBF2E, (0x80,))
+        return challenge
 
     # ES10b CancelSession (§5.7.14): returns the raw BF41 response for ES9+ cancelSession
     def cancel_session(self, transaction_id: bytes, reason: int) -> bytes:

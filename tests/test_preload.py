@@ -36,6 +36,10 @@ assert codec._types is None
 assert w() is True and codec._types is not None, "the base tables were not loaded"
 assert w() is False and "agent.bpp" in sys.modules
 assert not Steps(["os", "agent.bpp"])
+calls = []
+w.add([lambda: calls.append(1), "agent.bpp", lambda: 1 / 0])   # agent.bpp: imported already, skipped
+assert len(w.pending) == 2 and w() is True and calls == [1]
+assert w() is False and len(w.failed) == 2 and "ZeroDivisionError" in w.failed[1][1]
 print("ok")
 """
 
@@ -43,3 +47,17 @@ print("ok")
 def test_steps_run_in_order_one_per_call_and_failures_are_kept():
     r = subprocess.run([sys.executable, "-c", STEPS_SCRIPT], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_tables_load_after_the_session_opens_for_operations_that_start_without_them():
+    """chip info and a download send fixed requests first (es10.FIXED_REQUESTS): their ASN.1
+    tables are not in the session-start steps; chip info has them loaded once the session is
+    open, a download when the card starts AuthenticateServer (ops/download.py)."""
+    for op in ("chip.info", "profile.download"):
+        assert not set(ops.TABLES) & set(ops.preload_modules(op)), op
+    assert ops.session_preload("chip.info") == ops.TABLES[:2]
+    assert ops.session_preload("profile.download") == ()
+    from agent.ops.download import AFTER_AUTHENTICATE
+    assert set(ops.TABLES) <= set(AFTER_AUTHENTICATE)
+    for op in ("profile.list", "notification.process"):
+        assert set(ops.TABLES) <= set(ops.preload_modules(op)) and ops.session_preload(op) == ()

@@ -134,11 +134,30 @@ def device_info(imei: str | None) -> dict:
     return info
 
 
+#: DeviceCapabilities' fields by their automatic context tags (asn1/rsp.asn; SGP.22 §5.7.13).
+_CAPABILITY_TAGS = {"gsmSupportedRelease": 0x80, "utranSupportedRelease": 0x81, "cdma2000onexSupportedRelease": 0x82,
+                    "cdma2000hrpdSupportedRelease": 0x83, "cdma2000ehrpdSupportedRelease": 0x84,
+                    "eutranEpcSupportedRelease": 0x85, "contactlessSupportedRelease": 0x86,
+                    "rspCrlSupportedVersion": 0x87}
+
+
 def ctx_params1(matching_id: str | None, imei: str | None) -> bytes:
-    v: dict = {"deviceInfo": device_info(imei)}
-    if matching_id is not None:
-        v["matchingId"] = matching_id
-    return codec.encode("CtxParams1", ("ctxParamsForCommonAuthentication", v))
+    return encode_ctx_params1(matching_id, device_info(imei))
+
+
+def encode_ctx_params1(matching_id: str | None, info: dict) -> bytes:
+    """CtxParams1 for AuthenticateServer: A0 { 80 matchingId?, A1 DeviceInfo { 80 tac,
+    A1 { capabilities }, 82 imei? } } (SGP.22 §5.7.13), built with the TLV encoder so that a
+    download reaches the card's AuthenticateServer before the ASN.1 tables have loaded (they load
+    while it runs, agent/preload.py). tests/test_download.py holds it equal to codec.encode and
+    to an independent encoder's vector."""
+    caps = b"".join(tlv.encode(_CAPABILITY_TAGS[name], value)
+                    for name, value in sorted(info["deviceCapabilities"].items(), key=lambda kv: _CAPABILITY_TAGS[kv[0]]))
+    body = tlv.encode(0x80, info["tac"]) + tlv.encode(0xA1, caps)
+    if "imei" in info:
+        body += tlv.encode(0x82, info["imei"])
+    mid = tlv.encode(0x80, matching_id.encode("utf-8")) if matching_id is not None else b""
+    return tlv.encode(0xA0, mid + tlv.encode(0xA1, body))
 
 
 def parse_metadata(raw: bytes) -> ProfileMetadata:
@@ -275,13 +294,20 @@ class Downloader:
     def _check_server_signed1(self, raw: bytes, challenge: bytes, address: str) -> None:
         """LPA checks on serverSigned1 (SGP.22 §3.1.3.1): our challenge echoed and
         the server names the address we contacted."""
-        ss1 = codec.decode("ServerSigned1", raw)
-        if ss1["euiccChallenge"] != challenge:
+        try:
+            _txid, echoed, named, _challenge = codec.read_fields("ServerSigned1", raw, 0x30, (0x80, 0x81, 0x83, 0x84))
+            named = named.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DownloadError("initiateAuthentication", ProtocolError(
+                f"malformed ServerSigned1: serverAddress is not UTF-8 ({e})", code="malformed_asn1")) from None
+        except ProtocolError as e:
+            raise DownloadError("initiateAuthentication", e) from e
+        if echoed != challenge:
             raise DownloadError("initiateAuthentication",
                                 ProtocolError("the SM-DP+ did not echo the eUICC challenge", code="challenge_mismatch"))
-        if ss1["serverAddress"].lower() != address.lower():
+        if named.lower() != address.lower():
             raise DownloadError("initiateAuthentication",
-                                ProtocolError(f"the SM-DP+ calls itself {ss1['serverAddress']!r}, "
+                                ProtocolError(f"the SM-DP+ calls itself {named!r}, "
                                               f"but we contacted {address!r}", code="smdp_address_mismatch"))
 
     def _check_smdp_oid(self, cert_der: bytes, want: str) -> None:

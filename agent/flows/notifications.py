@@ -164,28 +164,3 @@ def process(es10: Es10, outbox, client_for: Callable[[str], object], *, eid: str
             outbox.mark_removed(eid, n.seq_number)
         results.append(Delivery(n.seq_number, n.operation, n.address, n.iccid, "delivered"))
     return sorted(results, key=lambda d: d.seq_number)
-
-
-class ClientPool:
-    """One ES9+ client per notification address, sharing the trust settings."""
-
-    def __init__(self, *, ca=None, config_ca=None, insecure_http: bool = False, ci_pkids=None,
-                 deadline: float | None = None):
-        self.kw = {"ca": ca, "config_ca": config_ca, "insecure_http": insecure_http, "deadline": deadline}
-        self.ci_pkids = ci_pkids
-        self.clients: dict[str, object] = {}
-
-    def __call__(self, address: str):
-        c = self.clients.get(address)
-        if c is None:
-            from ..es9p import Es9pClient
-            c = Es9pClient(address, **self.kw)
-            if self.ci_pkids:
-                c.narrow_to(self.ci_pkids)
-            self.clients[address] = c
-        return c
-
-    def close(self) -> None:
-        for c in self.clients.values():
-            c.close()
-        self.clients.clear()

@@ -35,7 +35,7 @@ class ServerSettings:
     http_timeout: float | None = None   # one deadline per ES9+ function call (--http-timeout, http_timeout)
 
     def pool(self, ci_pkids=None):
-        from ..flows.notifications import ClientPool
+        from ..es9p import ClientPool
         return ClientPool(ca=self.ca, config_ca=self.config_ca, insecure_http=self.insecure_http, ci_pkids=ci_pkids,
                           deadline=self.http_timeout)
 
@@ -133,25 +133,40 @@ _OPS = {
 #: What an operation imports after the card is open, beyond its own module and the ES10 client:
 #: imported while the modem answers the session start (agent/preload.py). Only names the
 #: operation really imports (tests/test_preload.py imports each); a stale entry costs time, not
-#: correctness.
-#: (A download imports the outbox's code later, while the package loads: ops/download.py.)
+#: correctness. Leaves before the modules importing them: each step then stays short.
+#: (A download loads the ASN.1 tables and the package's code while the card runs AuthenticateServer,
+#: the outbox's code while the package loads: ops/download.py.)
+_ES9P = ("ssl", "agent.cert", "agent.tls", "agent.http1", "agent.httpdeadline", "agent.es9p")
 _PRELOAD = {
-    "profile.download": ("agent.flows.download", "agent.es9p", "agent.tls", "agent.cert", "agent.httpdeadline",
-                         "ssl", "agent.bpp"),
-    "sync": ("agent.flows.download", "agent.es9p", "agent.tls", "agent.cert", "agent.httpdeadline",
-             "ssl", "agent.bpp"),
-    "notification.process": ("agent.flows.notifications", "agent.es9p", "agent.tls", "agent.httpdeadline",
-                             "ssl", "agent.store"),
+    "profile.download": ("agent.flows.download",) + _ES9P,
+    "sync": ("agent.flows.download",) + _ES9P + ("agent.bpp",),
+    "notification.process": ("agent.flows.notifications",) + _ES9P + ("agent.store",),
 }
+
+
+#: Loading the ASN.1 tables (agent/codec.py): the codec's modules, the tables, the encoders.
+TABLES = ("agent.codec:warm_modules", "agent.codec:warm", "agent.codec:warm_encode")
+#: Operations whose first ES10 calls need no tables (es10.FIXED_REQUESTS, codec.read_fields): their
+#: tables load once the ISD-R session is open, while the card answers those calls, instead of
+#: during the session start, which has enough to import already (`chip info` only decodes). A
+#: download needs none before the card's AuthenticateServer and loads them then (ops/download.py).
+_TABLES_AFTER_OPEN = {"chip.info": TABLES[:2], "profile.download": (), "sync": TABLES}
 
 
 def preload_modules(name: str) -> tuple[str, ...]:
     """What operation ``name`` needs once the card is open, soonest first, for agent/preload.py:
-    the ES10 client and the ASN.1 tables (the first APDU needs both), the operation's module,
-    then the rest."""
+    the ES10 client and (unless session_preload has them) the ASN.1 tables, the operation's
+    module, then the rest."""
     module = _OPS.get(name, (None,))[0]
     own = (f"{__name__}.{module}",) if module else ()
-    return ("agent.apdu", "agent.es10", "agent.codec:warm") + own + _PRELOAD.get(name, ())
+    tables = () if name in _TABLES_AFTER_OPEN else TABLES
+    return ("agent.apdu", "agent.es10") + tables + own + _PRELOAD.get(name, ())
+
+
+def session_preload(name: str) -> tuple[str, ...]:
+    """What operation ``name`` has loaded once the ISD-R session is open (after what
+    preload_modules named): the ASN.1 tables, for operations that start without them."""
+    return _TABLES_AFTER_OPEN.get(name, ())
 
 
 class _Registry(Mapping):

@@ -70,14 +70,21 @@ class CardSettings:
         return self
 
 
+#: The module each ``transport`` setting has the session start import (cgla.py imports csim.py).
+_TRANSPORT_MODULES = {"auto": ("agent.transport.cgla",), "cgla": ("agent.transport.cgla",),
+                      "csim": ("agent.transport.csim",)}
+
+
 class Card:
     """Transport + ISD-R session + ES10 client. ``open()``/``close()`` or a ``with`` block."""
 
     def __init__(self, settings: CardSettings, cancel=None, *, read_only: bool = False,
-                 preload: tuple[str, ...] = ()):
+                 preload: tuple[str, ...] = (), session_preload: tuple[str, ...] = ()):
         self.settings = settings
-        # Modules the operation imports next: imported while the modem answers (agent/preload.py).
+        # Modules the operation imports next: imported while the modem answers (agent/preload.py);
+        # ``session_preload`` once the ISD-R session is open.
         self.preload = preload
+        self.session_preload = session_preload
         self.cancel = cancel            # CancelToken the AT port watches while it waits
         # The operation only reads: a simulated card's state file held by another writer
         # (`sim modem --state`) may then be read as a snapshot (sim/state.py).
@@ -88,6 +95,7 @@ class Card:
         self.es10 = None
         self._eid: str | None = None
         self._modem_info = None
+        self._steps = None              # the port's pending idle work (agent/preload.py)
 
     # --- life cycle -------------------------------------------------------------
     def open(self) -> "Card":
@@ -102,7 +110,9 @@ class Card:
             work = None
             if self.preload:
                 from ..preload import Steps
-                work = Steps(self.preload) or None
+                # the transport's module first: the session start picks it after two probes
+                self._steps = Steps(_TRANSPORT_MODULES.get(s.transport, ()) + tuple(self.preload))
+                work = self._steps or None
                 self.preload = ()       # once: a reconnect finds them imported
             t = open_transport(s.device, transport=s.transport, timeout=s.timeout, long_timeout=s.long_timeout,
                                quirks=dict(s.quirks) or None, trace=s.trace, baud=s.baud, lock=s.lock,
@@ -119,6 +129,9 @@ class Card:
             raise
         self.transport, self.isdr = t, isdr
         self.es10 = Es10(isdr, long_timeout=s.long_timeout)
+        if self.session_preload:
+            self.while_waiting(self.session_preload)
+            self.session_preload = ()
         return self
 
     def close(self) -> None:
@@ -139,14 +152,17 @@ class Card:
             sim.close()
 
     def while_waiting(self, steps) -> None:
-        """Import ``steps`` (agent/preload.py) while the modem is being waited for; nothing for the
-        in-process simulator, where nothing waits (the operation imports them when it needs them)."""
+        """Run ``steps`` (agent/preload.py), after any still pending, while the modem is being
+        waited for; nothing for the in-process simulator, where nothing waits (the operation
+        imports and sets up what it needs when it needs it)."""
         port = self.at_port
         if port is not None:
-            from ..preload import Steps
-            work = Steps(steps)
-            if work:
-                port.when_idle(work)
+            if self._steps is None:
+                from ..preload import Steps
+                self._steps = Steps()
+            self._steps.add(steps)
+            if self._steps:
+                port.when_idle(self._steps)
 
     def watch(self, token) -> None:
         """A new operation with its own CancelToken (the daemon's worker, job by job)."""

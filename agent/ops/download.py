@@ -9,8 +9,10 @@ operator back-ends such as Twilio Super SIM).
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from ..errors import AgentError, UsageError
+from . import TABLES
 from .card import Card
 
 log = logging.getLogger(__name__)
@@ -19,6 +21,10 @@ log = logging.getLogger(__name__)
 #: What sending the install result needs (the outbox, then ES9+ handleNotification), imported
 #: while the package loads.
 AFTER_INSTALL = ("agent.ops.notifications", "agent.store", "agent.flows.notifications")
+#: What a download needs once the card has AuthenticateServer and not before (the card's answer is
+#: the first thing decoded with the ASN.1 tables), loaded while the card runs it: ~0.4 s of line
+#: at 115200 baud, against ~25 ms of loading that would otherwise hold up the first ES9+ call.
+AFTER_AUTHENTICATE = TABLES + ("agent.bpp",)
 
 
 class NothingWaiting(AgentError):
@@ -41,6 +47,8 @@ def resolve(card: Card, activation_code: str | None = None, smdp: str | None = N
         raise UsageError("--matching-id goes with --smdp (an activation code already carries one)")
     if smdp:
         return validate_address(smdp), validate_matching_id(matching_id or ""), None, None
+    if not default_smdp:
+        card.while_waiting(TABLES)          # the addresses are decoded with them
     addr = default_smdp or card.es10.get_configured_addresses().default_dp_address
     if not addr:
         raise UsageError("no activation code given and the eUICC has no default SM-DP+ address; pass "
@@ -78,15 +86,19 @@ def download(ctx, card: Card, activation_code: str | None = None, smdp: str | No
             return data
 
     imei = imei or card.imei()
-    eid = card.eid
     pool = ctx.servers.pool()
+    # The ES9+ client's set-up (trust store, TLS context) while the card answers GetEID.
+    card.while_waiting((partial(pool, address),))
+    eid = card.eid
     loading = []
 
     def progress(step: str, done: int, total: int) -> None:
         # The package takes seconds on the line, mostly spent waiting for the modem: import what
         # delivering its install result needs meanwhile (agent/preload.py), not before the first
         # ES9+ call, where it would hold up the download.
-        if step == "loading profile" and not loading:
+        if step == "AuthenticateServer":
+            card.while_waiting(AFTER_AUTHENTICATE)
+        elif step == "loading profile" and not loading:
             loading.append(True)
             card.while_waiting(AFTER_INSTALL)
         if ctx.progress is not None:
