@@ -39,6 +39,7 @@ _MAX_HOST = 253
 
 @dataclass(frozen=True)
 class ActivationCode:
+    """An activation code's fields (SGP.22 §4.1)."""
     address: str                 # SM-DP+ address, lower case, optionally host:port (test servers)
     matching_id: str             # AC_Token, sent as ctxParams1.matchingId; may be ""
     oid: str | None = None       # SM-DP+ OID to check against CERT.DPauth, if given

@@ -30,6 +30,7 @@ def console_script() -> list[str]:
 
 @dataclass
 class Run:
+    """One timed run of a command: wall, CPU, peak RSS, exit code, output."""
     wall_s: float
     cpu_s: float
     max_rss_mb: float

@@ -347,7 +347,7 @@ def _server_args(p) -> None:
 def _eim_options(args) -> dict:
     """--eim-url, --esipa-version, --binding: the [eim] settings of a direct run, checked like the
     config's keys (bad values are usage errors before the card is touched)."""
-    from .config import check_eim_value
+    from .config_check import check_eim_value
     given = {"url": getattr(args, "eim_url", None), "esipa_version": getattr(args, "esipa_version", None),
              "binding": getattr(args, "binding", None)}
     return {k: check_eim_value(k, v, f"--{k.replace('_', '-')}" if k != "url" else "--eim-url")

@@ -151,6 +151,7 @@ def x963_kdf(shs: bytes, shared_info: bytes, length: int) -> bytes:
 
 @dataclass(frozen=True)
 class BspKeys:
+    """The BSP session keys and initial MAC chaining value (docs/protocol.md §4.5)."""
     initial_mcv: bytes
     s_enc: bytes
     s_mac: bytes

@@ -159,6 +159,7 @@ def version_str(v: bytes | None) -> str | None:
 
 @dataclass
 class EuiccInfo1:
+    """EUICCInfo1 (SGP.22 §5.7.8): what the SM-DP+ gets in initiateAuthentication."""
     svn: str
     ci_pkids_for_verification: list[str]
     ci_pkids_for_signing: list[str]
@@ -171,6 +172,7 @@ class EuiccInfo1:
 
 @dataclass
 class EuiccInfo2:
+    """EUICCInfo2 (SGP.22 §5.7.8), for `chip info`."""
     profile_version: str | None
     svn: str | None
     firmware_version: str | None
@@ -197,12 +199,14 @@ class EuiccInfo2:
 
 @dataclass
 class ConfiguredAddresses:
+    """The eUICC's default SM-DP+ and root SM-DS addresses (SGP.22 §5.7.3)."""
     default_dp_address: str | None
     root_ds_address: str | None
 
 
 @dataclass
 class ProfileInfo:
+    """One profile of ProfileInfoListResponse (SGP.22 §5.7.15)."""
     iccid: str | None
     isdp_aid: str | None
     state: str | None
@@ -221,6 +225,7 @@ class ProfileInfo:
 
 @dataclass
 class NotificationInfo:
+    """A pending notification's metadata (ListNotification, SGP.22 §5.7.9)."""
     seq_number: int
     operation: str
     address: str
@@ -244,6 +249,7 @@ class PendingNotification(NotificationInfo):
 
 @dataclass
 class RatRule:
+    """One rule of the eUICC's Rules Authorisation Table (GetRAT, SGP.22 §5.7.5)."""
     ppr_ids: list[str]
     allowed_operators: list[dict]
     consent_required: bool

@@ -128,6 +128,7 @@ def bind_bpp(*, transaction_id: bytes, euicc_otpk: bytes, dppb_key, eid: bytes, 
 
 @dataclass(frozen=True)
 class InitialiseSecureChannel:
+    """InitialiseSecureChannelRequest's fields (the BPP's first segment, BF23)."""
     transaction_id: bytes
     host_id: bytes
     otpk_dp: bytes

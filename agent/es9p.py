@@ -107,6 +107,7 @@ def _user_agent() -> str:
 
 @dataclass(frozen=True)
 class InitiateAuthResult:
+    """ES9+ initiateAuthentication's answer: the blobs AuthenticateServer forwards as they are."""
     transaction_id: str            # hex, exactly as the server sent it
     server_signed1: bytes          # 30…
     server_signature1: bytes       # 5F37…
@@ -116,6 +117,7 @@ class InitiateAuthResult:
 
 @dataclass(frozen=True)
 class AuthClientResult:
+    """ES9+ authenticateClient's answer: the metadata and what PrepareDownload forwards."""
     transaction_id: str
     profile_metadata: bytes        # BF25…
     smdp_signed2: bytes            # 30…

@@ -34,6 +34,7 @@ def new_id() -> str:
 
 @dataclass
 class Job:
+    """One job in the daemon's journal."""
     id: str
     kind: str
     params: dict

@@ -309,6 +309,7 @@ class _Db:
 
 @dataclass(frozen=True)
 class Notification:
+    """A notification in the outbox: the card's signed bytes and where they go."""
     eid: str
     seq_number: int
     operation: str

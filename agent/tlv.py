@@ -15,6 +15,7 @@ from .errors import ProtocolError
 
 @dataclass(frozen=True)
 class Tlv:
+    """One BER-TLV element as parsed."""
     tag: int          # tag as an integer of its encoded bytes, e.g. 0xBF36
     header_len: int   # bytes of tag + length
     value: bytes

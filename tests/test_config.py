@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from agent import config
+from agent import config, config_check
 from agent.cli import main
 from agent.errors import UsageError
 
@@ -234,7 +234,7 @@ def test_report_token_never_shown(tmp_path):
 
 def test_every_key_is_a_field():
     names = {f.name for f in dataclasses.fields(config.Config)} - {"source"}
-    assert set(config._KEYS) == names
+    assert set(config_check.KEYS) == names
 
 
 # --------------------------------------------------------------------------- systemd/agent.toml.example
@@ -259,7 +259,7 @@ def test_example_config_covers_every_key_with_valid_examples(tmp_path):
     cfg = config.load(write(tmp_path, uncommented))
     assert cfg.aids and cfg.default_smdp and cfg.report_url.startswith("https://") and cfg.report_token
     assert cfg.quirks                                   # the commented quirks are examples too
-    assert set(cfg.eim) == set(config._EIM_KEYS)        # and so are the [eim] keys
+    assert set(cfg.eim) == set(config_check.EIM_KEYS)        # and so are the [eim] keys
     defaults = config.Config()
     for f in dataclasses.fields(config.Config):         # each key's comment states its default
         if f.name == "source":

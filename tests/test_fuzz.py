@@ -39,7 +39,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from agent import ac, codec, config, crypto, errors, tlv
+from agent import ac, codec, config, config_check, crypto, errors, tlv
 from agent.apdu import Isdr, close_channel_raw, open_channel_raw
 from agent.errors import AgentError, ProtocolError
 from agent.es10 import Es10, Es10Error
@@ -1139,7 +1139,7 @@ def _toml(v) -> str:
 
 @pytestmark_fuzz
 def test_fuzz_config_loader(fuzz, tmp_path):
-    keys = st.sampled_from(sorted(config._KEYS) + ["unknown_key"])
+    keys = st.sampled_from(sorted(config_check.KEYS) + ["unknown_key"])
     docs = st.lists(st.tuples(keys, _CONFIG_VALUES), max_size=5).map(
         lambda kv: "".join(f"{k} = {_toml(v)}\n" for k, v in dict(kv).items()))
     raw = st.one_of(st.text(max_size=200), st.sampled_from(["[quirks]\nmax_apdu = " + "9" * 4301 + "\n",

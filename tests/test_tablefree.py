@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import codec, tlv
+from agent import codec
 from agent.errors import ProtocolError
 from agent.es10 import FIXED_REQUESTS, Es10, _key_ids, version_str
 from agent.flows.download import ctx_params1, device_info, encode_ctx_params1

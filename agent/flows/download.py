@@ -67,6 +67,7 @@ class DownloadError(AgentError):
 
 @dataclass
 class ProfileMetadata:
+    """The profile's StoreMetadata, as shown to the user for consent."""
     iccid: str
     service_provider_name: str | None
     profile_name: str | None
@@ -81,6 +82,7 @@ class ProfileMetadata:
 
 @dataclass
 class DownloadResult:
+    """What a download installed, and the install result to send as its notification."""
     transaction_id: str
     iccid: str
     isdp_aid: str | None
@@ -93,6 +95,7 @@ class DownloadResult:
 
 @dataclass
 class DownloadOptions:
+    """What one download needs besides the card and the SM-DP+: identifiers, consent, hooks."""
     address: str
     matching_id: str | None = None
     confirmation_code: str | None = None

@@ -31,6 +31,7 @@ VIA_EIM = "esipa:"
 
 @dataclass
 class Delivery:
+    """One notification's outcome in a delivery run."""
     seq_number: int
     operation: str
     address: str

@@ -73,6 +73,7 @@ class EimSettings:
 
 @dataclass
 class Context:
+    """What an operation runs with besides the card: servers, state, policies, hooks."""
     servers: ServerSettings = field(default_factory=ServerSettings)
     state_dir: Path | None = None
     notifications: bool = True          # send the notifications an operation causes right away

@@ -799,6 +799,7 @@ class AtPort:
 
 @dataclass
 class ModemInfo:
+    """The modem's identification (AT+CGMI/CGMM/CGMR/CGSN) and the SIM's ICCID."""
     manufacturer: str | None = None
     model: str | None = None
     revision: str | None = None

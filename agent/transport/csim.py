@@ -40,6 +40,7 @@ def rechannel(cla: int, channel: int) -> int:
 
 @dataclass
 class OpenChannel:
+    """A logical channel this transport opened (the ISD-R's)."""
     aid: bytes
     actual: int            # the channel now carried in CLA (differs from the caller's after a re-open)
     sid: str | None = None  # AT+CCHO session id (opaque string), CGLA only
