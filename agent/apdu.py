@@ -15,18 +15,14 @@ import logging
 from collections.abc import Callable, Sequence
 
 from .errors import ProtocolError, StatusWordError, TransportError, UsageError
-from .transport.base import ApduTransport
+from .transport.base import ISDR_AID, MAX_SEGMENT, ApduTransport  # noqa: F401 (ISDR_AID: apdu's too)
 
 log = logging.getLogger(__name__)
 
-#: SGP.22 ISD-R AID (docs/protocol.md §1.1). Some cards use another one; the list is configurable.
-ISDR_AID = bytes.fromhex("A0000005591010FFFFFFFF8900000100")
-
-#: STORE DATA block size: the largest a short APDU carries (Lc ≤ 255). Fewer blocks mean fewer
-#: AT round trips, and on real modems (66-94 ms an AT+CSIM/CGLA) the round trips dominate a
-#: download. A modem that refuses long APDUs (CME 3/4) makes the command go again with half.
-DEFAULT_SEGMENT = 255
-MAX_SEGMENT = 255
+#: STORE DATA block size: the largest a short APDU carries (Lc ≤ 255, MAX_SEGMENT). Fewer blocks
+#: mean fewer AT round trips, and on real modems (66-94 ms an AT+CSIM/CGLA) the round trips
+#: dominate a download. A modem that refuses long APDUs (CME 3/4) makes the command go again with half.
+DEFAULT_SEGMENT = MAX_SEGMENT
 MIN_FALLBACK_SEGMENT = 16
 GET_RESPONSE_CAP = 64          # 64 × 256 bytes = 16 KiB, far above any ES10 response
 

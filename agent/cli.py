@@ -347,11 +347,14 @@ def _server_args(p) -> None:
 def _eim_options(args) -> dict:
     """--eim-url, --esipa-version, --binding: the [eim] settings of a direct run, checked like the
     config's keys (bad values are usage errors before the card is touched)."""
-    from .config_check import check_eim_value
     given = {"url": getattr(args, "eim_url", None), "esipa_version": getattr(args, "esipa_version", None),
              "binding": getattr(args, "binding", None)}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:           # most commands have none of these options: no rules to import
+        return {}
+    from .config_check import check_eim_value
     return {k: check_eim_value(k, v, f"--{k.replace('_', '-')}" if k != "url" else "--eim-url")
-            for k, v in given.items() if v is not None}
+            for k, v in given.items()}
 
 
 # --------------------------------------------------------------------------- progress (a direct run's context)

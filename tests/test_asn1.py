@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import codec
+from agent import asn1tables, codec
 from agent.errors import ProtocolError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -652,7 +652,7 @@ def _run(code: str, cache: Path, extra_env: dict | None = None) -> subprocess.Co
 
 
 DECODE_EID = """
-    from agent import codec
+    from agent import asn1tables, codec
     v = codec.decode('GetEuiccDataResponse', bytes.fromhex('BF3E125A10' + '89049032123451234512345678901235'))
     assert v['eidValue'].hex() == '89049032123451234512345678901235'
 """
@@ -671,8 +671,8 @@ def test_cache_is_written_then_used_without_importing_the_asn1_parser(tmp_path):
     assert 'pyparsing' not in sys.modules, 'warm path imported pyparsing'
     assert 'asn1tools.compiler' not in sys.modules
     assert 'asn1tools.codecs.constraints_checker' not in sys.modules
-    assert not codec._extra_loaded and 'hashlib' not in sys.modules  # SGP.22 only: the SGP.32 set stays on disk
-    assert codec.has_type('EsipaMessageFromEimToIpa') and not codec._extra_loaded
+    assert not asn1tables._extra_loaded and 'hashlib' not in sys.modules  # SGP.22 only: the SGP.32 set stays on disk
+    assert asn1tables.has_type('EsipaMessageFromEimToIpa') and not asn1tables._extra_loaded
     # encoding still works (constraints checkers load lazily) and so does the real package afterwards
     assert codec.encode('GetEuiccDataRequest', {'tagList': b'Z'}) == bytes.fromhex('BF3E035C015A')
     import asn1tools
@@ -704,16 +704,16 @@ def test_unwritable_cache_falls_back(tmp_path):
 
 
 def test_cache_key_changes_with_the_sources(tmp_path, monkeypatch):
-    srcs = codec.asn_sources()
-    k1 = codec._cache_key(srcs)
+    srcs = asn1tables.asn_sources()
+    k1 = asn1tables._cache_key(srcs)
     copies = []
     for p in srcs:
         q = tmp_path / p.name
         q.write_bytes(p.read_bytes())
         copies.append(q)
-    assert codec._cache_key(copies) == k1
+    assert asn1tables._cache_key(copies) == k1
     copies[0].write_bytes(copies[0].read_bytes() + b"\n-- changed\n")
-    assert codec._cache_key(copies) != k1
+    assert asn1tables._cache_key(copies) != k1
 
 
 def test_cache_in_a_directory_others_can_write_is_not_trusted(tmp_path):

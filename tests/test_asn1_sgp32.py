@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import codec
+from agent import asn1tables, codec
 from agent.errors import ProtocolError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,7 +163,7 @@ PACKAGE_DER = tlv("BF51", tlv("30", tlv("80", EIM.encode()) + tlv("5A", EID) + h
 # --- the module is compiled with the SGP.22 one ------------------------------------------------
 
 def test_sgp32_types_sit_next_to_the_sgp22_ones():
-    names = [p.name for p in codec.asn_sources()]
+    names = [p.name for p in asn1tables.asn_sources()]
     assert names[:2] == ["rsp.asn", "pkix.asn"] and "sgp32.asn" in names and "sgp32v10.asn" in names
     for t in ("EsipaMessageFromIpaToEim", "EsipaMessageFromEimToIpa", "EuiccPackageRequest", "EuiccPackageResult",
               "IpaEuiccDataRequest", "IpaEuiccDataResponse", "ProfileDownloadTriggerRequest",
@@ -172,38 +172,38 @@ def test_sgp32_types_sit_next_to_the_sgp22_ones():
               "ExecuteFallbackMechanismRequest", "ReturnFromFallbackRequest", "SGP32-EUICCInfo2",
               "SGP32-RetrieveNotificationsListRequest", "SGP32-ProfileInfoListResponse",
               "EsipaMessageFromIpaToEimV10", "EsipaMessageFromEimToIpaV10"):
-        assert codec.has_type(t), t
+        assert asn1tables.has_type(t), t
     # SGP.32's redefinitions carry the SGP32- prefix, so SGP.22's types of the same name survive
     # (asn1tools drops a name defined in two modules from its type table).
     for t in ("EUICCInfo2", "ProfileInfo", "ProfileInfoListResponse", "RetrieveNotificationsListRequest",
               "AuthenticateServerResponse", "PrepareDownloadResponse", "CancelSessionResponse",
               "EuiccMemoryResetRequest", "SetDefaultDpAddressRequest", "PendingNotification"):
-        assert codec.has_type(t) and codec.has_type("SGP32-" + t), t
+        assert asn1tables.has_type(t) and asn1tables.has_type("SGP32-" + t), t
     assert codec.encode("SetDefaultDpAddressRequest", {"defaultDpAddress": "a"})[:2] == h("BF3F")
     assert codec.encode("SGP32-SetDefaultDpAddressRequest", {"defaultDpAddress": "a"})[:2] == h("BF65")
 
 
 def test_cache_key_covers_the_sgp32_sources(tmp_path):
-    srcs = codec.asn_sources()
-    k1 = codec._cache_key(srcs)
+    srcs = asn1tables.asn_sources()
+    k1 = asn1tables._cache_key(srcs)
     copies = []
     for p in srcs:
         q = tmp_path / p.name
         q.write_bytes(p.read_bytes())
         copies.append(q)
-    assert codec._cache_key(copies) == k1
+    assert asn1tables._cache_key(copies) == k1
     for name in ("sgp32.asn", "sgp32v10.asn"):
         q = tmp_path / name
         original = q.read_bytes()
         q.write_bytes(original + b"\n-- changed\n")
-        assert codec._cache_key(copies) != k1, name
+        assert asn1tables._cache_key(copies) != k1, name
         q.write_bytes(original)
 
 
 def test_warm_cache_decodes_sgp32_without_the_asn1_parser(tmp_path):
     code = textwrap.dedent("""
         import sys
-        from agent import codec
+        from agent import asn1tables, codec
         v = codec.decode('EsipaMessageFromEimToIpa', bytes.fromhex('BF4F03020101'))
         assert v == ('getEimPackageResponse', ('eimPackageError', 1)), v
         print('pyparsing' in sys.modules)

@@ -1,4 +1,4 @@
-"""How agent/codec.py loads its compiled tables: the SGP.32 set only when first asked for, the same
+"""How agent/asn1tables.py loads the compiled tables: the SGP.32 set only when first asked for, the same
 answers either way, the fast stand-in for asn1tools' permitted-alphabet module."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from agent import codec
+from agent import asn1tables
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,9 +22,9 @@ def _run(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 def test_sets_partition_the_whole_specification():
-    types = codec.spec()
-    assert codec._extra_loaded
-    extra = codec._extra_names
+    types = asn1tables.spec()
+    assert asn1tables._extra_loaded
+    extra = asn1tables._extra_names
     assert extra and extra <= set(types)
     assert "GetEuiccDataResponse" in types and "GetEuiccDataResponse" not in extra        # SGP.22: base set
     assert "EsipaMessageFromEimToIpa" in extra                                           # SGP.32 set
@@ -33,16 +33,16 @@ def test_sets_partition_the_whole_specification():
 def test_sgp32_set_loads_on_first_use_and_answers_alike(tmp_path):
     code = """
         import sys
-        from agent import codec
+        from agent import asn1tables, codec
         eid = bytes.fromhex('BF3E125A10' + '89049032123451234512345678901235')
         assert codec.decode('GetEuiccDataResponse', eid)['eidValue'].hex().startswith('8904')
-        assert not codec._extra_loaded
-        assert codec.has_type('EsipaMessageFromEimToIpa') and codec.has_type('GetEuiccDataResponse')
-        assert not codec.has_type('NoSuchType') and not codec._extra_loaded
+        assert not asn1tables._extra_loaded
+        assert asn1tables.has_type('EsipaMessageFromEimToIpa') and asn1tables.has_type('GetEuiccDataResponse')
+        assert not asn1tables.has_type('NoSuchType') and not asn1tables._extra_loaded
         assert codec.encode('GetEuiccDataRequest', {'tagList': b'Z'}) == bytes.fromhex('BF3E035C015A')
         v = codec.decode('EsipaMessageFromEimToIpa', bytes.fromhex('BF4F03020101'))
         assert v == ('getEimPackageResponse', ('eimPackageError', 1)), v
-        assert codec._extra_loaded
+        assert asn1tables._extra_loaded
         assert codec.encode('EsipaMessageFromEimToIpa', v) == bytes.fromhex('BF4F03020101')
         try:
             codec.encode('NoSuchType', {})
@@ -50,18 +50,18 @@ def test_sgp32_set_loads_on_first_use_and_answers_alike(tmp_path):
             assert 'no such type' in str(e)
         else:
             raise AssertionError('KeyError expected')
-        print(len(codec.spec()))
+        print(len(asn1tables.spec()))
     """
-    cold = _run("from agent import codec; print(len(codec.spec()))", tmp_path)    # compiles both sets
+    cold = _run("from agent import asn1tables; print(len(asn1tables.spec()))", tmp_path)    # compiles both sets
     assert cold.returncode == 0, cold.stderr
     warm = _run(code, tmp_path)
     assert warm.returncode == 0, warm.stderr
-    assert cold.stdout == warm.stdout and int(warm.stdout) == len(codec.spec())
+    assert cold.stdout == warm.stdout and int(warm.stdout) == len(asn1tables.spec())
 
 
 def test_a_broken_sgp32_pickle_is_recompiled(tmp_path):
     code = """
-        from agent import codec
+        from agent import asn1tables, codec
         print(codec.decode('EsipaMessageFromEimToIpa', bytes.fromhex('BF4F03020101')))
     """
     assert _run(code, tmp_path).returncode == 0
@@ -81,8 +81,8 @@ def test_permitted_alphabet_stand_in_equals_the_real_module():
     assert real.returncode == 0, real.stderr
     mine = subprocess.run([sys.executable, "-c", textwrap.dedent("""
         import hashlib, sys
-        from agent import codec
-        codec._install_permitted_alphabet()
+        from agent import asn1tables, codec
+        asn1tables._install_permitted_alphabet()
         m = sys.modules['asn1tools.codecs.permitted_alphabet']
         assert m.__doc__ == 'Permitted alphabet.', 'the stand-in is not installed'
         for n in ('NUMERIC_STRING', 'PRINTABLE_STRING', 'IA5_STRING', 'BMP_STRING', 'VISIBLE_STRING'):
@@ -103,13 +103,13 @@ def _strptime_reading(s: str):
 
 
 def test_utc_time_reads_as_asn1tools_strptime_did_without_strptime():
-    """codec._patch_der reads DER UTCTime without datetime.strptime (whose first use costs a
+    """asn1tables._patch_der reads DER UTCTime without datetime.strptime (whose first use costs a
     download ~5 ms): same datetimes as asn1tools' own reading, same refusals, and no _strptime."""
     import datetime
 
     from hypothesis import given, settings
     from hypothesis import strategies as st
-    codec.warm()
+    asn1tables.warm()
     from asn1tools.codecs import der
     ours = der.restricted_utc_time_to_datetime
 
@@ -167,7 +167,7 @@ def test_utc_time_reads_as_asn1tools_strptime_did_without_strptime():
         assert read_gen(s) == strptime_gen(s) == d.replace(microsecond=0)
 
     same_generalized()
-    r = subprocess.run([sys.executable, "-c", "import sys\nfrom agent import codec\ncodec.warm()\n"
+    r = subprocess.run([sys.executable, "-c", "import sys\nfrom agent import asn1tables\nasn1tables.warm()\n"
                         "from asn1tools.codecs import der\n"
                         "der.restricted_utc_time_to_datetime('261129193030Z')\n"
                         "der.restricted_generalized_time_to_datetime('99991231235959Z')\n"

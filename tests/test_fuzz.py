@@ -39,7 +39,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from agent import ac, codec, config, config_check, crypto, errors, tlv
+from agent import ac, asn1tables, codec, config, config_check, crypto, errors, tlv
 from agent.apdu import Isdr, close_channel_raw, open_channel_raw
 from agent.errors import AgentError, ProtocolError
 from agent.es10 import Es10, Es10Error
@@ -155,7 +155,7 @@ def _walk_types(t, seen, out):
 
 def schema_tags(type_name: str) -> tuple[list[bytes], list[bytes]]:
     """(every tag in the type's tree, the tags it may start with)."""
-    t = codec.spec()[type_name]._type
+    t = asn1tables.spec()[type_name]._type
     out: set[bytes] = set()
     _walk_types(t, set(), out)
     top = [bytes(t.tag)] if getattr(t, "tag", None) else sorted(out)
@@ -484,7 +484,7 @@ def test_install_result_with_a_huge_error_field(session, field):
     v = codec.decode("ProfileInstallationResult", pir)
     v["profileInstallationResultData"]["finalResult"] = ("errorResult", {"bppCommandId": 5, "errorReason": 7,
                                                                           field: 2 ** 71})
-    t = codec.spec()["ProfileInstallationResult"]      # (asn1tools directly: codec.encode checks ranges)
+    t = asn1tables.spec()["ProfileInstallationResult"]      # (asn1tools directly: codec.encode checks ranges)
     e = agent_error(_replay, session, answer_at=(i, bytes(t.encode(v))))
     assert e.code.startswith("install_") and errors.exit_code_for(e.code) == 1
     v["profileInstallationResultData"]["finalResult"][1][field] = int.from_bytes(BIG, "big")

@@ -27,13 +27,13 @@ def test_what_a_download_imports_while_the_package_loads_exists():
 STEPS_SCRIPT = """
 import sys
 from agent.preload import Steps
-w = Steps(["os", "agent.es10", "agent.no_such_module", "agent.codec:warm", "agent.bpp"])
-assert list(w.pending) == ["agent.es10", "agent.no_such_module", "agent.codec:warm", "agent.bpp"], w.pending
+w = Steps(["os", "agent.es10", "agent.no_such_module", "agent.asn1tables:warm", "agent.bpp"])
+assert list(w.pending) == ["agent.es10", "agent.no_such_module", "agent.asn1tables:warm", "agent.bpp"], w.pending
 assert w() is True and "agent.es10" in sys.modules and "agent.bpp" not in sys.modules
 assert w() is True and [n for n, _ in w.failed] == ["agent.no_such_module"]
-from agent import codec
-assert codec._types is None
-assert w() is True and codec._types is not None, "the base tables were not loaded"
+from agent import asn1tables
+assert asn1tables._types is None
+assert w() is True and asn1tables._types is not None, "the base tables were not loaded"
 assert w() is False and "agent.bpp" in sys.modules
 assert not Steps(["os", "agent.bpp"])
 calls = []
@@ -55,7 +55,7 @@ def test_tables_load_after_the_session_opens_for_operations_that_start_without_t
     open, a download when the card starts AuthenticateServer (ops/download.py)."""
     for op in ("chip.info", "profile.download"):
         assert not set(ops.TABLES) & set(ops.preload_modules(op)), op
-    assert ops.session_preload("chip.info") == ops.TABLES[:2]
+    assert ops.session_preload("chip.info") == ops.TABLES[:3]
     assert ops.session_preload("profile.download") == ()
     from agent.ops.download import AFTER_AUTHENTICATE
     assert set(ops.TABLES) <= set(AFTER_AUTHENTICATE)

@@ -145,13 +145,14 @@ _PRELOAD = {
 }
 
 
-#: Loading the ASN.1 tables (agent/codec.py): the codec's modules, the tables, the encoders.
-TABLES = ("agent.codec:warm_modules", "agent.codec:warm", "agent.codec:warm_encode")
+#: Loading the ASN.1 tables (agent/asn1tables.py): the module, asn1tools' codecs, the tables, the
+#: encoders (four steps, each about as long as a short exchange with the modem).
+TABLES = ("agent.asn1tables", "agent.asn1tables:warm_modules", "agent.asn1tables:warm", "agent.asn1tables:warm_encode")
 #: Operations whose first ES10 calls need no tables (es10.FIXED_REQUESTS, codec.read_fields): their
 #: tables load once the ISD-R session is open, while the card answers those calls, instead of
 #: during the session start, which has enough to import already (`chip info` only decodes). A
 #: download needs none before the card's AuthenticateServer and loads them then (ops/download.py).
-_TABLES_AFTER_OPEN = {"chip.info": TABLES[:2], "profile.download": (), "sync": TABLES}
+_TABLES_AFTER_OPEN = {"chip.info": TABLES[:3], "profile.download": (), "sync": TABLES}
 
 
 def preload_modules(name: str) -> tuple[str, ...]:

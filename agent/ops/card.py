@@ -34,7 +34,7 @@ class CardSettings:
     trace: object = None                    # callable(direction, data) or None
 
     def validate(self) -> "CardSettings":
-        from ..apdu import ISDR_AID, MAX_SEGMENT
+        from ..transport.base import ISDR_AID, MAX_SEGMENT
         for name, v in (("--timeout", self.timeout), ("--long-timeout", self.long_timeout)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 3600:
                 raise UsageError(f"{name} must be a number of seconds above 0 (at most 3600), not {v!r}",

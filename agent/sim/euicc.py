@@ -213,9 +213,9 @@ class SimEuicc:
         the ASN.1 tables, parse the card's key and certificates. ``sim modem`` runs this in
         the background at start, so the first download's card answers are as quick as later
         ones' (it changes nothing: the card works the same without it)."""
-        from .. import codec, es8p  # noqa: F401
+        from .. import asn1tables, codec, es8p  # noqa: F401
         from . import upp  # noqa: F401
-        codec.warm()
+        asn1tables.warm()
         ident = self.state.identity
         for name in ("euicc_key", "euicc_cert_der", "ci_certs"):
             getattr(ident, name)             # cached properties: parsed once, here

@@ -35,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from cryptography.hazmat.primitives.asymmetric import ec
 from urllib.parse import urlsplit
 
-from .. import codec, crypto, tlv
+from .. import asn1tables, codec, crypto, tlv
 from ..bpp import BPP_COMMAND_NAMES
 from ..errors import AgentError, ProtocolError
 from ..ids import eid_to_bytes, iccid_from_bytes, iccid_to_bytes
@@ -200,7 +200,7 @@ class Es9Service:
         download's answers are as quick as later ones'; it touches no session or order."""
         from ..es8p import bind_bpp
         from .upp import make_upp
-        codec.warm()
+        asn1tables.warm()
         otpk = crypto.public_point(crypto.generate_key(self.pki.dppb.key.curve))
         upp = make_upp(iccid="89999000000000000000", imsi="001010000000000", ki=bytes(16), opc=bytes(16))
         metadata = codec.encode("StoreMetadataRequest", {"iccid": iccid_to_bytes("89999000000000000000"),

@@ -12,6 +12,13 @@ Implementations: ``transport.csim.CsimTransport``, ``transport.cgla.CglaTranspor
 """
 from __future__ import annotations
 
+#: SGP.22 ISD-R AID (docs/protocol.md §1.1), what a transport's session opens. Some cards use
+#: another one; the list is configurable. (Here rather than in apdu.py: opening the port needs it.)
+ISDR_AID = bytes.fromhex("A0000005591010FFFFFFFF8900000100")
+
+#: The most a short APDU carries (Lc ≤ 255): the largest STORE DATA block.
+MAX_SEGMENT = 255
+
 
 class ApduTransport:
     """The interface, duck-typed: implementations do not subclass it (a typing.Protocol base

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 
-from ..apdu import ISDR_AID
+from .base import ISDR_AID
 from ..errors import TimeoutError_, UsageError
 from . import quirks as quirks_mod
 from .at import AtPort, ModemError, ModemInfo, Trace, read_modem_info
