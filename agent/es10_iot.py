@@ -14,7 +14,8 @@ from . import codec, tlv
 from .errors import ProtocolError
 from .es10 import (ADD_INITIAL_EIM_ERRORS, CONFIGURE_IMMEDIATE_RESULTS, FALLBACK_RESULTS, GET_CERTS_ERRORS,
                    IMMEDIATE_ENABLE_RESULTS, PROFILE_INFO_ERRORS, RETURN_FROM_FALLBACK_RESULTS, Es10, Es10Error,
-                   ProfileInfo, _check, bits_set, pmo_bits, profile_from_asn1, version_str)
+                   _check, bits_set, pmo_bits, version_str)
+from .es10_types import ProfileInfo, profile_from_asn1
 
 EIM_ID_TYPES = {1: "oid", 2: "fqdn", 3: "proprietary"}
 EIM_PROTOCOLS = {0: "eimRetrieveHttps", 1: "eimRetrieveCoaps", 2: "eimInjectHttps", 3: "eimInjectCoaps",

@@ -704,28 +704,3 @@ class Es9pClient:
         if status == 204:
             return
         self._parse(f, status, content)
-
-
-class ClientPool:
-    """One ES9+ client per address (a download's SM-DP+, each notification's), sharing the trust
-    settings; a download and the delivery of its notifications share its connection."""
-
-    def __init__(self, *, ca=None, config_ca=None, insecure_http: bool = False, ci_pkids=None,
-                 deadline: float | None = None):
-        self.kw = {"ca": ca, "config_ca": config_ca, "insecure_http": insecure_http, "deadline": deadline}
-        self.ci_pkids = ci_pkids
-        self.clients: dict[str, object] = {}
-
-    def __call__(self, address: str):
-        c = self.clients.get(address)
-        if c is None:
-            c = Es9pClient(address, **self.kw)
-            if self.ci_pkids:
-                c.narrow_to(self.ci_pkids)
-            self.clients[address] = c
-        return c
-
-    def close(self) -> None:
-        for c in self.clients.values():
-            c.close()
-        self.clients.clear()

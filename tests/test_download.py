@@ -657,3 +657,43 @@ def test_ctx_params1_announces_lte_and_codes_tac_and_imei():
     assert v["matchingId"] == "MID-1"
     dev = tlv.find(tlv.children(tlv.find(tlv.children(tlv.parse_single(raw)), 0xA1)), 0xA1)
     assert 0x85 in [t.tag for t in tlv.children(dev)]
+
+
+def test_the_es9_client_is_made_when_the_first_es9_call_is_due():
+    """Downloader(make_es9=...) (ops/download.py): the client's set-up runs after the card's first
+    ES10 calls (it overlaps them in a CLI run), and not at all when the card fails first."""
+    from agent.errors import CardError
+    from agent.flows.download import DownloadOptions, Downloader
+    made, order = [], []
+
+    class Es10Fake:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def get_euicc_info1(self):
+            order.append("info1")
+            if self.fail:
+                raise CardError("no card", code="card_gone")
+            return type("Info1", (), {"raw": bytes.fromhex("BF2000")})()
+
+        def get_euicc_challenge(self):
+            order.append("challenge")
+            return bytes(16)
+
+    class Es9Fake:
+        def initiate_authentication(self, *a):
+            order.append("initiateAuthentication")
+            raise ServerError("refused", code="es9_refused")
+
+    def make():
+        made.append(1)
+        order.append("make_es9")
+        return Es9Fake()
+
+    with pytest.raises(DownloadError):
+        Downloader(Es10Fake(True), None, DownloadOptions(address="smdp.example.com"), make_es9=make).run()
+    assert made == [] and order == ["info1"]
+    order.clear()
+    with pytest.raises(DownloadError):
+        Downloader(Es10Fake(False), None, DownloadOptions(address="smdp.example.com"), make_es9=make).run()
+    assert made == [1] and order == ["info1", "challenge", "make_es9", "initiateAuthentication"]

@@ -18,7 +18,8 @@ from cryptography.x509.oid import NameOID
 
 from agent import codec, tlv
 from agent.errors import CardError, InputError, ProtocolError
-from agent.es10 import (Es10, Es10Error, EuiccInfo1, EuiccInfo2, PendingNotification, bits_set, make_bits,
+from agent.es10_types import EuiccInfo2, PendingNotification
+from agent.es10 import (Es10, Es10Error, EuiccInfo1, bits_set, make_bits,
                         canonical_profile_id, nickname_value, pmo_bits, pmo_name, profile_identifier,
                         version_str)
 from agent.ids import iccid_to_bytes, make_eid

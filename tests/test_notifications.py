@@ -86,7 +86,7 @@ def _seq_of(pending) -> int:
 
 
 def test_enable_disable_delete_delivered_then_removed(bed):
-    from agent.es9p import ClientPool
+    from agent.ops import ClientPool
     order, res = installed(bed)
     iccid = order["iccid"]
     steps = [("enable", bed.es10.enable_profile), ("disable", bed.es10.disable_profile),

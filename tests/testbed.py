@@ -436,7 +436,7 @@ class Bed:
 
     def process_notifications(self, seqs=None, *, client_for=None, ca=None):
         """agent.flows.notifications.process with a ClientPool trusting this bed's CI."""
-        from agent.es9p import ClientPool
+        from agent.ops import ClientPool
         from agent.flows.notifications import process
         pool = ClientPool(ca=ca or self.ca)
         try:

@@ -24,9 +24,12 @@ from collections.abc import Callable
 from .. import codec, tlv
 from ..cancel import Cancelled
 from ..errors import AgentError, CardError, InputError, ProtocolError, TimeoutError_, code_for
-from ..es10 import (AUTH_SERVER_ERRORS, PREPARE_DOWNLOAD_ERRORS, PROFILE_CLASSES, Es10, Es10Error,
-                    ProfileInfo, profile_from_asn1, seq_number)
+from ..es10 import AUTH_SERVER_ERRORS, PREPARE_DOWNLOAD_ERRORS, PROFILE_CLASSES, Es10, Es10Error, seq_number
 from ..ids import iccid_from_bytes, imei_to_bytes, tac_from_imei
+
+TYPE_CHECKING = False   # annotations are strings here: no typing import at run time
+if TYPE_CHECKING:
+    from ..es10_types import ProfileInfo
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +189,7 @@ def installed_profile(meta: ProfileMetadata, isdp_aid: bytes | None):
     md["profileState"] = 0                  # disabled
     if isdp_aid:
         md["isdpAid"] = isdp_aid
+    from ..es10_types import profile_from_asn1    # loaded while the card ran AuthenticateServer
     return profile_from_asn1(md)
 
 
@@ -195,11 +199,16 @@ def _first_child(raw: bytes, tag: int) -> tlv.Tlv | None:
 
 
 class Downloader:
-    """One download session. I/O goes through ``es10`` (the card) and ``es9`` (the server)."""
+    """One download session. I/O goes through ``es10`` (the card) and ``es9`` (the server).
 
-    def __init__(self, es10: Es10, es9, opts: DownloadOptions):
+    ``make_es9`` instead of ``es9``: a function returning the ES9+ client, called when the first
+    ES9+ call is due; its set-up (the TLS stack's imports, the trust store) then runs while the
+    card answers the first ES10 calls (agent/preload.py) rather than before them."""
+
+    def __init__(self, es10: Es10, es9, opts: DownloadOptions, *, make_es9: Callable[[], object] | None = None):
         self.es10 = es10
-        self.es9 = es9
+        self._es9 = es9
+        self._make_es9 = make_es9
         self.opts = opts
         self.txid: str | None = None     # hex, as the server sent it
         self.step = "start"
@@ -209,6 +218,12 @@ class Downloader:
         # once it was given authenticateClient.
         self._card_session: bool | str | None = None
         self._server_authenticated = False
+
+    @property
+    def es9(self):
+        if self._es9 is None and self._make_es9 is not None:
+            self._es9 = self._make_es9()
+        return self._es9
 
     def _progress(self, step: str, done: int = 0, total: int = 0) -> None:
         self.step = step

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from collections.abc import Callable, Iterable
 
 from ..errors import AgentError
-from ..es10 import Es10, pending_from_der
+from ..es10 import Es10
+from ..es10_types import pending_from_der
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,35 @@ class ServerSettings:
     insecure_http: bool = False
     http_timeout: float | None = None   # one deadline per ES9+ function call (--http-timeout, http_timeout)
 
-    def pool(self, ci_pkids=None):
-        from ..es9p import ClientPool
+    def pool(self, ci_pkids=None) -> "ClientPool":
         return ClientPool(ca=self.ca, config_ca=self.config_ca, insecure_http=self.insecure_http, ci_pkids=ci_pkids,
                           deadline=self.http_timeout)
 
+
+class ClientPool:
+    """One ES9+ client per address (a download's SM-DP+, each notification's), sharing the trust
+    settings; a download and the delivery of its notifications share its connection."""
+
+    def __init__(self, *, ca=None, config_ca=None, insecure_http: bool = False, ci_pkids=None,
+                 deadline: float | None = None):
+        self.kw = {"ca": ca, "config_ca": config_ca, "insecure_http": insecure_http, "deadline": deadline}
+        self.ci_pkids = ci_pkids
+        self.clients: dict[str, object] = {}
+
+    def __call__(self, address: str):
+        c = self.clients.get(address)
+        if c is None:
+            from ..es9p import Es9pClient    # on the first client: the pool itself imports no TLS
+            c = Es9pClient(address, **self.kw)
+            if self.ci_pkids:
+                c.narrow_to(self.ci_pkids)
+            self.clients[address] = c
+        return c
+
+    def close(self) -> None:
+        for c in self.clients.values():
+            c.close()
+        self.clients.clear()
 
 class Steps:
     """Where an operation records its steps before it runs them. The daemon's job
@@ -137,7 +161,7 @@ _OPS = {
 #: correctness. Leaves before the modules importing them: each step then stays short.
 #: (A download loads the ASN.1 tables and the package's code while the card runs AuthenticateServer,
 #: the outbox's code while the package loads: ops/download.py.)
-_ES9P = ("ssl", "agent.cert", "agent.tls", "agent.http1", "agent.httpdeadline", "agent.es9p")
+_ES9P = ("socket", "ssl", "agent.cert", "agent.tls", "agent.http1", "agent.httpdeadline", "agent.es9p")
 _PRELOAD = {
     "profile.download": ("agent.flows.download",) + _ES9P,
     "sync": ("agent.flows.download",) + _ES9P + ("agent.bpp",),
@@ -148,27 +172,29 @@ _PRELOAD = {
 #: Loading the ASN.1 tables (agent/asn1tables.py): the module, asn1tools' codecs, the tables, the
 #: encoders (four steps, each about as long as a short exchange with the modem).
 TABLES = ("agent.asn1tables", "agent.asn1tables:warm_modules", "agent.asn1tables:warm", "agent.asn1tables:warm_encode")
-#: Operations whose first ES10 calls need no tables (es10.FIXED_REQUESTS, codec.read_fields): their
-#: tables load once the ISD-R session is open, while the card answers those calls, instead of
-#: during the session start, which has enough to import already (`chip info` only decodes). A
-#: download needs none before the card's AuthenticateServer and loads them then (ops/download.py).
-_TABLES_AFTER_OPEN = {"chip.info": TABLES[:3], "profile.download": (), "sync": TABLES}
+#: The tables and the eUICC's answers beyond the first calls (es10_types.py).
+DECODING = TABLES + ("agent.es10_types",)
+#: Operations whose first ES10 calls need neither (es10.FIXED_REQUESTS, codec.read_fields): they
+#: load once the ISD-R session is open, while the card answers those calls, instead of during
+#: the session start, which has enough to import already (`chip info` only decodes). A download
+#: needs none before the card's AuthenticateServer and loads them then (ops/download.py).
+_AFTER_OPEN = {"chip.info": TABLES[:3] + ("agent.es10_types",), "profile.download": (), "sync": DECODING}
 
 
 def preload_modules(name: str) -> tuple[str, ...]:
     """What operation ``name`` needs once the card is open, soonest first, for agent/preload.py:
-    the ES10 client and (unless session_preload has them) the ASN.1 tables, the operation's
-    module, then the rest."""
+    the ES10 client and (unless session_preload has them) the ASN.1 tables and decoded types,
+    the operation's module, then the rest."""
     module = _OPS.get(name, (None,))[0]
     own = (f"{__name__}.{module}",) if module else ()
-    tables = () if name in _TABLES_AFTER_OPEN else TABLES
-    return ("agent.apdu", "agent.es10") + tables + own + _PRELOAD.get(name, ())
+    decoding = () if name in _AFTER_OPEN else DECODING
+    return ("agent.apdu", "agent.tlv", "agent.ids", "agent.codec", "agent.es10") + decoding + own + _PRELOAD.get(name, ())
 
 
 def session_preload(name: str) -> tuple[str, ...]:
     """What operation ``name`` has loaded once the ISD-R session is open (after what
-    preload_modules named): the ASN.1 tables, for operations that start without them."""
-    return _TABLES_AFTER_OPEN.get(name, ())
+    preload_modules named): the tables and decoded types, for operations that start without them."""
+    return _AFTER_OPEN.get(name, ())
 
 
 class _Registry(Mapping):

@@ -71,8 +71,8 @@ class CardSettings:
 
 
 #: The module each ``transport`` setting has the session start import (cgla.py imports csim.py).
-_TRANSPORT_MODULES = {"auto": ("agent.transport.cgla",), "cgla": ("agent.transport.cgla",),
-                      "csim": ("agent.transport.csim",)}
+_TRANSPORT_MODULES = {"auto": ("agent.transport.csim", "agent.transport.cgla"),
+                      "cgla": ("agent.transport.csim", "agent.transport.cgla"), "csim": ("agent.transport.csim",)}
 
 
 class Card:

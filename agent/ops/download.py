@@ -12,7 +12,7 @@ import logging
 from functools import partial
 
 from ..errors import AgentError, UsageError
-from . import TABLES
+from . import DECODING, TABLES
 from .card import Card
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ AFTER_INSTALL = ("agent.ops.notifications", "agent.store", "agent.flows.notifica
 #: What a download needs once the card has AuthenticateServer and not before (the card's answer is
 #: the first thing decoded with the ASN.1 tables), loaded while the card runs it: ~0.4 s of line
 #: at 115200 baud, against ~25 ms of loading that would otherwise hold up the first ES9+ call.
-AFTER_AUTHENTICATE = TABLES + ("agent.bpp",)
+AFTER_AUTHENTICATE = DECODING + ("agent.bpp",)
 
 
 class NothingWaiting(AgentError):
@@ -86,8 +86,9 @@ def download(ctx, card: Card, activation_code: str | None = None, smdp: str | No
             return data
 
     imei = imei or card.imei()
-    pool = ctx.servers.pool()
-    # The ES9+ client's set-up (trust store, TLS context) while the card answers GetEID.
+    pool = ctx.servers.pool()           # makes no client yet
+    # The ES9+ client's set-up (trust store, TLS context) while the card answers the first ES10
+    # calls, after the TLS stack's imports (the preload steps); else when the first call is due.
     card.while_waiting((partial(pool, address),))
     eid = card.eid
     loading = []
@@ -104,7 +105,6 @@ def download(ctx, card: Card, activation_code: str | None = None, smdp: str | No
         if ctx.progress is not None:
             ctx.progress(step, done, total)
     try:
-        es9 = pool(address)   # trust is narrowed to the eUICC's CIs in initiateAuthentication
         opts = DownloadOptions(address=address, matching_id=mid, confirmation_code=confirmation_code, imei=imei,
                                consent=(lambda meta: True) if yes else ctx.consent,
                                ask_confirmation_code=ctx.ask_confirmation_code, smdp_oid=oid,
@@ -112,7 +112,8 @@ def download(ctx, card: Card, activation_code: str | None = None, smdp: str | No
                                cancel=ctx.cancel, record=ctx.steps.step)
         ctx.steps.step("start", address=address, matching_id=mid)
         try:
-            res = Downloader(card.es10, es9, opts).run()
+            # trust is narrowed to the eUICC's CIs in initiateAuthentication
+            res = Downloader(card.es10, None, opts, make_es9=partial(pool, address)).run()
         except DownloadError as e:
             # A refused package leaves a signed error result for the SM-DP+: send it too.
             if e.details.get("notification_seq") is not None and ctx.notifications:
