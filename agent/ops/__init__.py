@@ -178,7 +178,8 @@ DECODING = TABLES + ("agent.es10_types",)
 #: load once the ISD-R session is open, while the card answers those calls, instead of during
 #: the session start, which has enough to import already (`chip info` only decodes). A download
 #: needs none before the card's AuthenticateServer and loads them then (ops/download.py).
-_AFTER_OPEN = {"chip.info": TABLES[:3] + ("agent.es10_types",), "profile.download": (), "sync": DECODING}
+#: (`chip info`: the short steps first, for the card's short first answer, GetEID.)
+_AFTER_OPEN = {"chip.info": (TABLES[0], "agent.es10_types") + TABLES[1:3], "profile.download": (), "sync": DECODING}
 
 
 def preload_modules(name: str) -> tuple[str, ...]:
