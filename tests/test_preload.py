@@ -61,3 +61,17 @@ def test_tables_load_after_the_session_opens_for_operations_that_start_without_t
     assert set(ops.TABLES) <= set(AFTER_AUTHENTICATE)
     for op in ("profile.list", "notification.process"):
         assert set(ops.TABLES) <= set(ops.preload_modules(op)) and ops.session_preload(op) == ()
+
+
+def test_a_preload_step_left_from_an_ended_download_makes_no_client():
+    """ops/download.py queues the ES9+ client's set-up as a preload step; in the daemon's worker,
+    whose card outlives the job, a step still pending when the job ends must not make a client
+    of the job's closed pool (the step fails, quietly, as preload steps do)."""
+    from functools import partial
+
+    from agent.preload import Steps
+    pool = ops.ServerSettings().pool()
+    steps = Steps([partial(pool, "smdp.example.com")])
+    pool.close()
+    assert steps() is False and pool.clients == {}
+    assert steps.failed and "closed" in steps.failed[0][1]

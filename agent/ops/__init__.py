@@ -48,10 +48,13 @@ class ClientPool:
         self.kw = {"ca": ca, "config_ca": config_ca, "insecure_http": insecure_http, "deadline": deadline}
         self.ci_pkids = ci_pkids
         self.clients: dict[str, object] = {}
+        self.closed = False
 
     def __call__(self, address: str):
         c = self.clients.get(address)
         if c is None:
+            if self.closed:         # e.g. a preload step of an operation that has ended
+                raise RuntimeError("this ES9+ client pool is closed")
             from ..es9p import Es9pClient    # on the first client: the pool itself imports no TLS
             c = Es9pClient(address, **self.kw)
             if self.ci_pkids:
@@ -60,6 +63,7 @@ class ClientPool:
         return c
 
     def close(self) -> None:
+        self.closed = True
         for c in self.clients.values():
             c.close()
         self.clients.clear()
