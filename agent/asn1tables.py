@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from pathlib import Path
 
 from .errors import ProtocolError
 
@@ -53,21 +52,22 @@ _lock = threading.Lock()   # first load swaps sys.modules entries: one thread at
 
 # --- locating sources --------------------------------------------------------------
 
-def _asn_dir() -> Path:
+def _asn_dir() -> str:
     """Directory holding the .asn files.
 
     In a source checkout (or an editable install) they live in ``<repo>/asn1``
     next to the ``agent`` package; a wheel ships them as the package
-    ``agent.asn1`` (pyproject maps asn1/ there)."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "asn1", here.parent / "asn1"):
-        if (cand / _ASN_FILES[0]).is_file():
+    ``agent.asn1`` (pyproject maps asn1/ there). Paths are strings here: pathlib (with
+    urllib.parse) would cost `chip info --sim` ~7 ms of its start-up."""
+    here = os.path.dirname(os.path.realpath(__file__))
+    for cand in (os.path.join(here, "asn1"), os.path.join(os.path.dirname(here), "asn1")):
+        if os.path.isfile(os.path.join(cand, _ASN_FILES[0])):
             return cand
     try:
         from importlib.resources import files
         res = files("agent.asn1")
-        cand = Path(str(res))
-        if (cand / _ASN_FILES[0]).is_file():
+        cand = str(res)
+        if os.path.isfile(os.path.join(cand, _ASN_FILES[0])):
             return cand
     except (ImportError, TypeError, ValueError):
         pass
@@ -75,9 +75,9 @@ def _asn_dir() -> Path:
                         "reinstall esim-agent", code="asn1_missing")
 
 
-def asn_sources() -> list[Path]:
+def asn_sources() -> list[str]:
     d = _asn_dir()
-    return [d / name for name in _ASN_FILES]
+    return [os.path.join(d, name) for name in _ASN_FILES]
 
 
 def _asn1tools_version() -> str:
@@ -87,9 +87,10 @@ def _asn1tools_version() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise ProtocolError("the asn1tools package is not installed (pip install asn1tools)",
                             code="asn1tools_missing")
-    vfile = Path(list(spec.submodule_search_locations)[0]) / "version.py"
+    vfile = os.path.join(list(spec.submodule_search_locations)[0], "version.py")
     try:
-        return vfile.read_text(encoding="utf-8").strip()
+        with open(vfile, encoding="utf-8") as f:
+            return f.read().strip()
     except OSError:
         from importlib.metadata import version
         return version("asn1tools")
@@ -108,12 +109,13 @@ def _sha256():
     return sha256()
 
 
-def _cache_key(sources: list[Path]) -> str:
+def _cache_key(sources: list) -> str:
     h = _sha256()
     h.update(f"esim-agent-codec-{_FORMAT}\0{sys.version_info[:2]}\0{_asn1tools_version()}\0".encode())
     for p in sources:
-        data = p.read_bytes()
-        h.update(p.name.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
+        with open(p, "rb") as f:
+            data = f.read()
+        h.update(os.path.basename(p).encode() + b"\0" + len(data).to_bytes(8, "big") + data)
     return h.hexdigest()
 
 
@@ -121,14 +123,14 @@ def _cache_dirs():
     """User cache first ($XDG_CACHE_HOME or ~/.cache), then a per-user temp dir
     (yielded lazily so the common case never imports tempfile)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    yield Path(base) / "esim-agent"
+    yield os.path.join(base, "esim-agent")
     yield _tmp_cache_dir()
 
 
-def _tmp_cache_dir() -> Path:
+def _tmp_cache_dir() -> str:
     import tempfile   # lazily: only needed when the user cache is unusable
     uid = os.getuid() if hasattr(os, "getuid") else 0
-    return Path(tempfile.gettempdir()) / f"esim-agent-{uid}"
+    return os.path.join(tempfile.gettempdir(), f"esim-agent-{uid}")
 
 
 # --- asn1tools fixes ---------------------------------------------------------------
@@ -347,7 +349,7 @@ def _install_permitted_alphabet() -> None:
 
 # --- compile / cache -----------------------------------------------------------------
 
-def _compile(sources: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _compile(sources: list) -> tuple[dict[str, Any], dict[str, Any]]:
     """(base set, SGP.32 set): every type of the specification, each in the set of the
     file its module comes from (a name is never in both: the flat ``types`` decides)."""
     import asn1tools
@@ -382,13 +384,13 @@ def _split_checkers(types: dict[str, Any]) -> bytes:
     return pickle.dumps(checkers, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _trusted(path: Path) -> bool:
+def _trusted(path) -> bool:
     """Unpickling runs code, so only load a cache file that we own, in a directory we
     own, neither writable by others (the fallback lives under the shared /tmp)."""
     if not hasattr(os, "getuid"):
         return True
     try:
-        for st in (os.stat(path.parent), os.stat(path)):
+        for st in (os.stat(os.path.dirname(path)), os.stat(path)):
             if st.st_uid != os.getuid() or st.st_mode & 0o022:
                 return False
     except OSError:
@@ -396,7 +398,7 @@ def _trusted(path: Path) -> bool:
     return True
 
 
-def _trusted_dir(d: Path) -> bool:
+def _trusted_dir(d) -> bool:
     if not hasattr(os, "getuid"):
         return True
     try:
@@ -406,12 +408,13 @@ def _trusted_dir(d: Path) -> bool:
     return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
-def _load_cached(path: Path, which: str) -> tuple[dict, bytes] | None:
+def _load_cached(path, which: str) -> tuple[dict, bytes] | None:
     """(the pickled dict, its raw bytes), or None when absent, untrusted or unusable."""
     if not _trusted(path):
         return None
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError:
         return None
     try:
@@ -437,13 +440,14 @@ def _dump(which: str, types: dict[str, Any], checkers: bytes, extra_names: list 
         return None
 
 
-def _store(path: Path, blob: bytes) -> bool:
+def _store(path, blob: bytes) -> bool:
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not _trusted_dir(path.parent):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        if not _trusted_dir(parent):
             return False
         import tempfile
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".codec-", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".codec-", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
@@ -462,8 +466,8 @@ def _store(path: Path, blob: bytes) -> bool:
 _keys: dict[tuple, str] = {}
 
 
-def _cache_name(sources: list[Path], which: str) -> str:
-    k = tuple(sources)
+def _cache_name(sources: list, which: str) -> str:
+    k = tuple(os.fspath(p) for p in sources)
     if k not in _keys:
         _keys[k] = _cache_key(sources)[:32]
     return f"asn1-{_keys[k]}-{which}.pickle"
@@ -503,22 +507,22 @@ def _load_all() -> dict[str, Any]:
     return types
 
 
-def _from_cache(sources: list[Path], which: str) -> dict | None:
+def _from_cache(sources: list, which: str) -> dict | None:
     name = _cache_name(sources, which)
     missed = []
     for d in _cache_dirs():
-        hit = _load_cached(d / name, which)
+        hit = _load_cached(os.path.join(d, name), which)
         if hit is not None:
             obj, raw = hit
             for m in missed:   # e.g. the user cache became usable again: put it back there
-                if _store(m / name, raw):
+                if _store(os.path.join(m, name), raw):
                     break
             return obj
         missed.append(d)
     return None
 
 
-def _compile_and_store(sources: list[Path]) -> tuple[dict, dict]:
+def _compile_and_store(sources: list) -> tuple[dict, dict]:
     """Compile both sets, cache both; returns (base set, SGP.32 set), checkers detached
     (and queued in the pending list by the caller)."""
     base, extra = _compile(sources)
@@ -530,7 +534,7 @@ def _compile_and_store(sources: list[Path]) -> tuple[dict, dict]:
         if blob is not None:
             name = _cache_name(sources, which)
             for d in _cache_dirs():
-                if _store(d / name, blob):
+                if _store(os.path.join(d, name), blob):
                     break
     return {"types": base, "checkers": blobs["base"], "extra_names": sorted(extra)}, \
         {"types": extra, "checkers": blobs["sgp32"]}

@@ -215,7 +215,7 @@ def context(args, out: "Output", token):
     servers = ServerSettings(ca=ca, config_ca=cfg.ca_bundle, insecure_http=getattr(args, "insecure_http", False),
                              http_timeout=http_timeout(args))
     progress = _progress_printer(out)
-    return Context(servers=servers, state_dir=config.state_dir(cfg),
+    return Context(servers=servers, state_dir=config.state_dir_text(cfg),
                    notifications=cfg.process_notifications and not getattr(args, "no_notifications", False),
                    refresh=cfg.refresh, rollback_after=float(cfg.rollback_after), cancel=token,
                    default_smdp=cfg.default_smdp, auto_enable=bool(cfg.auto_enable),

@@ -704,7 +704,7 @@ def test_unwritable_cache_falls_back(tmp_path):
 
 
 def test_cache_key_changes_with_the_sources(tmp_path, monkeypatch):
-    srcs = asn1tables.asn_sources()
+    srcs = [Path(p) for p in asn1tables.asn_sources()]
     k1 = asn1tables._cache_key(srcs)
     copies = []
     for p in srcs:

@@ -163,7 +163,7 @@ PACKAGE_DER = tlv("BF51", tlv("30", tlv("80", EIM.encode()) + tlv("5A", EID) + h
 # --- the module is compiled with the SGP.22 one ------------------------------------------------
 
 def test_sgp32_types_sit_next_to_the_sgp22_ones():
-    names = [p.name for p in asn1tables.asn_sources()]
+    names = [Path(p).name for p in asn1tables.asn_sources()]
     assert names[:2] == ["rsp.asn", "pkix.asn"] and "sgp32.asn" in names and "sgp32v10.asn" in names
     for t in ("EsipaMessageFromIpaToEim", "EsipaMessageFromEimToIpa", "EuiccPackageRequest", "EuiccPackageResult",
               "IpaEuiccDataRequest", "IpaEuiccDataResponse", "ProfileDownloadTriggerRequest",
@@ -184,7 +184,7 @@ def test_sgp32_types_sit_next_to_the_sgp22_ones():
 
 
 def test_cache_key_covers_the_sgp32_sources(tmp_path):
-    srcs = asn1tables.asn_sources()
+    srcs = [Path(p) for p in asn1tables.asn_sources()]
     k1 = asn1tables._cache_key(srcs)
     copies = []
     for p in srcs:

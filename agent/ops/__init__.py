@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from collections.abc import Callable
 
 TYPE_CHECKING = False   # typing's import (~5 ms) only for checkers: annotations are strings here
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
 
 from ..cancel import CancelToken
@@ -103,7 +103,7 @@ class EimSettings:
 class Context:
     """What an operation runs with besides the card: servers, state, policies, hooks."""
     servers: ServerSettings = field(default_factory=ServerSettings)
-    state_dir: Path | None = None
+    state_dir: str | Path | None = None     # the outbox's directory; None: config.state_dir()
     notifications: bool = True          # send the notifications an operation causes right away
     refresh: bool = True                # refreshFlag for enable/disable
     rollback_after: float = 420.0       # seconds to wait for network registration after a switch
@@ -129,9 +129,11 @@ class Context:
             log.warning("%s", msg)
 
     def outbox_path(self) -> Path:
+        from pathlib import Path
+
         from .. import config
         from ..store import DB_NAME
-        return (self.state_dir or config.state_dir()) / DB_NAME
+        return (Path(self.state_dir) if self.state_dir else config.state_dir()) / DB_NAME
 
 
 #: Operation name → (module of this package, function). Names are what the daemon's socket API takes.
