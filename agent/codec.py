@@ -19,6 +19,7 @@ asn1tools behaviours corrected here because they matter for SGP.22:
 """
 from __future__ import annotations
 
+from . import tlv
 from .errors import ProtocolError
 
 Any = object  # annotations only; `typing` is not imported to keep start-up lean
@@ -123,7 +124,6 @@ def read_fields(type_name: str, data: bytes, outer: int, tags: tuple[int, ...]) 
     problem = _structure_problem(data)
     if problem:
         raise ProtocolError(f"malformed {type_name}: {problem}", code="malformed_asn1")
-    from . import tlv
     try:
         top = tlv.parse_single(data)
         kids = tlv.children(top) if top.constructed else []

@@ -299,41 +299,45 @@ class Es10:
     def call_raw(self, request: bytes, *, what: str, timeout: float | None = None) -> bytes:
         return self.ch.es10(request, timeout=timeout, what=what)
 
-    def _call(self, req_type: str, value: Any, resp_type: str, *, timeout: float | None = None) -> Any:
-        resp = self.call_raw(codec.encode(req_type, value), what=req_type, timeout=timeout)
+    def answer(self, request: bytes, what: str, expected: str, *, timeout: float | None = None) -> bytes:
+        """The card's answer to ``request`` (ES10 function ``what``), refused if empty; not decoded
+        (es10_iot.py keeps the raw bytes of several answers)."""
+        resp = self.call_raw(request, what=what, timeout=timeout)
         if not resp:
-            raise ProtocolError(f"{req_type}: the eUICC returned no data (expected {resp_type})",
-                                code="empty_response")
-        return codec.decode(resp_type, resp)
-
-    def _fixed(self, req_type: str) -> bytes:
-        """Send a request of FIXED_REQUESTS; its answer, refused if empty."""
-        resp = self.call_raw(FIXED_REQUESTS[req_type], what=req_type)
-        if not resp:
-            raise ProtocolError(f"{req_type}: the eUICC returned no data", code="empty_response")
+            raise ProtocolError(f"{what}: the eUICC returned no data (expected {expected})", code="empty_response")
         return resp
+
+    def _call(self, req_type: str, value: Any, resp_type: str, *, timeout: float | None = None) -> Any:
+        return codec.decode(resp_type, self.answer(codec.encode(req_type, value), req_type, resp_type,
+                                                   timeout=timeout))
+
+    def _fixed(self, req_type: str, resp_type: str) -> bytes:
+        """Send a request of FIXED_REQUESTS; its answer, refused if empty, not decoded."""
+        return self.answer(FIXED_REQUESTS[req_type], req_type, resp_type)
 
     # ES10c GetEID (SGP.22 §5.7.20). Read with the TLV parser (codec.read_fields), like
     # GetEUICCInfo1 and GetEUICCChallenge: a command's first calls need no ASN.1 tables.
     def get_eid(self) -> str:
-        eid, = codec.read_fields("GetEuiccDataResponse", self._fixed("GetEuiccDataRequest"), 0xBF3E, (0x5A,))
+        raw = self._fixed("GetEuiccDataRequest", "GetEuiccDataResponse")
+        eid, = codec.read_fields("GetEuiccDataResponse", raw, 0xBF3E, (0x5A,))
         return eid.hex().upper()
 
     # ES10b GetEUICCInfo1 (§5.7.8): BF20 { 82 svn, A9 { 04 ... }, AA { 04 ... } }
     def get_euicc_info1(self) -> EuiccInfo1:
-        raw = self._fixed("GetEuiccInfo1Request")
+        raw = self._fixed("GetEuiccInfo1Request", "EUICCInfo1")
         svn, verification, signing = codec.read_fields("EUICCInfo1", raw, 0xBF20, (0x82, 0xA9, 0xAA))
         return EuiccInfo1(version_str(svn), _key_ids(verification), _key_ids(signing), raw=raw)
 
     # ES10b GetEUICCInfo2 (§5.7.8)
     def get_euicc_info2(self) -> EuiccInfo2:
-        raw = self._fixed("GetEuiccInfo2Request")
+        raw = self._fixed("GetEuiccInfo2Request", "EUICCInfo2")
         from .es10_types import euicc_info2_from_asn1
         return euicc_info2_from_asn1(codec.decode("EUICCInfo2", raw), raw)
 
     # ES10a GetEuiccConfiguredAddresses (§5.7.3)
     def get_configured_addresses(self) -> ConfiguredAddresses:
-        v = codec.decode("EuiccConfiguredAddressesResponse", self._fixed("EuiccConfiguredAddressesRequest"))
+        raw = self._fixed("EuiccConfiguredAddressesRequest", "EuiccConfiguredAddressesResponse")
+        v = codec.decode("EuiccConfiguredAddressesResponse", raw)
         return ConfiguredAddresses(v.get("defaultDpAddress") or None, v.get("rootDsAddress") or None)
 
     # ES10a SetDefaultDpAddress (§5.7.4)
@@ -443,8 +447,8 @@ class Es10:
 
     # ES10b GetEUICCChallenge (§5.7.7): BF2E { 80 challenge }
     def get_euicc_challenge(self) -> bytes:
-        challenge, = codec.read_fields("GetEuiccChallengeResponse", self._fixed("GetEuiccChallengeRequest"),
-                                       0xBF2E, (0x80,))
+        raw = self._fixed("GetEuiccChallengeRequest", "GetEuiccChallengeResponse")
+        challenge, = codec.read_fields("GetEuiccChallengeResponse", raw, 0xBF2E, (0x80,))
         return challenge
 
     # ES10b CancelSession (§5.7.14): returns the raw BF41 response for ES9+ cancelSession

@@ -146,9 +146,7 @@ def add_initial_eim(es10: Es10, configs) -> AddInitialEimResult:
     for c in configs:
         eim_config_from_der(c)          # each must be one EimConfigurationData
     req = tlv.encode(0xBF57, tlv.encode(0xA0, b"".join(bytes(c) for c in configs)))
-    resp = es10.call_raw(req, what="AddInitialEim", timeout=es10.long_timeout)
-    if not resp:
-        raise ProtocolError("AddInitialEim: the eUICC returned no data", code="empty_response")
+    resp = es10.answer(req, "AddInitialEim", "AddInitialEimResponse", timeout=es10.long_timeout)
     kind, v = codec.decode("AddInitialEimResponse", resp)
     if kind != "addInitialEimOk":
         _check("AddInitialEim", ADD_INITIAL_EIM_ERRORS, v)
@@ -161,9 +159,8 @@ def add_initial_eim(es10: Es10, configs) -> AddInitialEimResult:
 
 def get_eim_configuration_data(es10: Es10, eim_id: str | None = None) -> list[EimConfig]:
     req = {"searchCriteria": ("eimId", eim_id)} if eim_id is not None else {}
-    resp = es10.call_raw(codec.encode("GetEimConfigurationDataRequest", req), what="GetEimConfigurationData")
-    if not resp:
-        raise ProtocolError("GetEimConfigurationData: the eUICC returned no data", code="empty_response")
+    resp = es10.answer(codec.encode("GetEimConfigurationDataRequest", req), "GetEimConfigurationData",
+                       "GetEimConfigurationDataResponse")
     codec.decode("GetEimConfigurationDataResponse", resp)      # validates the whole structure
     lst = tlv.find(tlv.children(tlv.parse_single(resp)), 0xA0)
     return [eim_config_from_der(t.raw) for t in tlv.children(lst)] if lst is not None else []
@@ -173,10 +170,8 @@ def get_eim_configuration_data(es10: Es10, eim_id: str | None = None) -> list[Ei
 
 
 def profile_rollback(es10: Es10, refresh: bool = True) -> tuple[int, bytes | None]:
-    resp = es10.call_raw(codec.encode("ProfileRollbackRequest", {"refreshFlag": refresh}),
-                         what="ProfileRollback", timeout=es10.long_timeout)
-    if not resp:
-        raise ProtocolError("ProfileRollback: the eUICC returned no data", code="empty_response")
+    resp = es10.answer(codec.encode("ProfileRollbackRequest", {"refreshFlag": refresh}), "ProfileRollback",
+                       "ProfileRollbackResponse", timeout=es10.long_timeout)
     v = codec.decode("ProfileRollbackResponse", resp)
     epr = tlv.find(tlv.children(tlv.parse_single(resp)), 0xBF51)
     return v["cmdResult"], (epr.raw if epr is not None else None)
@@ -229,9 +224,7 @@ def configure_immediate_profile_enabling(es10: Es10, enable: bool, *, smdp_oid: 
 
 def get_certs(es10: Es10, ci_pkid: bytes | None = None) -> tuple[bytes, bytes]:
     req = {"euiccCiPKId": ci_pkid} if ci_pkid is not None else {}
-    resp = es10.call_raw(codec.encode("GetCertsRequest", req), what="GetCerts")
-    if not resp:
-        raise ProtocolError("GetCerts: the eUICC returned no data", code="empty_response")
+    resp = es10.answer(codec.encode("GetCertsRequest", req), "GetCerts", "GetCertsResponse")
     kind, v = codec.decode("GetCertsResponse", resp)
     if kind != "certs":
         _check("GetCerts", GET_CERTS_ERRORS, v)
@@ -253,10 +246,8 @@ def retrieve_sgp32(es10: Es10, *, seq: int | None = None, euicc_package_results:
         req["searchCriteria"] = ("seqNumber", seq)
     elif operation is not None:
         req["searchCriteria"] = ("profileManagementOperation", pmo_bits(operation))
-    resp = es10.call_raw(codec.encode("SGP32-RetrieveNotificationsListRequest", req),
-                         what="RetrieveNotificationsList")
-    if not resp:
-        raise ProtocolError("RetrieveNotificationsList: the eUICC returned no data", code="empty_response")
+    resp = es10.answer(codec.encode("SGP32-RetrieveNotificationsListRequest", req), "RetrieveNotificationsList",
+                       "SGP32-RetrieveNotificationsListResponse")
     kind, v = codec.decode("SGP32-RetrieveNotificationsListResponse", resp)
     if kind == "notificationsListResultError":
         if v == 1:

@@ -87,9 +87,10 @@ def download(ctx, card: Card, activation_code: str | None = None, smdp: str | No
 
     imei = imei or card.imei()
     pool = ctx.servers.pool()           # makes no client yet
+    make_client = partial(pool, address)
     # The ES9+ client's set-up (trust store, TLS context) while the card answers the first ES10
     # calls, after the TLS stack's imports (the preload steps); else when the first call is due.
-    card.while_waiting((partial(pool, address),))
+    card.while_waiting((make_client,))
     eid = card.eid
     loading = []
 
@@ -113,7 +114,7 @@ def download(ctx, card: Card, activation_code: str | None = None, smdp: str | No
         ctx.steps.step("start", address=address, matching_id=mid)
         try:
             # trust is narrowed to the eUICC's CIs in initiateAuthentication
-            res = Downloader(card.es10, None, opts, make_es9=partial(pool, address)).run()
+            res = Downloader(card.es10, None, opts, make_es9=make_client).run()
         except DownloadError as e:
             # A refused package leaves a signed error result for the SM-DP+: send it too.
             if e.details.get("notification_seq") is not None and ctx.notifications:
