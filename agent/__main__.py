@@ -1,4 +1,4 @@
 """`python -m agent` is the same as the `esim-agent` console script."""
-from .cli import run
+from .entry import run
 
 run()

@@ -35,6 +35,7 @@ import os
 import sys
 import threading
 
+from . import usercache
 from .errors import ProtocolError
 
 Any = object  # annotations only; `typing` is not imported to keep start-up lean
@@ -96,41 +97,14 @@ def _asn1tools_version() -> str:
         return version("asn1tools")
 
 
-def _sha256():
-    """hashlib.sha256 without importing hashlib (which loads OpenSSL's libcrypto: ~4 ms and
-    ~3.5 MB of RSS for a CLI command that needs no TLS). Same digest."""
-    try:
-        from _sha2 import sha256          # Python >= 3.12
-    except ImportError:
-        try:
-            from _sha256 import sha256    # Python 3.11
-        except ImportError:
-            from hashlib import sha256
-    return sha256()
-
-
 def _cache_key(sources: list) -> str:
-    h = _sha256()
+    h = usercache.sha256()
     h.update(f"esim-agent-codec-{_FORMAT}\0{sys.version_info[:2]}\0{_asn1tools_version()}\0".encode())
     for p in sources:
         with open(p, "rb") as f:
             data = f.read()
         h.update(os.path.basename(p).encode() + b"\0" + len(data).to_bytes(8, "big") + data)
     return h.hexdigest()
-
-
-def _cache_dirs():
-    """User cache first ($XDG_CACHE_HOME or ~/.cache), then a per-user temp dir
-    (yielded lazily so the common case never imports tempfile)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    yield os.path.join(base, "esim-agent")
-    yield _tmp_cache_dir()
-
-
-def _tmp_cache_dir() -> str:
-    import tempfile   # lazily: only needed when the user cache is unusable
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    return os.path.join(tempfile.gettempdir(), f"esim-agent-{uid}")
 
 
 # --- asn1tools fixes ---------------------------------------------------------------
@@ -384,33 +358,9 @@ def _split_checkers(types: dict[str, Any]) -> bytes:
     return pickle.dumps(checkers, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _trusted(path) -> bool:
-    """Unpickling runs code, so only load a cache file that we own, in a directory we
-    own, neither writable by others (the fallback lives under the shared /tmp)."""
-    if not hasattr(os, "getuid"):
-        return True
-    try:
-        for st in (os.stat(os.path.dirname(path)), os.stat(path)):
-            if st.st_uid != os.getuid() or st.st_mode & 0o022:
-                return False
-    except OSError:
-        return False
-    return True
-
-
-def _trusted_dir(d) -> bool:
-    if not hasattr(os, "getuid"):
-        return True
-    try:
-        st = os.stat(d)
-    except OSError:
-        return False
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022
-
-
 def _load_cached(path, which: str) -> tuple[dict, bytes] | None:
     """(the pickled dict, its raw bytes), or None when absent, untrusted or unusable."""
-    if not _trusted(path):
+    if not usercache.trusted(path):
         return None
     try:
         with open(path, "rb") as f:
@@ -438,29 +388,6 @@ def _dump(which: str, types: dict[str, Any], checkers: bytes, extra_names: list 
         return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, RecursionError, TypeError, AttributeError):
         return None
-
-
-def _store(path, blob: bytes) -> bool:
-    try:
-        parent = os.path.dirname(path)
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-        if not _trusted_dir(parent):
-            return False
-        import tempfile
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".codec-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-            os.replace(tmp, path)     # atomic: concurrent processes never see half a file
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return True
-    except OSError:
-        return False
 
 
 _keys: dict[tuple, str] = {}
@@ -510,12 +437,12 @@ def _load_all() -> dict[str, Any]:
 def _from_cache(sources: list, which: str) -> dict | None:
     name = _cache_name(sources, which)
     missed = []
-    for d in _cache_dirs():
+    for d in usercache.dirs():
         hit = _load_cached(os.path.join(d, name), which)
         if hit is not None:
             obj, raw = hit
             for m in missed:   # e.g. the user cache became usable again: put it back there
-                if _store(os.path.join(m, name), raw):
+                if usercache.store(os.path.join(m, name), raw, prefix=".codec-"):
                     break
             return obj
         missed.append(d)
@@ -533,8 +460,8 @@ def _compile_and_store(sources: list) -> tuple[dict, dict]:
         blob = _dump(which, types, checkers, sorted(extra) if which == "base" else None)
         if blob is not None:
             name = _cache_name(sources, which)
-            for d in _cache_dirs():
-                if _store(os.path.join(d, name), blob):
+            for d in usercache.dirs():
+                if usercache.store(os.path.join(d, name), blob, prefix=".codec-"):
                     break
     return {"types": base, "checkers": blobs["base"], "extra_names": sorted(extra)}, \
         {"types": extra, "checkers": blobs["sgp32"]}

@@ -131,58 +131,6 @@ def _json_default(o: Any):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-#: Widest a table column gets (the last one may take more: nothing follows it to misalign).
-TABLE_COLUMN_MAX = 40
-TABLE_LAST_COLUMN_MAX = 80
-
-
-def table(rows: list[list[Any]], headers: list[str], *, max_width: int = TABLE_COLUMN_MAX,
-          last_max_width: int = TABLE_LAST_COLUMN_MAX) -> str:
-    """Rows under headers, columns two spaces apart: no trailing spaces, each column at most
-    ``max_width`` characters on screen (longer values end with "…"), control characters in a
-    value (a nickname set by another LPA) shown escaped so one value cannot break the table."""
-    cells = [[_cell("" if c is None else str(c)) for c in r] for r in rows]
-    limits = [last_max_width if i == len(headers) - 1 else max_width for i in range(len(headers))]
-    cells = [[_clip(c, limits[i]) for i, c in enumerate(r)] for r in cells]
-    widths = [max([_width(h)] + [_width(r[i]) for r in cells]) for i, h in enumerate(headers)]
-
-    def line(values) -> str:
-        return "  ".join(v + " " * (w - _width(v)) for v, w in zip(values, widths)).rstrip()
-    lines = [line(headers), line(["-" * w for w in widths])]
-    lines += [line(r) for r in cells]
-    return "\n".join(lines)
-
-
-def _cell(text: str) -> str:
-    import unicodedata
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() or unicodedata.category(ch) == "Mn" else repr(ch)[1:-1]
-                   for ch in text)
-
-
-def _width(text: str) -> int:
-    """Columns on a terminal: wide (East Asian) characters take two, combining marks none."""
-    import unicodedata
-    if text.isascii():
-        return len(text)
-    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
-               for ch in text)
-
-
-def _clip(text: str, limit: int) -> str:
-    if _width(text) <= limit:
-        return text
-    out, w = [], 0
-    for ch in text:
-        cw = _width(ch)
-        if w + cw > limit - 1:
-            break
-        out.append(ch)
-        w += cw
-    return "".join(out) + "…"
-
-
 # --------------------------------------------------------------------------- settings
 
 def _pick(cli_value, cfg_value):
@@ -255,6 +203,9 @@ def _through_daemon(args) -> bool:
         else:
             from .daemon.client import daemon_answers
             known = daemon_answers(args.config)
+            if known:
+                from . import quick
+                quick.remember(args.config)     # the next `chip info` may take the quick path
         args._daemon_answers = known
     return known
 
@@ -684,32 +635,6 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, h)
 
 
-def run() -> None:
-    """The console script (and ``python -m agent``): ``main()``, then leave at once.
-
-    A one-shot command has closed the card, the port (its settings put back) and the outbox
-    before ``main`` returns, and flushed what it printed; what the interpreter's normal exit
-    still does then — tearing down ~250 modules and collecting the ASN.1 tables' objects —
-    cost 20–25 ms of every command (issue #8), longer than some commands' own work. So after
-    the atexit handlers (logging, temporary files) and a flush, the process ends with
-    ``os._exit``. Not while another non-daemon thread runs (a server's or the daemon's): then
-    the normal exit waits for it as always."""
-    code = main()
-    import threading
-    if any(t is not threading.main_thread() and t.is_alive() and not t.daemon for t in threading.enumerate()):
-        sys.exit(code)
-    import atexit
-    import os
-    try:
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BrokenPipeError:      # the reader went away (| head): nothing left to tell it
-        pass
-    except Exception:            # anything odd: let the normal exit deal with it
-        sys.exit(code)
-    os._exit(code)
-
-
 if __name__ == "__main__":
+    from .entry import run
     run()

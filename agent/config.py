@@ -52,6 +52,8 @@ LOG_LEVELS = ("info", "debug")
 TRANSPORTS = ("auto", "csim", "cgla")
 ESIPA_VERSIONS = ("1.2", "1.0")
 BINDINGS = ("asn1", "json")
+#: Config's fields that are not keys of the file: where the settings came from.
+NOT_KEYS = ("source", "source_id")
 
 TYPE_CHECKING = False   # annotations only: pathlib is imported where a Path is made
 if TYPE_CHECKING:
@@ -90,12 +92,13 @@ class Config:
     log_level: str = "info"
     # [eim] (SGP.32 IPAd): None = no table; else the checked keys (eim_settings() fills the defaults)
     eim: dict | None = None
-    # -- where it came from (not a key)
+    # -- where it came from (not keys): the file, and its identity when read (quick.identity)
     source: str | None = None
+    source_id: list | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
         """The settings as a JSON-able dict for status output, with report_token masked."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source_id"}   # source: shown
         d["report_token"] = "(set)" if self.report_token else None
         d["aids"], d["quirks"] = list(self.aids), dict(self.quirks)
         if self.eim is not None:
@@ -123,6 +126,7 @@ def load(path: str | None = None) -> Config:
     import tomllib
     try:
         with open(p, "rb") as f:
+            st = os.fstat(f.fileno())
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:           # the message carries "(at line N, column M)"
         raise UsageError(f"config {p}: not valid TOML: {e}", code="config_invalid") from e
@@ -146,6 +150,8 @@ def load(path: str | None = None) -> Config:
         raise UsageError(f"config {p}: report_url must be an https:// URL (plain http:// only with "
                          f"report_insecure_http = true), not {show(cfg.report_url)}", code="config_invalid")
     cfg.source = str(p)
+    from .quick import identity
+    cfg.source_id = identity(st)        # of the bytes parsed: the quick path's cache key
     return cfg
 
 

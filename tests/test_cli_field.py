@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from agent import cli
+from agent import cli, render
 from agent.cli import main
 from agent.commands import profile as profile_cmds
 from testbed import REPO, Spy, bed, make_bed, testbed_pki  # noqa: F401 (fixtures)
@@ -411,7 +411,7 @@ def test_progress_on_a_terminal_ends_its_line():
 def test_table_has_no_trailing_spaces_and_bounded_columns():
     rows = [["8949000000000000019", "enabled", "n" * 64, "P"], ["8949000000000000027", "disabled", "", ""],
             ["8949000000000000035", "disabled", "bad\x1b[31mname\n", "x"]]
-    text = cli.table(rows, ["ICCID", "STATE", "NICKNAME", "PROVIDER"])
+    text = render.table(rows, ["ICCID", "STATE", "NICKNAME", "PROVIDER"])
     lines = text.splitlines()
     assert all(line == line.rstrip() for line in lines), [line for line in lines if line != line.rstrip()]
     assert max(len(line) for line in lines) <= 20 + 2 + 8 + 2 + 40 + 2 + 8

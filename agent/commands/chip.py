@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..cli import Output, _Parser, execute, socket_command
 from ..errors import UsageError
+from ..render import chip_info_text
 
 
 def add_parsers(sub) -> None:
@@ -20,21 +21,7 @@ def add_parsers(sub) -> None:
 @socket_command
 def cmd_chip_info(args, out: Output) -> int:
     data = execute(args, out, "chip.info", {})
-
-    def text() -> str:
-        info2, addrs, modem = data["euicc_info2"], data["configured_addresses"], data.get("modem")
-        rows = [["EID", data["eid"]],
-                ["Default SM-DP+", addrs.get("default_dp_address") or "(none)"],
-                ["Root SM-DS", addrs.get("root_ds_address") or "(none)"],
-                ["SVN", info2.get("svn")], ["Profile version", info2.get("profile_version")],
-                ["Firmware", info2.get("firmware_version")], ["Free NVM (bytes)", info2.get("free_nvm")],
-                *([["Modem", f"{modem.get('manufacturer') or '?'} {modem.get('model') or ''}".strip()],
-                   ["IMEI", modem.get("imei")], ["Active ICCID", modem.get("iccid")]] if modem else []),
-                ["Category", info2.get("euicc_category")],
-                ["CI keys (verify)", ", ".join(info2.get("ci_pkids_for_verification") or [])],
-                ["CI keys (sign)", ", ".join(info2.get("ci_pkids_for_signing") or [])]]
-        return "\n".join(f"{k + ':':<18} {'' if v is None else v}" for k, v in rows)
-    out.ok(data, text)
+    out.ok(data, lambda: chip_info_text(data))
     return 0
 
 

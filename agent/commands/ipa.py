@@ -1,8 +1,9 @@
 """`esim-agent ipa`: SGP.32 IoT, the eIM that manages this eUICC (IPAd)."""
 from __future__ import annotations
 
-from ..cli import Output, _eim_options, _Parser, _through_daemon, execute, socket_command, table
+from ..cli import Output, _eim_options, _Parser, _through_daemon, execute, socket_command
 from ..errors import UsageError
+from ..render import table
 
 
 def add_parsers(sub) -> None:

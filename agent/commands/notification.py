@@ -2,8 +2,9 @@
 remove, drop, process)."""
 from __future__ import annotations
 
-from ..cli import Output, _Parser, _server_args, _server_params, execute, socket_command, table
+from ..cli import Output, _Parser, _server_args, _server_params, execute, socket_command
 from ..errors import UsageError
+from ..render import table
 
 
 def add_parsers(sub) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 
 from ..cli import (Output, _end_progress_line, _Parser, _server_args, _server_params, _through_daemon,
-                   execute, socket_command, table)
+                   execute, socket_command)
 from ..errors import AgentError, UsageError
+from ..render import profile_rows
 
 
 def add_parsers(sub) -> None:
@@ -52,18 +53,10 @@ def _add_download_parser(prof) -> None:
     c.set_defaults(func=cmd_profile_download)
 
 
-def _profile_rows(profiles: list[dict]) -> str:
-    if not profiles:
-        return "no profiles installed"
-    return table([[p.get("iccid"), p.get("state"), p.get("nickname") or "", p.get("service_provider_name"),
-                   p.get("profile_name"), p.get("profile_class"), p.get("isdp_aid")] for p in profiles],
-                 ["ICCID", "STATE", "NICKNAME", "PROVIDER", "NAME", "CLASS", "ISD-P AID"])
-
-
 @socket_command
 def cmd_profile_list(args, out: Output) -> int:
     data = execute(args, out, "profile.list", {})
-    out.ok(data, lambda: _profile_rows(data["profiles"]))
+    out.ok(data, lambda: profile_rows(data["profiles"]))
     return 0
 
 

@@ -46,6 +46,13 @@ JOB_KINDS = {"chip.info", "chip.set_default_dp", "chip.reset", "profile.list", "
              "profile.delete", "profile.nickname", "profile.download", "notification.list", "notification.remove",
              "notification.drop", "notification.process", "sync",
              "ipa.add_eim", "ipa.list_eim", "ipa.poll", "ipa.status", "ipa.return_from_fallback", "ipa.fallback"}
+#: Read-only operations whose answers the card worker's snapshot carries (its "view"), and how
+#: old that view may be for `GET /view/OP` to answer from it: within this, a technician's
+#: `chip info` or `profile list` needs no line time (issue #8: through the daemon within 2 x the
+#: start of `python -c "import serial"`; the card's own answers take ~45 ms at 115200 baud and
+#: far more on a modem's 80 ms per command). Older, the CLI runs the operation as a job.
+VIEW_OPS = ("chip.info", "profile.list")
+VIEW_MAX_AGE = 10.0
 
 
 class Daemon:
@@ -65,6 +72,11 @@ class Daemon:
         self.worker_busy: str | None = None        # job id being run
         self.sent_to_worker: set[str] = set()
         self.snapshot: dict = {}
+        # The view is usable while no job or watch was handed to the worker since the snapshot
+        # that carries it: each hand-over counts one (view_epoch), each snapshot notes the count
+        # it followed (snapshot_epoch). A job that failed on the port leaves no snapshot behind.
+        self.view_epoch = 0
+        self.snapshot_epoch = -1
         self.port_lock = None
         self.locked_path: str | None = None
         self.next_discovery = 0.0
@@ -170,6 +182,7 @@ class Daemon:
                     self._job_finished(msg["job"])
                 elif ev == "snapshot":
                     self.snapshot = msg.get("data") or {}
+                    self.snapshot_epoch = self.view_epoch
                     self._after_snapshot()
                     self.follow_port()
                 elif ev == "watch":
@@ -180,6 +193,7 @@ class Daemon:
         with self.lock:
             if self.worker is proc:
                 self.watch_sent = False
+                self.view_epoch += 1        # whatever it did to the card last is unknown
                 if self.worker_busy:
                     # The worker died mid-job (a bug, or killed): the job is reconciled on the next run.
                     emit("worker_died", logging.WARNING, job=self.worker_busy, rc=proc.returncode)
@@ -264,6 +278,7 @@ class Daemon:
         """The registration watch: a read in the card worker (not a journal job: every few
         minutes for years would crowd the journal and `status`), only while no job waits."""
         w = self._ensure_worker()
+        self.view_epoch += 1
         try:
             w.stdin.write(json.dumps({"watch": True}) + "\n")
             w.stdin.flush()
@@ -318,6 +333,7 @@ class Daemon:
             t = dt.datetime.fromisoformat(later)
             return max(0.1, (t - dt.datetime.now(dt.timezone.utc)).total_seconds())
         w = self._ensure_worker()
+        self.view_epoch += 1
         try:
             w.stdin.write(json.dumps({"run": job.id}) + "\n")
             w.stdin.flush()
@@ -360,6 +376,8 @@ class Daemon:
                         break
                     self.lock.wait(left)
             return 200, {"job": job.to_json(full=bool(query.get("full")))}
+        if method == "GET" and len(parts) == 2 and parts[0] == "view":
+            return 200, self.view_answer(parts[1])
         if method == "POST" and parts == ["jobs"]:
             op, params = body.get("op"), body.get("params") or {}
             if not isinstance(params, dict):
@@ -387,6 +405,25 @@ class Daemon:
         if method == "POST" and parts == ["sync"]:
             return 202, {"job": self.submit("sync", {}, "api").to_json()}
         raise HttpError(404, "not_found", f"no endpoint {method} /{'/'.join(parts)}")
+
+    def view_answer(self, op: str) -> dict:
+        """``GET /view/OP``: operation ``op``'s answer as the card worker last read it, when
+        nothing was handed to the worker since, the worker is idle and the read is at most
+        VIEW_MAX_AGE old (409 ``view_stale`` otherwise: run the operation as a job). The daemon
+        holds the port's lock, so no other esim-agent changed the card meanwhile."""
+        if op not in VIEW_OPS:
+            raise HttpError(404, "not_in_view", f"the daemon's view holds no answer to {op!r} "
+                                                f"(only {', '.join(VIEW_OPS)}): run it as a job")
+        with self.lock:
+            snap = self.snapshot
+            answer = (snap.get("view") or {}).get(op)
+            age = time.time() - (snap.get("at") or 0)
+            idle = not self.worker_busy and not self.sent_to_worker and not self.watch_sent
+            fresh = answer is not None and idle and self.snapshot_epoch == self.view_epoch \
+                and 0 <= age <= VIEW_MAX_AGE
+        if not fresh:
+            raise HttpError(409, "view_stale", f"the daemon has no fresh reading of {op}: run it as a job")
+        return {"op": op, "result": answer, "age_s": round(age, 3)}
 
     def status(self) -> dict:
         snap = dict(self.snapshot)

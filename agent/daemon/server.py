@@ -6,6 +6,9 @@ Endpoints (README "Local control" documents them for users):
 * ``GET  /jobs``                   recent jobs; ``GET /jobs/ID[?wait=S]`` one job (waits up to S s
                                    while it is open; the CLI polls this way)
 * ``POST /jobs``                   ``{"op": "profile.enable", "params": {...}}`` → 202 ``{"job": {...}}``
+* ``GET  /view/OP``                ``chip.info`` or ``profile.list`` as the card worker last read it,
+                                   ``{"op", "result", "age_s"}``, while that reading is fresh (main.py,
+                                   view_answer); else 409 ``view_stale``: the CLI's quick path (quick.py)
 * ``POST /jobs/ID/cancel``         ask a queued or running job to stop
 * ``POST /downloads``              ``{"activation_code": "LPA:1$…", "confirmation_code"?: …}`` → 202
 * ``POST /sync``                   ask the default SM-DP+ now → 202

@@ -231,9 +231,13 @@ class Worker:
             self.snapshot()
 
     def snapshot(self) -> None:
-        """What `status` shows about the modem and the card, refreshed after every job."""
+        """What `status` shows about the modem and the card, refreshed after every job; and the
+        view (``"view"``): the answers of the read-only operations in VIEW_OPS as the card gave
+        them now, from which the daemon answers `chip info` and `profile list` while nothing
+        has used the card since (main.py, view_answer)."""
         if self.card is None or not self.card.is_open or self.stopping:
             return None
+        from .. import ops
         from ..errors import AgentError
         snap: dict = {"at": time.time()}
         card_notes: list = []
@@ -243,15 +247,20 @@ class Worker:
             m = card.modem_info()
             snap["modem"] = m.to_json() if m else None
             snap["transport"] = getattr(card.transport, "name", None) or type(card.transport).__name__
-            snap["profiles"] = [p.to_json() for p in card.es10.get_profiles_info()]
+            read = ops.registry()         # the operations themselves: the view is their answers
+            view: dict = {}
+            view["profile.list"] = read["profile.list"](None, card)
+            snap["profiles"] = view["profile.list"]["profiles"]
             # Notifications still on the card count too: one left there by a failed send (or a
             # cut before it was recorded) must start the daemon's retry, not wait for a user.
             card_notes = card.es10.list_notifications()
             snap["notifications_on_card"] = len(card_notes)
             try:
-                snap["free_nvm"] = card.es10.get_euicc_info2().free_nvm
+                view["chip.info"] = read["chip.info"](None, card)
+                snap["free_nvm"] = view["chip.info"]["euicc_info2"].get("free_nvm")
             except AgentError:
                 pass
+            snap["view"] = view
             if card.at_port is not None:
                 from ..network import query_registration
                 reg = query_registration(card.at_port)
