@@ -11,13 +11,13 @@
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 from .errors import ProtocolError, StatusWordError, TransportError, UsageError
 from .transport.base import ISDR_AID, MAX_SEGMENT, ApduTransport  # noqa: F401 (ISDR_AID: apdu's too)
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: STORE DATA block size: the largest a short APDU carries (Lc ≤ 255, MAX_SEGMENT). Fewer blocks
 #: mean fewer AT round trips, and on real modems (66-94 ms an AT+CSIM/CGLA) the round trips

@@ -223,14 +223,14 @@ def execute(args, out: "Output", op: str, params: dict, *, prepare=None) -> dict
 
 
 def _configure_logging(args) -> None:
-    """Log records on stderr, at WARNING (-v INFO, -vv DEBUG). A command answered by the
-    daemon's socket never needs it (and skips importing logging)."""
-    import logging
+    """Log records on stderr, at WARNING (-v INFO, -vv DEBUG). logging itself is imported only
+    with -v or when a record at WARNING or above is emitted (agent/logs.py, issue #8); a command
+    answered by the daemon's socket never configures it."""
     if getattr(args, "_logging_done", False):
         return
     args._logging_done = True
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    from . import logs
+    logs.configure(args.verbose)
 
 
 def _direct(args, out, op, params, prepare) -> dict:

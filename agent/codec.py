@@ -66,7 +66,7 @@ def encode(type_name: str, value: Any) -> bytes:
     rejected command on the card.  Raises ValueError on a bad value."""
     tables = _tables()
     t = tables.compiled(type_name, "encode")
-    tables.attach_checkers()
+    tables.attach_checker(type_name)
     _check_keys(t._type, value, type_name)
     try:
         t.check_types(value)
@@ -103,7 +103,7 @@ def decode(type_name: str, data: bytes, *, check_constraints: bool = False) -> A
         raise ProtocolError(f"malformed {type_name}: contains a CHOICE alternative (tag) this agent does not know",
                             code="malformed_asn1")
     if check_constraints:
-        _tables().attach_checkers()
+        _tables().attach_checker(type_name)
         try:
             t.check_constraints(value)
         except Exception as e:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import logging
 import os
 import ssl
 import tempfile
@@ -32,8 +31,9 @@ from .errors import ProtocolError, ServerError
 from .es9p import Es9pClient, _excerpt
 from .ids import eid_to_bytes
 from .tls import Trust, TrustError, load_ca_certs
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # SGP.32 does not say which X-Admin-Protocol value ESipa carries (docs/protocol.md §7): we send
 # the SGP.22 v2 form, as other IPAs do.

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import re
 
-_SEPARATORS = re.compile(r"[^A-Za-z0-9]+")
-_LOWER_PREFIXED_ACRONYM = re.compile(r"(?<![A-Za-z0-9])([a-z])(?=[A-Z]{2})")   # eUICC, eSIM, eIM
-_ACRONYM_THEN_WORD = re.compile(r"([A-Z]+)([A-Z][a-z])")                        # PKUnknown -> PK Unknown
-_WORD_START = re.compile(r"([a-z0-9])([A-Z])")                                  # ciPK -> ci PK
+# Patterns as text, compiled by re on first use (its cache): most commands never make a code.
+_SEPARATORS = r"[^A-Za-z0-9]+"
+_LOWER_PREFIXED_ACRONYM = r"(?<![A-Za-z0-9])([a-z])(?=[A-Z]{2})"   # eUICC, eSIM, eIM
+_ACRONYM_THEN_WORD = r"([A-Z]+)([A-Z][a-z])"                        # PKUnknown -> PK Unknown
+_WORD_START = r"([a-z0-9])([A-Z])"                                  # ciPK -> ci PK
 
 
 def code_for(name: str) -> str:
@@ -43,10 +44,10 @@ def code_for(name: str) -> str:
     * anything else than ASCII letters and digits separates words; the result is
       lower case with single underscores, so ``code_for`` of a code is the code itself.
     """
-    s = _SEPARATORS.sub("_", name)
-    s = _LOWER_PREFIXED_ACRONYM.sub(lambda m: m.group(1).upper(), s)
-    s = _ACRONYM_THEN_WORD.sub(r"\1_\2", s)
-    s = _WORD_START.sub(r"\1_\2", s)
+    s = re.sub(_SEPARATORS, "_", name)
+    s = re.sub(_LOWER_PREFIXED_ACRONYM, lambda m: m.group(1).upper(), s)
+    s = re.sub(_ACRONYM_THEN_WORD, r"\1_\2", s)
+    s = re.sub(_WORD_START, r"\1_\2", s)
     s = s.strip("_").lower()
     if not s:
         raise ValueError(f"no error code can be made from {name!r}")
@@ -247,6 +248,8 @@ _USAGE_CODES = (
     # requests to the daemon's socket API (daemon/)
     "unknown_job", "other_device", "bad_request", "bad_json", "request_too_large", "headers_too_large",
     "method_not_allowed", "not_found",
+    # GET /view/OP: no fresh reading, or not an operation the view holds (the CLI's quick path then runs a job)
+    "view_stale", "not_in_view",
     # the simulated eUICC / modem / PKI (`esim-agent sim …`)
     "sim_state_error", "sim_no_eum", "sim_full", "sim_state_write", "sim_state_unreadable",
     "sim_state_corrupt", "bad_fault", "bad_network", "link_exists", "bad_file", "key_mismatch",

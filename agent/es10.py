@@ -210,7 +210,7 @@ def _key_ids(seq_of: bytes) -> list[str]:
 
 #: SGP.02 / SGP.22: an ISD-P AID is 16 bytes (RID A000000559 + PIX), typically A0000005591010FFFFFFFF89…
 ISDP_AID_LENGTH = 16
-_HEX_TEXT = re.compile(r"[0-9A-Fa-f]+")
+_HEX_TEXT = r"[0-9A-Fa-f]+"     # compiled by re on first use (its cache), not at import
 
 
 def profile_identifier(ident: str) -> tuple[str, bytes]:
@@ -226,7 +226,7 @@ def profile_identifier(ident: str) -> tuple[str, bytes]:
         except InputError:
             raise InputError(f"{ident!r} is not an ICCID (18–20 digits 0-9, F padding accepted) nor an ISD-P AID "
                              "(32 hex digits)", code="bad_profile_id") from None
-    if s[:1] in ("A", "D", "a", "d") and _HEX_TEXT.fullmatch(s):
+    if s[:1] in ("A", "D", "a", "d") and re.fullmatch(_HEX_TEXT, s):
         if len(s) != 2 * ISDP_AID_LENGTH:
             raise InputError(f"{ident!r} is not an ISD-P AID: it has {len(s)} hex digits, an ISD-P AID is "
                              f"{ISDP_AID_LENGTH} bytes (32 hex digits, e.g. A0000005591010FFFFFFFF8900001000)",

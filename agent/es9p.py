@@ -38,7 +38,6 @@ import base64
 import binascii
 import datetime as _dt
 import json
-import logging
 import re
 import time
 from dataclasses import dataclass
@@ -49,8 +48,9 @@ from .errors import AgentError, InputError, ProtocolError, ServerError, TimeoutE
 from .http1 import MalformedAnswer
 from .httpdeadline import ConnectFailed, DeadlineWatch, HttpFailure
 from .tls import TlsError, Trust, load_trust, make_session, map_ssl_error
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ADMIN_PROTOCOL = "gsma/rsp/v2.2.0"
 PATH_PREFIX = "/gsma/rsp2/es9plus/"

@@ -21,14 +21,14 @@ and the answer builders (``*_ok``) are shared with the local eIM's relay (agent/
 """
 from __future__ import annotations
 
-import logging
 
 from . import codec, tlv
 from .errors import InputError, ProtocolError, ServerError
 from .es9p import STATUS_CODES, AuthClientResult, InitiateAuthResult
 from .flows.notifications import VIA_EIM  # noqa: F401 - re-exported for ipa.py
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # VIA_EIM (flows/notifications.py): the outbox address prefix (``esipa:`` + the eIM's host:port) of
 # a notification that goes to the SM-DP+ through the eIM: the outbox keeps it until the eIM accepted

@@ -6,7 +6,7 @@ import re
 
 from .errors import InputError
 
-_DIGITS = re.compile(r"^[0-9]+$")
+_DIGITS = r"^[0-9]+$"          # patterns compiled by re on first use (its cache), not at import
 
 
 # --- ICCID -----------------------------------------------------------------
@@ -27,7 +27,7 @@ def luhn_valid(digits: str) -> bool:
     return len(digits) >= 2 and luhn_check_digit(digits[:-1]) == digits[-1]
 
 
-_ICCID_TEXT = re.compile(r"([0-9]{18,20})[Ff]*")
+_ICCID_TEXT = r"([0-9]{18,20})[Ff]*"
 
 
 def parse_iccid(text: str) -> str:
@@ -36,7 +36,7 @@ def parse_iccid(text: str) -> str:
     digit groups are dropped; the F padding of the card's 20-nibble form (``8949…019F``, as
     modems print it) is accepted. 18 to 20 ASCII digits (ITU-T E.118)."""
     s = text.strip().replace(" ", "") if isinstance(text, str) else ""
-    m = _ICCID_TEXT.fullmatch(s)
+    m = re.fullmatch(_ICCID_TEXT, s)
     if not m or len(s) > 20:
         raise InputError(f"ICCID {text!r} must be 18 to 20 digits 0-9 (an F-padded 20-character form such as "
                          "8949…019F is accepted too)", code="bad_iccid")
@@ -77,17 +77,17 @@ def eid_check_digits(first30: str) -> str:
 
 
 def eid_valid(eid: str) -> bool:
-    return len(eid) == 32 and bool(_DIGITS.match(eid)) and int(eid) % 97 == 1
+    return len(eid) == 32 and bool(re.match(_DIGITS, eid)) and int(eid) % 97 == 1
 
 
 def make_eid(first30: str) -> str:
-    if len(first30) != 30 or not _DIGITS.match(first30):
+    if len(first30) != 30 or not re.match(_DIGITS, first30):
         raise ValueError("EID body must be 30 digits")
     return first30 + eid_check_digits(first30)
 
 
 def eid_to_bytes(eid: str) -> bytes:
-    if len(eid) != 32 or not _DIGITS.match(eid):
+    if len(eid) != 32 or not re.match(_DIGITS, eid):
         raise InputError(f"EID {eid!r} must be 32 digits", code="bad_eid")
     return bytes.fromhex(eid)
 
@@ -104,7 +104,7 @@ def _tbcd(digits: str) -> bytes:
     return bytes(int(s[i + 1] + s[i], 16) for i in range(0, len(s), 2))
 
 
-_IMEI_TEXT = re.compile(r"[0-9]+(?:[ -][0-9]+)*")
+_IMEI_TEXT = r"[0-9]+(?:[ -][0-9]+)*"
 
 
 def normalise_imei(imei: str) -> str:
@@ -116,7 +116,7 @@ def normalise_imei(imei: str) -> str:
     IMEI must carry the right check digit. Only ASCII digits, optionally grouped by spaces or
     hyphens as printed on labels (35-693803-564380-9); a letter is an error, never dropped."""
     text = imei.strip() if isinstance(imei, str) else ""
-    if text and not _IMEI_TEXT.fullmatch(text):
+    if text and not re.fullmatch(_IMEI_TEXT, text):
         raise InputError(f"IMEI {imei!r} may hold only the digits 0-9 (TS 23.003: 15 digits, or 16 for an "
                          "IMEISV)", code="bad_imei")
     digits = text.replace(" ", "").replace("-", "")

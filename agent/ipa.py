@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 
 from . import codec, esep, esipa, tlv
 from .errors import AgentError, ProtocolError, ServerError, TransportError, UsageError
 from .es10 import ROLLBACK_RESULTS, Es10Error, make_bits
 from .es10_iot import EimConfig
 from .ids import eid_to_bytes, iccid_from_bytes
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # EimPackageResultErrorCode / v1.0 eimPackageError (SGP.32 §6.3.2.7)
 INVALID_PACKAGE_FORMAT = 1

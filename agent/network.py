@@ -23,14 +23,14 @@ roaming; 6-10 SMS-only / CSFB-not-preferred variants; 11 emergency only.
 """
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 
 from .errors import ProtocolError, TimeoutError_, TransportError
 from .transport.at import PortLostError
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Registrations we read, in the order they are asked and preferred on a tie.
 TECHS = ("CEREG", "C5GREG", "CREG")

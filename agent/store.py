@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import logging
 import os
 import sqlite3
 import threading
@@ -61,8 +60,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 from .errors import AgentError
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 DB_NAME = "esim-agent.db"
 SCHEMA_VERSION = 3      # 3: notification status 'dropped' (+ dropped_at), notification_addresses

@@ -38,7 +38,6 @@ import, http.client ~10 ms and 1.6 MB (it imports the email package), for nothin
 from __future__ import annotations
 
 import datetime as _dt
-import logging
 import os
 import ssl
 import threading
@@ -50,8 +49,9 @@ from collections.abc import Callable, Iterable
 from . import cert as _cert
 from .cert import Certificate
 from .errors import TransportError
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 DP_TLS_ROLE_OID = _cert.ROLE_OIDS["dp-tls"]      # 2.23.146.1.2.1.3
 DS_TLS_ROLE_OID = _cert.ROLE_OIDS["ds-tls"]      # 2.23.146.1.2.1.6

@@ -173,3 +173,41 @@ def test_utc_time_reads_as_asn1tools_strptime_did_without_strptime():
                         "der.restricted_generalized_time_to_datetime('99991231235959Z')\n"
                         "print('_strptime' in sys.modules)"], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_an_encode_attaches_only_its_types_checker_and_still_checks(tmp_path):
+    """Each type's constraints checker is its own pickle: encoding GetEuiccDataResponse unpickles
+    its checker alone, and that checker still refuses a value out of its constraints; a strict
+    decode attaches its type's; attach_checkers() (a preload step) attaches every one, cold
+    (just compiled) or warm (from the cache) alike."""
+    code = """
+        from agent import asn1tables, codec
+        t = asn1tables.compiled('GetEuiccDataResponse', 'encode')
+        others = [n for n in ('EUICCInfo2', 'ProfileInfoListResponse', 'EsipaMessageFromEimToIpa')]
+        assert t.constraints_checker is None
+        assert codec.encode('GetEuiccDataResponse', {'eidValue': bytes(16)}).hex() == 'bf3e125a10' + '00' * 16
+        assert t.constraints_checker is not None
+        assert all(asn1tables.compiled(n, 'decode').constraints_checker is None for n in others)
+        try:
+            codec.encode('GetEuiccDataResponse', {'eidValue': bytes(15)})     # EID is SIZE(16)
+        except ValueError as e:
+            assert 'GetEuiccDataResponse' in str(e)
+        else:
+            raise AssertionError('a 15-byte EID was encoded')
+        short = bytes.fromhex('E30B5A09' + '98' * 9)                          # ICCID is SIZE(10)
+        assert codec.decode('ProfileInfo', short)['iccid'] == b'\\x98' * 9        # lenient: fine
+        try:
+            codec.decode('ProfileInfo', short, check_constraints=True)
+        except Exception as e:
+            assert getattr(e, 'code', None) == 'malformed_asn1', e
+        else:
+            raise AssertionError('a 9-byte ICCID passed a strict decode')
+        assert asn1tables.compiled('ProfileInfo', 'decode').constraints_checker is not None
+        asn1tables.attach_checkers()
+        missing = [n for n, t in asn1tables._load().items() if t.constraints_checker is None]
+        assert not missing, missing[:5]
+        print('ok')
+    """
+    for run in ("cold", "warm"):
+        r = _run(code, tmp_path)
+        assert r.returncode == 0 and r.stdout.strip() == "ok", (run, r.stderr)

@@ -335,9 +335,10 @@ def daemon(tmp_path):
 
 
 def _snap(d, age=0.5, view=None):
-    d.snapshot = {"at": time.time() - age, "view": view if view is not None else {"chip.info": CHIP,
-                                                                                  "profile.list": {"profiles": []}}}
-    d.snapshot_epoch = d.view_epoch
+    """What _read_worker does with a snapshot event carrying ``view``."""
+    at = time.time() - age
+    for op, result in (view if view is not None else {"chip.info": CHIP, "profile.list": {"profiles": []}}).items():
+        d._saw(op, result, at)
 
 
 def test_view_answers_after_a_snapshot(daemon):
@@ -353,8 +354,10 @@ def test_view_is_stale_once_anything_is_handed_to_the_worker(daemon):
     with pytest.raises(HttpError) as e:
         daemon.view_answer("chip.info")
     assert (e.value.status, e.value.code) == (409, "view_stale")
-    daemon.snapshot_epoch = daemon.view_epoch   # the snapshot after that job
-    assert daemon.view_answer("chip.info")["result"] == CHIP
+    _snap(daemon, view={"chip.info": {**CHIP, "eid": "2"}})     # the snapshot after that job
+    assert daemon.view_answer("chip.info")["result"]["eid"] == "2"
+    with pytest.raises(HttpError):
+        daemon.view_answer("profile.list")          # read before the job: not in that snapshot
 
 
 @pytest.mark.parametrize("busy", ["worker_busy", "sent_to_worker", "watch_sent"])
@@ -380,6 +383,33 @@ def test_view_without_the_answer_or_for_other_operations(daemon):
     with pytest.raises(HttpError) as e:
         daemon.view_answer("notification.list")
     assert (e.value.status, e.value.code) == (404, "not_in_view")
-    daemon.snapshot = {}
+    daemon.view.clear()
     with pytest.raises(HttpError):
         daemon.view_answer("profile.list")
+
+
+class _Job:
+    def __init__(self, kind, state="done", params=None, result=None):
+        self.id, self.kind, self.state, self.params, self.result, self.error = "j1", kind, state, params or {}, \
+            result, None
+
+
+def test_a_view_operations_own_job_refreshes_its_answer(daemon, monkeypatch):
+    """A chip.info job's result is the card's answer just now: the next `chip info` needs no job,
+    even before the snapshot that follows it (back-to-back commands would otherwise keep missing)."""
+    jobs = {}
+    monkeypatch.setattr(daemon.journal, "get", lambda jid: jobs.get(jid))
+    _snap(daemon)
+    daemon.view_epoch += 1                                  # the job was handed to the worker
+    jobs["j1"] = _Job("chip.info", result={**CHIP, "eid": "3"})
+    daemon._job_finished("j1")
+    assert daemon.view_answer("chip.info")["result"]["eid"] == "3"
+    with pytest.raises(HttpError):
+        daemon.view_answer("profile.list")
+    for job in (_Job("chip.info", state="failed"), _Job("chip.info", result={**CHIP, "warnings": ["w"]}),
+                _Job("profile.list", params={"x": 1}, result={"profiles": []})):
+        daemon.view_epoch += 1
+        jobs["j1"] = job
+        daemon._job_finished("j1")
+        with pytest.raises(HttpError):
+            daemon.view_answer(job.kind)

@@ -72,11 +72,13 @@ class Daemon:
         self.worker_busy: str | None = None        # job id being run
         self.sent_to_worker: set[str] = set()
         self.snapshot: dict = {}
-        # The view is usable while no job or watch was handed to the worker since the snapshot
-        # that carries it: each hand-over counts one (view_epoch), each snapshot notes the count
-        # it followed (snapshot_epoch). A job that failed on the port leaves no snapshot behind.
+        # The view: VIEW_OPS' answers as last read, op -> {"epoch", "at", "result"}, from the
+        # worker's snapshots and from those operations' own jobs. An answer is usable while no
+        # job or watch was handed to the worker since it was read: each hand-over counts one
+        # (view_epoch), each answer notes the count it was read under. A job that failed on the
+        # port leaves no snapshot behind, so what was read before it stays unusable.
+        self.view: dict[str, dict] = {}
         self.view_epoch = 0
-        self.snapshot_epoch = -1
         self.port_lock = None
         self.locked_path: str | None = None
         self.next_discovery = 0.0
@@ -182,7 +184,8 @@ class Daemon:
                     self._job_finished(msg["job"])
                 elif ev == "snapshot":
                     self.snapshot = msg.get("data") or {}
-                    self.snapshot_epoch = self.view_epoch
+                    for op, result in (self.snapshot.get("view") or {}).items():
+                        self._saw(op, result, self.snapshot.get("at"))
                     self._after_snapshot()
                     self.follow_port()
                 elif ev == "watch":
@@ -214,6 +217,9 @@ class Daemon:
         if job.error:
             fields["error"] = job.error.get("code")
         emit("job_finished", logging.WARNING if job.state in ("failed", "rolled_back") else logging.INFO, **fields)
+        if job.kind in VIEW_OPS and job.state == "done" and not job.params and isinstance(job.result, dict) \
+                and "warnings" not in job.result:
+            self._saw(job.kind, job.result, time.time())     # the card's answer just now
         if self.reporter is not None:
             self.reporter.wake()    # the worker wrote this job's report with its end (one transaction)
         if job.kind == "sync" and job.state == "done" and isinstance(job.result, dict):
@@ -406,6 +412,11 @@ class Daemon:
             return 202, {"job": self.submit("sync", {}, "api").to_json()}
         raise HttpError(404, "not_found", f"no endpoint {method} /{'/'.join(parts)}")
 
+    def _saw(self, op: str, result, at) -> None:
+        """Note ``op``'s answer as read at ``at`` (time.time()) under the present view_epoch."""
+        if op in VIEW_OPS and isinstance(result, dict) and isinstance(at, (int, float)):
+            self.view[op] = {"epoch": self.view_epoch, "at": at, "result": result}
+
     def view_answer(self, op: str) -> dict:
         """``GET /view/OP``: operation ``op``'s answer as the card worker last read it, when
         nothing was handed to the worker since, the worker is idle and the read is at most
@@ -415,15 +426,13 @@ class Daemon:
             raise HttpError(404, "not_in_view", f"the daemon's view holds no answer to {op!r} "
                                                 f"(only {', '.join(VIEW_OPS)}): run it as a job")
         with self.lock:
-            snap = self.snapshot
-            answer = (snap.get("view") or {}).get(op)
-            age = time.time() - (snap.get("at") or 0)
+            seen = self.view.get(op)
             idle = not self.worker_busy and not self.sent_to_worker and not self.watch_sent
-            fresh = answer is not None and idle and self.snapshot_epoch == self.view_epoch \
-                and 0 <= age <= VIEW_MAX_AGE
+            age = time.time() - seen["at"] if seen else -1.0
+            fresh = seen is not None and idle and seen["epoch"] == self.view_epoch and 0 <= age <= VIEW_MAX_AGE
         if not fresh:
             raise HttpError(409, "view_stale", f"the daemon has no fresh reading of {op}: run it as a job")
-        return {"op": op, "result": answer, "age_s": round(age, 3)}
+        return {"op": op, "result": seen["result"], "age_s": round(age, 3)}
 
     def status(self) -> dict:
         snap = dict(self.snapshot)

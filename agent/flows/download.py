@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import contextlib
 
-import logging
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
-from .. import codec, tlv
+from .. import codec, logs, tlv
 from ..cancel import Cancelled
 from ..errors import AgentError, CardError, InputError, ProtocolError, TimeoutError_, code_for
 from ..es10 import AUTH_SERVER_ERRORS, PREPARE_DOWNLOAD_ERRORS, PROFILE_CLASSES, Es10, Es10Error, seq_number
@@ -31,7 +30,7 @@ TYPE_CHECKING = False   # annotations are strings here: no typing import at run 
 if TYPE_CHECKING:
     from ..es10_types import ProfileInfo
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 # SGP.22 CancelSessionReason
 REASON_END_USER_REJECTION = 0
@@ -251,7 +250,7 @@ class Downloader:
         except Exception as e:  # the card may be unreachable; the server times the session out
             # AuthenticateServer got no answer (time-out, stop): the card may never have opened it.
             expected = self._card_session == "unknown" and getattr(e, "code", "") == "invalid_transaction_id"
-            log.log(logging.DEBUG if expected else logging.WARNING, "ES10b CancelSession failed: %s", e)
+            log.log(logs.DEBUG if expected else logs.WARNING, "ES10b CancelSession failed: %s", e)
             return
         if not server:
             return
@@ -265,7 +264,7 @@ class Downloader:
             # After a refusal the SM-DP+ has usually ended its session already and says it does
             # not know the transaction: expected (e.g. every "nothing waiting" sync), not a warning.
             expected = getattr(e, "code", "") == "unknown_transaction"
-            log.log(logging.DEBUG if expected else logging.WARNING, "ES9+ cancelSession failed: %s", e)
+            log.log(logs.DEBUG if expected else logs.WARNING, "ES9+ cancelSession failed: %s", e)
 
     # --- the flow ------------------------------------------------------------
     def run(self) -> DownloadResult:

@@ -15,15 +15,15 @@ ignores earlier back-off.
 from __future__ import annotations
 
 import datetime as _dt
-import logging
 from dataclasses import dataclass
 from collections.abc import Callable, Iterable
 
 from ..errors import AgentError
 from ..es10 import Es10
 from ..es10_types import pending_from_der
+from ..logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 #: outbox address prefix of a notification the eIM relays (agent/esipa_download.py)

@@ -10,7 +10,6 @@ command lines or prints.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -22,8 +21,9 @@ if TYPE_CHECKING:
 
 from ..cancel import CancelToken
 from .card import Card, CardSettings  # noqa: F401 - re-exported for callers
+from ..logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass

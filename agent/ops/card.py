@@ -8,14 +8,14 @@ a profile switch, docs/modem.md §3).
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass, field
 
 from ..errors import AgentError, TransportError, UsageError
+from ..logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass

@@ -8,14 +8,14 @@ operator back-ends such as Twilio Super SIM).
 """
 from __future__ import annotations
 
-import logging
 from functools import partial
 
 from ..errors import AgentError, UsageError
 from . import DECODING, TABLES
 from .card import Card
+from ..logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 #: What sending the install result needs (the outbox, then ES9+ handleNotification), imported

@@ -8,15 +8,15 @@ import base64
 import binascii
 import datetime as _dt
 import json
-import logging
 import os
 from pathlib import Path
 
 from .. import codec, tlv
 from ..errors import AgentError, InputError, ProtocolError, UsageError
 from .card import Card
+from ..logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 LAST_POLL_FILE = "ipa-last-poll.json"
 

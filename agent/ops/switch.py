@@ -15,15 +15,15 @@ sent again; a rollback already under way is finished, not restarted.
 """
 from __future__ import annotations
 
-import logging
 import time
 
 from ..errors import AgentError, TransportError
 from .card import Card
 from .notifications import after_change
 from .profiles import enabled_profile, find_profile
+from ..logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class RolledBack(AgentError):

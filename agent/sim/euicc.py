@@ -21,7 +21,6 @@ status word, and an internal fault gets ``6F00``.
 """
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -30,8 +29,9 @@ from ..errors import InputError, UsageError
 from ..ids import iccid_to_bytes, make_eid, make_iccid
 from .isdr import ISDR_AID, PROFILE_OVERHEAD, Isdr, SwError
 from .state import DEFAULT_FREE_NVM, PROFILE_ENABLED, CardState, Identity, Profile, StateError, load_state
+from ..logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 MAX_CHANNELS = 20          # basic channel 0 plus 19 logical channels
 

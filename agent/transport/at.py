@@ -36,7 +36,6 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
-import logging
 import os
 import re
 import time
@@ -44,8 +43,9 @@ from dataclasses import asdict, dataclass
 
 from ..errors import AgentError, PortBusyError, ProtocolError, TimeoutError_, TransportError
 from .stats import Stats, Trace  # noqa: F401 - Stats re-exported for callers of at.py
+from ..logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 #: Longest line we keep. The longest legitimate line is a +CGLA answer for a

@@ -12,14 +12,14 @@ APDUs for the basic channel (no session) go through AT+CSIM.
 """
 from __future__ import annotations
 
-import logging
 import re
 
 from ..errors import ProtocolError, StatusWordError, TimeoutError_
 from .at import ModemError
 from .csim import CLOSE_DEADLINE, CsimTransport, OpenChannel, channel_of
+from ..logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _SID = re.compile(r"^[0-9A-Za-z]{1,32}$")
 

@@ -11,15 +11,15 @@ logical channel after a time-out, and a close that never raises.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from ..apdu import cla_for, close_channel_raw, open_channel_raw
 from ..errors import ProtocolError, TimeoutError_, TransportError
 from . import quirks as quirks_mod
 from .at import AtPort, ModemError, Reply, Trace, parse_len_hex, read_modem_info, ModemInfo
+from ..logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Deadline for the best-effort clean-up commands (channel close on exit).
 CLOSE_DEADLINE = 2.0

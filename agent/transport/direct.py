@@ -6,13 +6,13 @@ the shared ``apdu.open_channel_raw`` — so the same card-side code paths run.
 """
 from __future__ import annotations
 
-import logging
 
 from ..apdu import close_channel_raw, open_channel_raw
 from ..errors import TransportError
 from .stats import Stats, Trace
+from ..logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class DirectTransport:

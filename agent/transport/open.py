@@ -10,15 +10,15 @@
 """
 from __future__ import annotations
 
-import logging
 import re
 
 from .base import ISDR_AID
 from ..errors import TimeoutError_, UsageError
 from . import quirks as quirks_mod
 from .at import AtPort, ModemError, ModemInfo, Trace, read_modem_info
+from ..logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 TRANSPORTS = ("auto", "csim", "cgla")
 #: Deadline for capability probes: a silent "=?" must not cost the full command deadline.
