@@ -75,11 +75,14 @@ def wait_for_path(path: Path, proc: subprocess.Popen, timeout: float = 15.0) -> 
 def cmd_bench_startup(args, out) -> int:
     """Cold `chip info`, each run a fresh process of the installed console script: against
     --sim, through the simulated modem's pty, and through a running daemon's socket; the
-    floor is `python -c "import serial"` measured in the same run."""
+    floor is `python -c "import serial"`. The four run in turn, round after round (floor, --sim,
+    pty, daemon, floor, ...), so a drift of the machine's speed during the call moves them alike;
+    each case's ratio is the median of its per-round ratios to that round's floor."""
+    import statistics
     import subprocess
     import tempfile
 
-    from .bench_process import console_script, measure
+    from .bench_process import console_script, run_wait4, summarise
     from .errors import UsageError
     from .sim.euicc import SimEuicc
     if args.runs < 5:
@@ -88,34 +91,42 @@ def cmd_bench_startup(args, out) -> int:
     procs: list = []
     with tempfile.TemporaryDirectory(prefix="esim-bench-") as d:
         root = Path(d)
-        state, state2 = root / "card.json", root / "card2.json"
-        SimEuicc.open(state, preload=2)
+        SimEuicc.open(root / "card.json", preload=2)
         env = dict(os.environ, ESIM_AGENT_STATE_DIR=str(root / "state"), ESIM_AGENT_CONFIG=str(root / "none.toml"))
-        floor = measure([sys.executable, "-c", "import serial"], args.runs, env=env)
-        sim = measure(cli + ["--sim", str(state), "--json", "chip", "info"], args.runs, env=env)
-        link = root / "tty"
         try:
             # at 115200 baud, as a real modem's UART and the download benchmark (an unpaced pty
-            # would hide the line time a user waits for)
-            procs.append(subprocess.Popen(agent_cmd() + ["sim", "modem", "--state", str(state2), "--link", str(link),
-                                                         "--preload", "2", "--baud", "115200"],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-            wait_for_path(link, procs[-1])
-            modem = measure(cli + ["--device", str(link), "--json", "chip", "info"], args.runs, env=env)
+            # would hide the line time a user waits for); the daemon owns a modem of its own
+            links = {}
+            for tty, card in (("tty", "card2.json"), ("tty-daemon", "card3.json")):
+                links[tty] = root / tty
+                procs.append(subprocess.Popen(agent_cmd() + ["sim", "modem", "--state", str(root / card),
+                                                             "--link", str(links[tty]), "--preload", "2",
+                                                             "--baud", "115200"],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+                wait_for_path(links[tty], procs[-1])
             cfg = root / "agent.toml"
-            cfg.write_text(f'device = "{link}"\nsocket = "{root / "agent.sock"}"\nstate_dir = "{root / "state"}"\n')
+            cfg.write_text(f'device = "{links["tty-daemon"]}"\nsocket = "{root / "agent.sock"}"\n'
+                           f'state_dir = "{root / "state"}"\n')
             procs.append(subprocess.Popen(agent_cmd() + ["daemon", "--config", str(cfg)], env=env,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             _wait_socket(root / "agent.sock", procs[-1])
-            dargs = cli + ["--config", str(cfg), "--json", "chip", "info"]
-            measure(dargs, 1, env=env)          # the daemon's card worker starts on the first job
-            daemon = measure(dargs, args.runs, env=env)
+            cases = {"floor": [sys.executable, "-c", "import serial"],
+                     "sim": cli + ["--sim", str(root / "card.json"), "--json", "chip", "info"],
+                     "modem": cli + ["--device", str(links["tty"]), "--json", "chip", "info"],
+                     "daemon": cli + ["--config", str(cfg), "--json", "chip", "info"]}
+            for argv in cases.values():         # once each, not counted: the modems' and the daemon's
+                run_wait4(argv, env=env)        # first answers, the card worker's start
+            runs: dict[str, list] = {k: [] for k in cases}
+            for _ in range(args.runs):
+                for k, argv in cases.items():
+                    runs[k].append(run_wait4(argv, env=env))
         finally:
             stop_procs(procs)
-    f = floor["wall_s"]["median"]
-    ratio = {k: round(v["wall_s"]["median"] / f, 2) for k, v in (("sim", sim), ("modem", modem), ("daemon", daemon))}
-    data = {"runs": args.runs, "floor_import_serial": floor, "chip_info_sim": sim, "chip_info_modem": modem,
-            "chip_info_via_daemon": daemon, "ratio_to_floor": ratio,
+    m = {k: summarise(v) for k, v in runs.items()}
+    ratio = {k: round(statistics.median(r.wall_s / f.wall_s for r, f in zip(runs[k], runs["floor"])), 2)
+             for k in ("sim", "modem", "daemon")}
+    data = {"runs": args.runs, "floor_import_serial": m["floor"], "chip_info_sim": m["sim"],
+            "chip_info_modem": m["modem"], "chip_info_via_daemon": m["daemon"], "ratio_to_floor": ratio,
             "targets_ratio_to_floor": {"sim": 4, "modem": 6, "daemon": 2}, "cpus": os.cpu_count(),
             "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
@@ -123,12 +134,13 @@ def cmd_bench_startup(args, out) -> int:
         w, c, r = m["wall_s"], m["cpu_s"], m["max_rss_mb"]
         return (f"  {name:<34} wall {w['median']:.3f} s ({w['min']:.3f}-{w['max']:.3f}), CPU {c['median']:.3f} s, "
                 f"peak RSS {r['median']:.1f} MB" + (f", {ratio[key]} x floor" if key else ""))
-    out.ok(data, "\n".join([f"cold start, median of {args.runs} fresh processes (spread in brackets), "
-                             f"load {data['loadavg'][0]} on {os.cpu_count()} CPUs:",
-                             line('python -c "import serial" (floor)', floor, None),
-                             line("chip info --sim (target <= 4 x)", sim, "sim"),
-                             line("chip info over the pty (target <= 6 x)", modem, "modem"),
-                             line("chip info via the daemon (target <= 2 x)", daemon, "daemon")]))
+    out.ok(data, "\n".join([f"cold start, {args.runs} rounds of fresh processes, the cases in turn (median, spread "
+                             f"in brackets; x floor: median of the rounds' ratios), load {data['loadavg'][0]} "
+                             f"on {os.cpu_count()} CPUs:",
+                             line('python -c "import serial" (floor)', m["floor"], None),
+                             line("chip info --sim (target <= 4 x)", m["sim"], "sim"),
+                             line("chip info over the pty (target <= 6 x)", m["modem"], "modem"),
+                             line("chip info via the daemon (target <= 2 x)", m["daemon"], "daemon")]))
     return 0
 
 

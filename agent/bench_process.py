@@ -98,7 +98,7 @@ def summary(values: list[float], digits: int = 3) -> dict:
             "max": round(max(values), digits)}
 
 
-def measure(argv: list[str], runs: int, *, env: dict | None = None) -> dict:
-    rs = [run_wait4(argv, env=env) for _ in range(runs)]
+def summarise(rs: list[Run]) -> dict:
+    """Median and spread of wall time, CPU and peak RSS over runs."""
     return {"wall_s": summary([r.wall_s for r in rs]), "cpu_s": summary([r.cpu_s for r in rs]),
-            "max_rss_mb": summary([r.max_rss_mb for r in rs], 1), "runs": runs}
+            "max_rss_mb": summary([r.max_rss_mb for r in rs], 1), "runs": len(rs)}

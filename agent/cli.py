@@ -19,7 +19,6 @@ compiled on every run (issue #8).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from .errors import AgentError, UsageError
@@ -107,12 +106,14 @@ class Output:
 
     def ok(self, data: dict, text: str | Callable[[], str] | None = None) -> None:
         if self.json:
+            import json     # at the end of a command (a preload step imports it while the modem answers)
             print(json.dumps({"ok": True, "data": data}, indent=None, default=_json_default))
         elif text is not None:
             print(text() if callable(text) else text)
 
     def error(self, err: AgentError) -> None:
         if self.json:
+            import json
             print(json.dumps({"ok": False, "error": err.to_json()}, default=_json_default))
         else:
             print(f"error: {err.message}", file=sys.stderr)

@@ -24,7 +24,6 @@ the same text from render.py otherwise.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -44,6 +43,7 @@ def main(argv: list[str]) -> int | None:
     if line is None:
         return None
     op, config, as_json = line
+    import json         # here, not at the top: every command passes through main()
     try:
         path = _socket_for(config)
         data = _view(path, op) if path is not None else None
@@ -105,6 +105,7 @@ def _socket_for(config: str | None) -> str | None:
         st = os.stat(p)
     except FileNotFoundError:
         return None if config else DEFAULT_SOCKET       # config.load: a missing default is no file
+    import json
     from . import usercache
     want = identity(st)
     name = _cache_name(p)
@@ -127,6 +128,7 @@ def remember(cfg) -> None:
     when a full run found the daemon answering; a failure to write costs only speed."""
     if not getattr(cfg, "source", None) or not getattr(cfg, "source_id", None) or not cfg.socket:
         return
+    import json
     from . import usercache
     doc = {"format": _CACHE_FORMAT, "config": os.path.abspath(cfg.source), "id": list(cfg.source_id),
            "socket": cfg.socket}
@@ -160,6 +162,7 @@ def _cache_name(config_path: str) -> str:
 def _view(path: str, op: str) -> dict | None:
     """``GET /view/OP`` on the daemon's socket: the operation's answer, or None (no daemon, not
     in its view, or an answer that is not exactly what the daemon sends)."""
+    import json
     import _socket          # the C module: socket.py's enums and selectors cost ~10 ms here
     if not os.path.exists(path):
         return None

@@ -211,3 +211,29 @@ def test_an_encode_attaches_only_its_types_checker_and_still_checks(tmp_path):
     for run in ("cold", "warm"):
         r = _run(code, tmp_path)
         assert r.returncode == 0 and r.stdout.strip() == "ok", (run, r.stderr)
+
+
+def test_types_are_unpickled_when_first_asked_for(tmp_path):
+    """From the cache, each type is its own pickle: decoding GetEuiccDataResponse unpickles that
+    type and no other; has_type knows the others without unpickling them; spec() unpickles every
+    one, and a type read alone answers as the same type read with all the others."""
+    code = """
+        from agent import asn1tables, codec
+        eid = bytes.fromhex('BF3E125A10' + '89049032123451234512345678901235')
+        assert asn1tables._types is None
+        assert codec.decode('GetEuiccDataResponse', eid)['eidValue'] == eid[5:]
+        assert set(asn1tables._types) == {'GetEuiccDataResponse'}, sorted(asn1tables._types)
+        assert len(asn1tables._type_blobs) > 100
+        assert asn1tables.has_type('ProfileInfoListResponse') and 'ProfileInfoListResponse' not in asn1tables._types
+        req = codec.encode('GetEuiccDataRequest', {'tagList': b'Z'})
+        assert set(asn1tables._types) == {'GetEuiccDataResponse', 'GetEuiccDataRequest'}
+        everything = asn1tables.spec()
+        assert not asn1tables._type_blobs and len(everything) > 300
+        assert codec.encode('GetEuiccDataRequest', {'tagList': b'Z'}) == req == bytes.fromhex('BF3E035C015A')
+        assert codec.decode('GetEuiccDataResponse', eid)['eidValue'] == eid[5:]
+        print('ok')
+    """
+    r = _run("from agent import asn1tables; asn1tables.spec()", tmp_path)        # compile, fill the cache
+    assert r.returncode == 0, r.stderr
+    r = _run(code, tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

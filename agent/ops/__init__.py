@@ -190,12 +190,13 @@ _AFTER_OPEN = {"chip.info": (TABLES[0], "agent.es10_types") + TABLES[1:3], "prof
 
 def preload_modules(name: str) -> tuple[str, ...]:
     """What operation ``name`` needs once the card is open, soonest first, for agent/preload.py:
-    the ES10 client and (unless session_preload has them) the ASN.1 tables and decoded types,
-    the operation's module, then the rest."""
+    the ES10 client, json (the CLI prints with it at the end), and (unless session_preload has
+    them) the ASN.1 tables and decoded types, the operation's module, then the rest."""
     module = _OPS.get(name, (None,))[0]
     own = (f"{__name__}.{module}",) if module else ()
     decoding = () if name in _AFTER_OPEN else DECODING
-    return ("agent.apdu", "agent.tlv", "agent.ids", "agent.codec", "agent.es10") + decoding + own + _PRELOAD.get(name, ())
+    return ("agent.apdu", "agent.tlv", "agent.ids", "agent.codec", "agent.es10", "json") + decoding + own \
+        + _PRELOAD.get(name, ())
 
 
 def session_preload(name: str) -> tuple[str, ...]:
