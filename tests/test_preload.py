@@ -55,7 +55,7 @@ def test_tables_load_after_the_session_opens_for_operations_that_start_without_t
     open, a download when the card starts AuthenticateServer (ops/download.py)."""
     for op in ("chip.info", "profile.download"):
         assert not set(ops.TABLES) & set(ops.preload_modules(op)), op
-    assert set(ops.session_preload("chip.info")) == set(ops.TABLES[:3]) | {"agent.es10_types"}
+    assert set(ops.session_preload("chip.info")) == set(ops.TABLES[:4]) | {"agent.es10_types"}
     assert ops.session_preload("profile.download") == ()
     from agent.ops.download import AFTER_AUTHENTICATE
     assert set(ops.TABLES) <= set(AFTER_AUTHENTICATE)

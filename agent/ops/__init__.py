@@ -175,9 +175,10 @@ _PRELOAD = {
 }
 
 
-#: Loading the ASN.1 tables (agent/asn1tables.py): the module, asn1tools' codecs, the tables, the
-#: encoders (four steps, each about as long as a short exchange with the modem).
-TABLES = ("agent.asn1tables", "agent.asn1tables:warm_modules", "agent.asn1tables:warm", "agent.asn1tables:warm_encode")
+#: Loading the ASN.1 tables (agent/asn1tables.py): the module, asn1tools' codecs package, its BER/DER
+#: modules, the tables, the encoders (five steps, each about as long as a short exchange with the modem).
+TABLES = ("agent.asn1tables", "agent.asn1tables:warm_codecs", "agent.asn1tables:warm_modules",
+          "agent.asn1tables:warm", "agent.asn1tables:warm_encode")
 #: The tables and the eUICC's answers beyond the first calls (es10_types.py).
 DECODING = TABLES + ("agent.es10_types",)
 #: Operations whose first ES10 calls need neither (es10.FIXED_REQUESTS, codec.read_fields): they
@@ -185,7 +186,7 @@ DECODING = TABLES + ("agent.es10_types",)
 #: the session start, which has enough to import already (`chip info` only decodes). A download
 #: needs none before the card's AuthenticateServer and loads them then (ops/download.py).
 #: (`chip info`: the short steps first, for the card's short first answer, GetEID.)
-_AFTER_OPEN = {"chip.info": (TABLES[0], "agent.es10_types") + TABLES[1:3], "profile.download": (), "sync": DECODING}
+_AFTER_OPEN = {"chip.info": (TABLES[0], "agent.es10_types") + TABLES[1:4], "profile.download": (), "sync": DECODING}
 
 
 def preload_modules(name: str) -> tuple[str, ...]:
