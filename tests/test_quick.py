@@ -360,6 +360,17 @@ def test_view_is_stale_once_anything_is_handed_to_the_worker(daemon):
         daemon.view_answer("profile.list")          # read before the job: not in that snapshot
 
 
+def test_a_registration_watch_leaves_the_view_usable_unless_it_failed(daemon):
+    """A watch only reads (profiles, registration): while it runs the view waits (the worker is
+    busy), after it the view answers again; a failed watch (the port gone?) makes it stale."""
+    _snap(daemon)
+    daemon._after_watch({"at": time.time(), "enabled_iccid": "8944"})
+    assert daemon.view_answer("chip.info")["result"] == CHIP
+    daemon._after_watch({"at": time.time(), "error": {"code": "port_lost", "message": "x"}})
+    with pytest.raises(HttpError):
+        daemon.view_answer("chip.info")
+
+
 @pytest.mark.parametrize("busy", ["worker_busy", "sent_to_worker", "watch_sent"])
 def test_view_is_stale_while_the_worker_works(daemon, busy):
     _snap(daemon)

@@ -74,9 +74,10 @@ class Daemon:
         self.snapshot: dict = {}
         # The view: VIEW_OPS' answers as last read, op -> {"epoch", "at", "result"}, from the
         # worker's snapshots and from those operations' own jobs. An answer is usable while no
-        # job or watch was handed to the worker since it was read: each hand-over counts one
-        # (view_epoch), each answer notes the count it was read under. A job that failed on the
-        # port leaves no snapshot behind, so what was read before it stays unusable.
+        # job was handed to the worker since it was read: each hand-over counts one (view_epoch),
+        # as does a failed registration watch (a watch only reads), and each answer notes the
+        # count it was read under. A job that failed on the port leaves no snapshot behind, so
+        # what was read before it stays unusable.
         self.view: dict[str, dict] = {}
         self.view_epoch = 0
         self.port_lock = None
@@ -262,6 +263,7 @@ class Daemon:
 
     def _after_watch(self, data: dict) -> None:
         if "error" in data:
+            self.view_epoch += 1        # the watch only reads, but failed: the card may be gone
             emit("watch_failed", logging.WARNING, error=(data["error"] or {}).get("code"))
         self._ipa_observe(data, fallback_iccid=data.get("fallback_iccid"),
                           fallback_known="fallback_iccid" in data)
@@ -284,7 +286,6 @@ class Daemon:
         """The registration watch: a read in the card worker (not a journal job: every few
         minutes for years would crowd the journal and `status`), only while no job waits."""
         w = self._ensure_worker()
-        self.view_epoch += 1
         try:
             w.stdin.write(json.dumps({"watch": True}) + "\n")
             w.stdin.flush()
