@@ -54,8 +54,8 @@ def main(argv: list[str]) -> int | None:
         else:
             from . import render
             text = render.chip_info_text(data) if op == "chip.info" else render.profile_rows(data["profiles"])
-    except (OSError, ValueError, LookupError, TypeError, AttributeError):
-        return None             # whatever went wrong, the full CLI says it properly
+    except (OSError, ValueError, LookupError, TypeError, AttributeError, RecursionError):
+        return None             # whatever went wrong (`[[[…` nested deep: RecursionError), the full CLI says it
     except KeyboardInterrupt:   # Ctrl-C before anything was printed: as the full CLI
         from .cli import EXIT_INTERRUPTED, Output
         from .errors import AgentError
@@ -140,8 +140,8 @@ def remember(cfg) -> None:
                 with open(f, "rb") as fh:
                     if json.loads(fh.read(65536)) == doc:
                         return
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError, RecursionError):
+            pass                # unreadable or not ours: written anew below
         if usercache.store(f, json.dumps(doc).encode(), prefix=".config-"):
             return
 

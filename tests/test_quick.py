@@ -138,6 +138,17 @@ def test_a_cache_others_can_write_is_not_read(tmp_path, cache):
     assert quick._socket_for(p) is None
 
 
+@pytest.mark.parametrize("junk", [b"", b"not json", b"[" * 100000, b'{"format": 1}', b"\xff\xfe"])
+def test_a_damaged_cache_file_is_ignored_and_rewritten(tmp_path, cache, junk):
+    p = _config(tmp_path)
+    quick.remember(config.load(p))
+    (f,) = cache.glob("config-socket-*.json")
+    f.write_bytes(junk)
+    assert _capture(lambda: quick.main(["--config", p, "chip", "info"])) == (None, "")
+    quick.remember(config.load(p))
+    assert quick._socket_for(p) == "/tmp/q/agent.sock"
+
+
 def test_a_config_without_socket_key_remembers_the_default(tmp_path, cache):
     p = _config(tmp_path, 'timeout = 5\n')
     quick.remember(config.load(p))
@@ -220,15 +231,27 @@ def test_view_answer_is_read(sock_path):
     _ok()[:-5],                                               # cut short
     _http(200, {"ok": True, "data": {"op": "chip.info", "result": CHIP}}, length_delta=3),
     b"HTTP/1.0 200 OK\r\n\r\n{}", b"", b"garbage",
+    (lambda body: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)(b"[" * 100000),
 ])
 def test_anything_but_a_fresh_answer_leaves_it_to_the_full_cli(sock_path, answer):
     fake = FakeDaemon(sock_path, answer)
     try:
         try:
             got = quick._view(sock_path, "chip.info")
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             got = None              # main() catches these: the full CLI runs
         assert got is None
+    finally:
+        fake.close()
+
+
+def test_a_deeply_nested_answer_falls_back(tmp_path, cache, sock_path):
+    cfg = _config(tmp_path, f'socket = "{sock_path}"\n')
+    quick.remember(config.load(cfg))
+    body = b"[" * 100000
+    fake = FakeDaemon(sock_path, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    try:
+        assert _capture(lambda: quick.main(["--config", cfg, "chip", "info"])) == (None, "")
     finally:
         fake.close()
 
