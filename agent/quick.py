@@ -71,8 +71,10 @@ def main(argv: list[str]) -> int | None:
 
 def _command_line(argv: list[str]) -> tuple[str, str | None, bool] | None:
     """(operation, --config's value or None, --json) when ``argv`` is one of VIEWS' commands with
-    only the options this path understands; else None."""
+    only the options this path understands, before or after the command's two words (argparse
+    refuses an option between them: `chip --json info` is a usage error); else None."""
     words: list[str] = []
+    at: list[int] = []
     config, as_json, i = None, False, 0
     while i < len(argv):
         a = argv[i]
@@ -92,9 +94,10 @@ def _command_line(argv: list[str]) -> tuple[str, str | None, bool] | None:
             return None
         else:
             words.append(a)
+            at.append(i)
         i += 1
     op = VIEWS.get(tuple(words))
-    return (op, config, as_json) if op else None
+    return (op, config, as_json) if op and at[1] == at[0] + 1 else None
 
 
 def _socket_for(config: str | None) -> str | None:

@@ -48,6 +48,18 @@ def test_command_lines_it_takes(argv, want):
 
 
 @pytest.mark.parametrize("argv", [
+    ["chip", "info"], ["--json", "chip", "info"], ["chip", "info", "--json", "-v"], ["-vv", "profile", "list"],
+    ["--config", "/x.toml", "profile", "list", "--json"], ["profile", "list", "--config=/x.toml"],
+])
+def test_what_it_takes_the_full_parser_takes_alike(argv):
+    """Each command line the quick path answers is one the full CLI accepts, with the same meaning."""
+    from agent import cli
+    op, config, as_json = quick._command_line(argv)
+    a = cli.parse_args(argv)
+    assert (a.cmd, a.sub) == tuple(op.split(".")) and a.json == as_json and a.config_path == config
+
+
+@pytest.mark.parametrize("argv", [
     [], ["chip"], ["chip", "info", "extra"], ["info", "chip"], ["profile", "enable", "89"],
     ["notification", "list"], ["status"],
     ["--device", "/dev/ttyUSB2", "chip", "info"],        # the daemon may own another modem: full CLI
@@ -55,6 +67,7 @@ def test_command_lines_it_takes(argv, want):
     ["chip", "info", "-h"], ["--help"], ["--jso", "chip", "info"],     # abbreviations: argparse's to read
     ["--config"], ["--config", "", "chip", "info"], ["--config=", "chip", "info"], ["-", "chip", "info"],
     ["-vx", "chip", "info"], ["--", "chip", "info"],
+    ["chip", "--json", "info"], ["profile", "--config", "x.toml", "list"],   # argparse refuses these
 ])
 def test_command_lines_it_leaves_to_the_full_cli(argv):
     assert quick._command_line(argv) is None
