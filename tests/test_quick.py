@@ -396,6 +396,28 @@ def test_view_is_stale_once_anything_is_handed_to_the_worker(daemon):
         daemon.view_answer("profile.list")          # read before the job: not in that snapshot
 
 
+def test_a_snapshot_that_failed_makes_the_view_stale(daemon, monkeypatch):
+    """The snapshot after a job reads the card again; when that fails (the port gone?), what the
+    job itself answered a moment before no longer counts."""
+    import io
+    jobs = {"j1": _Job("chip.info", result=CHIP)}
+    monkeypatch.setattr(daemon.journal, "get", lambda jid: jobs.get(jid))
+    daemon._job_finished("j1")
+    assert daemon.view_answer("chip.info")["result"] == CHIP
+
+    class Proc:
+        stdout = io.StringIO(json.dumps({"event": "snapshot", "data": {
+            "at": time.time(), "view": {"chip.info": CHIP}, "error": {"code": "port_lost", "message": "x"}}}) + "\n")
+
+        def wait(self):
+            return 0
+    monkeypatch.setattr(daemon, "_after_snapshot", lambda: None)
+    monkeypatch.setattr(daemon, "follow_port", lambda: None)
+    daemon._read_worker(Proc())
+    with pytest.raises(HttpError):
+        daemon.view_answer("chip.info")
+
+
 def test_a_registration_watch_leaves_the_view_usable_unless_it_failed(daemon):
     """A watch only reads (profiles, registration): while it runs the view waits (the worker is
     busy), after it the view answers again; a failed watch (the port gone?) makes it stale."""

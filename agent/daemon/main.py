@@ -185,8 +185,11 @@ class Daemon:
                     self._job_finished(msg["job"])
                 elif ev == "snapshot":
                     self.snapshot = msg.get("data") or {}
-                    for op, result in (self.snapshot.get("view") or {}).items():
-                        self._saw(op, result, self.snapshot.get("at"))
+                    if "error" in self.snapshot:
+                        self.view_epoch += 1    # the card failed to answer: nothing read before counts
+                    else:
+                        for op, result in (self.snapshot.get("view") or {}).items():
+                            self._saw(op, result, self.snapshot.get("at"))
                     self._after_snapshot()
                     self.follow_port()
                 elif ev == "watch":
