@@ -144,6 +144,16 @@ def make_bits(indices) -> tuple[bytes, int]:
     return bytes(buf), nbits
 
 
+def search_criteria(seq: int | None = None, operation: str | None = None) -> tuple | None:
+    """The searchCriteria of a RetrieveNotificationsList (SGP.22 §5.7.10): one sequence number,
+    or one kind of profile management operation; None: everything pending."""
+    if seq is not None:
+        return ("seqNumber", seq)
+    if operation is not None:
+        return ("profileManagementOperation", pmo_bits(operation))
+    return None
+
+
 def pmo_bits(operation: str) -> tuple[bytes, int]:
     return make_bits([PMO_BITS[operation]])
 
@@ -398,22 +408,23 @@ class Es10:
 
     # ES10b RetrieveNotificationsList (§5.7.10): keep each element's exact bytes
     def retrieve_notifications(self, *, seq: int | None = None, operation: str | None = None) -> list[PendingNotification]:
-        req: dict = {}
-        if seq is not None:
-            req["searchCriteria"] = ("seqNumber", seq)
-        elif operation is not None:
-            req["searchCriteria"] = ("profileManagementOperation", pmo_bits(operation))
-        resp = self.call_raw(codec.encode("RetrieveNotificationsListRequest", req),
-                             what="RetrieveNotificationsListRequest")
-        kind, v = codec.decode("RetrieveNotificationsListResponse", resp)  # validates the whole structure
-        if kind != "notificationList":
-            if v == 1:   # noResultAvailable: nothing (matching) pending
+        from .es10_types import pending_from_der
+        return [pending_from_der(raw) for raw in self.retrieve_raw(
+            "RetrieveNotificationsListRequest", "RetrieveNotificationsListResponse", search_criteria(seq, operation))]
+
+    def retrieve_raw(self, req_type: str, resp_type: str, criteria: tuple | None) -> list[bytes]:
+        """RetrieveNotificationsList as ``req_type``/``resp_type`` (SGP.22 §5.7.10, or SGP.32's,
+        which also lists eUICC Package Results): each listed element's exact bytes, as the eUICC
+        signed them; [] for noResultAvailable (nothing matching is pending)."""
+        req = {"searchCriteria": criteria} if criteria is not None else {}
+        resp = self.answer(codec.encode(req_type, req), "RetrieveNotificationsList", resp_type)
+        kind, v = codec.decode(resp_type, resp)        # validates the whole structure
+        if kind == "notificationsListResultError":
+            if v == 1:
                 return []
             raise Es10Error("RetrieveNotificationsList", "undefinedError", v)
-        outer = tlv.parse_single(resp)
-        inner = tlv.parse_single(outer.value)          # A0 notificationList
-        from .es10_types import pending_from_der
-        return [pending_from_der(t.raw) for t in tlv.children(inner)]
+        inner = tlv.parse_single(tlv.parse_single(resp).value)      # A0 notificationList
+        return [t.raw for t in tlv.children(inner)]
 
     # ES10b RemoveNotificationFromList (§5.7.11). Returns False for nothingToDelete.
     def remove_notification(self, seq: int) -> bool:

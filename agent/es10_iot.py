@@ -14,7 +14,7 @@ from . import codec, tlv
 from .errors import ProtocolError
 from .es10 import (ADD_INITIAL_EIM_ERRORS, CONFIGURE_IMMEDIATE_RESULTS, FALLBACK_RESULTS, GET_CERTS_ERRORS,
                    IMMEDIATE_ENABLE_RESULTS, PROFILE_INFO_ERRORS, RETURN_FROM_FALLBACK_RESULTS, Es10, Es10Error,
-                   _check, bits_set, pmo_bits, version_str)
+                   _check, bits_set, search_criteria, version_str)
 from .es10_types import ProfileInfo, profile_from_asn1
 
 EIM_ID_TYPES = {1: "oid", 2: "fqdn", 3: "proprietary"}
@@ -239,22 +239,9 @@ def get_certs(es10: Es10, ci_pkid: bytes | None = None) -> tuple[bytes, bytes]:
 
 def retrieve_sgp32(es10: Es10, *, seq: int | None = None, euicc_package_results: bool = False,
                    operation: str | None = None) -> list[bytes]:
-    req: dict = {}
-    if euicc_package_results:
-        req["searchCriteria"] = ("euiccPackageResults", None)
-    elif seq is not None:
-        req["searchCriteria"] = ("seqNumber", seq)
-    elif operation is not None:
-        req["searchCriteria"] = ("profileManagementOperation", pmo_bits(operation))
-    resp = es10.answer(codec.encode("SGP32-RetrieveNotificationsListRequest", req), "RetrieveNotificationsList",
-                       "SGP32-RetrieveNotificationsListResponse")
-    kind, v = codec.decode("SGP32-RetrieveNotificationsListResponse", resp)
-    if kind == "notificationsListResultError":
-        if v == 1:
-            return []
-        raise Es10Error("RetrieveNotificationsList", "undefinedError", v)
-    inner = tlv.parse_single(tlv.parse_single(resp).value)
-    return [t.raw for t in tlv.children(inner)]
+    criteria = ("euiccPackageResults", None) if euicc_package_results else search_criteria(seq, operation)
+    return es10.retrieve_raw("SGP32-RetrieveNotificationsListRequest", "SGP32-RetrieveNotificationsListResponse",
+                             criteria)
 
 
 def euicc_package_results(es10: Es10) -> list[bytes]:
