@@ -45,9 +45,8 @@ import os
 from dataclasses import dataclass, field, fields
 
 from .errors import UsageError
+from .quick import DEFAULT_CONFIG as DEFAULT_PATH, DEFAULT_SOCKET  # noqa: F401 - defined once, in the light module
 
-DEFAULT_PATH = "/etc/esim-agent/agent.toml"
-DEFAULT_SOCKET = "/run/esim-agent/agent.sock"
 LOG_LEVELS = ("info", "debug")
 TRANSPORTS = ("auto", "csim", "cgla")
 ESIPA_VERSIONS = ("1.2", "1.0")

@@ -30,8 +30,10 @@ import sys
 #: Command words → the daemon's operation whose answer its view holds.
 VIEWS = {("chip", "info"): "chip.info", ("profile", "list"): "profile.list"}
 
-DEFAULT_CONFIG = "/etc/esim-agent/agent.toml"       # config.DEFAULT_PATH (tests hold them equal)
-DEFAULT_SOCKET = "/run/esim-agent/agent.sock"       # config.DEFAULT_SOCKET
+#: The defaults config.py and the daemon's client use too: here, in the module every command
+#: imports first, so that reading them costs no dataclasses.
+DEFAULT_CONFIG = "/etc/esim-agent/agent.toml"
+DEFAULT_SOCKET = "/run/esim-agent/agent.sock"
 SOCKET_TIMEOUT = 2.0
 MAX_ANSWER = 1024 * 1024
 _CACHE_FORMAT = 1
@@ -108,21 +110,33 @@ def _socket_for(config: str | None) -> str | None:
         st = os.stat(p)
     except FileNotFoundError:
         return None if config else DEFAULT_SOCKET       # config.load: a missing default is no file
-    import json
     from . import usercache
     want = identity(st)
     name = _cache_name(p)
     for d in usercache.dirs():
-        f = os.path.join(d, name)
-        if not usercache.trusted(f):
+        doc = _cached(os.path.join(d, name))
+        if doc is None:
             continue
-        with open(f, "rb") as fh:
-            doc = json.loads(fh.read(65536))
         if (isinstance(doc, dict) and doc.get("format") == _CACHE_FORMAT and doc.get("config") == os.path.abspath(p)
                 and doc.get("id") == want and isinstance(doc.get("socket"), str) and doc["socket"]):
             return doc["socket"]
         return None
     return None
+
+
+def _cached(f: str):
+    """The JSON in cache file ``f``, or None when it is absent, not ours (usercache.trusted) or
+    not JSON (cut short, damaged, nested too deep)."""
+    import json
+    from . import usercache
+    if not usercache.trusted(f):
+        return None
+    try:
+        with open(f, "rb") as fh:
+            return json.loads(fh.read(65536))
+    except (OSError, ValueError, RecursionError):
+        return None
+
 
 
 def remember(cfg) -> None:
@@ -138,14 +152,9 @@ def remember(cfg) -> None:
     name = _cache_name(cfg.source)
     for d in usercache.dirs():
         f = os.path.join(d, name)
-        try:
-            if usercache.trusted(f):
-                with open(f, "rb") as fh:
-                    if json.loads(fh.read(65536)) == doc:
-                        return
-        except (OSError, ValueError, RecursionError):
-            pass                # unreadable or not ours: written anew below
-        if usercache.store(f, json.dumps(doc).encode(), prefix=".config-"):
+        if _cached(f) == doc:
+            return
+        if usercache.store(f, json.dumps(doc).encode(), prefix=".config-"):     # absent, stale or damaged
             return
 
 

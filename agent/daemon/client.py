@@ -43,7 +43,8 @@ def _exchange(path: str, method: str, url: str, data: bytes | None, timeout: flo
 
 
 def socket_path(cfg) -> str:
-    return getattr(cfg, "socket", None) or "/run/esim-agent/agent.sock"
+    from ..quick import DEFAULT_SOCKET
+    return getattr(cfg, "socket", None) or DEFAULT_SOCKET
 
 
 def daemon_answers(cfg) -> bool:

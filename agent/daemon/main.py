@@ -185,10 +185,11 @@ class Daemon:
                     self._job_finished(msg["job"])
                 elif ev == "snapshot":
                     self.snapshot = msg.get("data") or {}
+                    view = self.snapshot.pop("view", None) or {}      # kept once, in self.view
                     if "error" in self.snapshot:
                         self.view_epoch += 1    # the card failed to answer: nothing read before counts
                     else:
-                        for op, result in (self.snapshot.get("view") or {}).items():
+                        for op, result in view.items():
                             self._saw(op, result, self.snapshot.get("at"))
                     self._after_snapshot()
                     self.follow_port()
